@@ -1,0 +1,101 @@
+// Math of the contrastive op shared by the CPU and CUDA kernels (host and device).
+//
+// Queries q (M, D) and keys k (L, D) are L2-normalized (norm clamped below at kNormEps, like
+// F.normalize); s_ij = <qhat_i, khat_j> / temperature. Key j is a positive of query i when
+// k_labels[j] == q_labels[i] and j is not i's own key (j == i + self_offset when self_offset >= 0);
+// the own key is also left out of the denominator:
+//   loss_i = logsumexp_{j != self(i)} s_ij - mean_{j in P(i)} s_ij,   loss_i = 0 when P(i) is empty.
+// Backward, with g_i the incoming gradient of loss_i (0 for rows without positives):
+//   dL/ds_ij = g_i * (exp(s_ij - lse_i) - [j in P(i)] / |P(i)|),   dL/dc_ij = dL/ds_ij / temperature,
+//   dqhat = dC khat, dkhat = dC^T qhat, dz = (dzhat - zhat <zhat, dzhat>) / |z| (dzhat / eps when clamped).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define SIMCLR_HD __host__ __device__ __forceinline__
+#else
+#define SIMCLR_HD inline
+#endif
+
+namespace simclr_ext {
+namespace ntxent {
+
+// Same clamp as torch.nn.functional.normalize's default eps.
+constexpr double kNormEps = 1e-12;
+
+// Row and key tile sizes of the CPU kernel. 64 query rows x 256 keys keeps a float32 score tile
+// (64 KiB) plus its gradient in L2 while the two tile GEMMs stay large enough for BLAS to be efficient.
+constexpr int64_t kCpuRowBlock = 64;
+constexpr int64_t kCpuKeyBlock = 256;
+
+SIMCLR_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Index of query `row`'s own key, or -1 when queries are not a slice of the keys.
+SIMCLR_HD int64_t self_key(int64_t row, int64_t self_offset) {
+  return self_offset >= 0 ? row + self_offset : -1;
+}
+
+// 1 / max(|z|, eps) from the squared norm: the scale F.normalize applies.
+template <typename acc_t>
+SIMCLR_HD acc_t inv_norm(acc_t sum_squares) {
+  const acc_t norm = sqrt(sum_squares);
+  return acc_t(1) / (norm > acc_t(kNormEps) ? norm : acc_t(kNormEps));
+}
+
+// Whether the norm was clamped, in which case normalization's backward is a plain scale.
+template <typename acc_t>
+SIMCLR_HD bool norm_clamped(acc_t sum_squares) {
+  return !(sqrt(sum_squares) > acc_t(kNormEps));
+}
+
+// Running log-sum-exp over a stream of logits: max and sum of exp(x - max).
+// Starts empty (max = -inf, sum = 0).
+template <typename acc_t>
+struct OnlineLSE {
+  acc_t max;
+  acc_t sum;
+
+  SIMCLR_HD static OnlineLSE empty() {
+    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+  }
+
+  // Merge a block summarized by its own max and sum of exp(x - block_max). An empty block has
+  // sum 0 and is skipped; a NaN in the block makes its sum NaN, which then stays NaN.
+  SIMCLR_HD void merge(acc_t block_max, acc_t block_sum) {
+    if (block_sum == acc_t(0)) return;
+    if (sum == acc_t(0)) {
+      max = block_max;
+      sum = block_sum;
+      return;
+    }
+    const acc_t new_max = block_max > max ? block_max : max;
+    sum = sum * exp(max - new_max) + block_sum * exp(block_max - new_max);
+    max = new_max;
+  }
+
+  // log(sum_j exp(x_j)); -inf for an empty stream.
+  SIMCLR_HD acc_t value() const {
+    if (sum == acc_t(0)) return -std::numeric_limits<acc_t>::infinity();
+    return max + log(sum);
+  }
+};
+
+// loss_i from the row's log-sum-exp, sum of positive logits and positive count.
+template <typename acc_t>
+SIMCLR_HD acc_t row_loss(acc_t lse, acc_t positive_sum, int64_t num_positives) {
+  return num_positives > 0 ? lse - positive_sum / acc_t(num_positives) : acc_t(0);
+}
+
+// dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.
+template <typename acc_t>
+SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive,
+                            acc_t inv_num_positives) {
+  const acc_t p = exp(c * inv_temperature - lse);
+  return g * inv_temperature * (p - (positive ? inv_num_positives : acc_t(0)));
+}
+
+}  // namespace ntxent
+}  // namespace simclr_ext

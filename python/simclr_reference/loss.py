@@ -1,0 +1,49 @@
+"""Contrastive losses computed the textbook way, materializing the (M, L) similarity matrix."""
+import torch
+import torch.nn.functional as F
+
+
+def _reduce(per_row, has_positive, reduction):
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / has_positive.sum().clamp_min(1).to(per_row.dtype)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean"):
+    """Multi-positive contrastive loss over cosine similarities.
+
+    q: (M, D) queries, k: (L, D) keys, q_labels: (M,), k_labels: (L,) integer labels. Key j is a
+    positive of query i when their labels match and j is not i's own key; with `self_offset` set,
+    query i's own key is i + self_offset and is also left out of the denominator.
+    loss_i = logsumexp_{j != self(i)} s_ij - mean_{j in P(i)} s_ij with s = cos / temperature;
+    rows without positives have loss 0 and are left out of the mean.
+    """
+    s = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / temperature
+    m, l = s.shape
+    rows = torch.arange(m, device=q.device)
+    not_self = torch.ones(m, l, dtype=torch.bool, device=q.device)
+    if self_offset is not None:
+        not_self[rows, rows + self_offset] = False
+    positive = (q_labels[:, None] == k_labels[None, :]) & not_self
+    lse = torch.logsumexp(s.masked_fill(~not_self, float("-inf")), dim=1)
+    num_pos = positive.sum(1)
+    pos_mean = (s * positive).sum(1) / num_pos.clamp_min(1)
+    per_row = torch.where(num_pos > 0, lse - pos_mean, torch.zeros_like(lse))
+    return _reduce(per_row, num_pos > 0, reduction)
+
+
+def nt_xent(z1, z2, temperature=0.5, reduction="mean"):
+    """NT-Xent of SimCLR (Chen et al. 2020, eq. 1): z1, z2 (N, D) are two views of N samples.
+
+    Mean over all 2N anchors of -log softmax of the positive pair among the 2N - 1 other samples,
+    the same value as lightly's NTXentLoss.
+    """
+    n = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0)
+    labels = torch.arange(n, device=z1.device).repeat(2)
+    return contrastive_loss(z, z, labels, labels, temperature, self_offset=0, reduction=reduction)

@@ -1,0 +1,92 @@
+"""Build simclr_ext._C.
+
+SIMCLR_EXT_CUDA=auto (default) builds the CUDA kernels when a CUDA toolkit is found, 1 forces them
+(failing clearly when none is found), 0 builds the CPU kernels only. Every csrc/**/*.cpp is compiled;
+csrc/**/*.cu only in the CUDA build. Without a visible GPU set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0").
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+# torch.utils.cpp_extension resolves CUDA_HOME at import time; the /usr/local/bin/nvcc wrapper on
+# these machines would make it guess /usr/local, which compiles but cannot link -lcudart.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _want_cuda():
+    mode = os.environ.get("SIMCLR_EXT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"SIMCLR_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    if CUDA_HOME is None:
+        if mode == "1":
+            sys.exit("SIMCLR_EXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return False
+    return True
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+
+
+def _extension():
+    use_cuda = _want_cuda()
+    debug = os.environ.get("SIMCLR_EXT_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
+        cxx.append("-Werror")
+    sources = _sources("*.cpp")
+    kwargs = dict(
+        name="simclr_ext._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    if use_cuda:
+        sources += _sources("*.cu")
+        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
+                      "-Xcompiler", "-Wall", "--threads", "2"]
+        if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
+            nvcc += ["-Werror", "all-warnings"]
+        if os.environ.get("SIMCLR_EXT_PTXAS_VERBOSE", "0") == "1":
+            nvcc += ["-Xptxas", "-v"]
+        ext = CUDAExtension(extra_compile_args={"cxx": cxx + ["-DSIMCLR_EXT_WITH_CUDA"], "nvcc": nvcc + ["-DSIMCLR_EXT_WITH_CUDA"]}, **kwargs)
+    else:
+        ext = CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(detected from the visible GPU)") if use_cuda else "-"
+    print(f"simclr_ext build: {'CUDA' if use_cuda else 'CPU-only'} | CUDA_HOME={CUDA_HOME} | "
+          f"TORCH_CUDA_ARCH_LIST={arch} | {len(sources)} sources | {'debug' if debug else 'release'}",
+          file=sys.stderr)
+    return ext
+
+
+setup(
+    name="simclr_ext",
+    version=VERSION,
+    description="Fused C++/CUDA NT-Xent loss and batched augmentations for SimCLR in PyTorch",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["simclr_ext", "simclr_ext.*"]) + find_packages("python", include=["simclr_reference", "simclr_reference.*"]),
+    package_dir={"simclr_ext": "simclr_ext", "simclr_reference": "python/simclr_reference"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy>=1.22"],
+    extras_require={
+        "train": ["torchvision>=0.19", "scikit-learn>=1.0", "tqdm>=4.0", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn>=1.0", "torchvision>=0.19", "expecttest"],
+    },
+    entry_points={"console_scripts": ["simclr-ext=simclr_ext.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,20 @@
+"""simclr_ext: fused C++/CUDA NT-Xent loss, batched SimCLR augmentations and a training recipe.
+
+SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020.
+"""
+from . import ops
+from ._version import __version__
+from .info import info
+from .loss import NTXentLoss, contrastive_loss, nt_xent
+from .ops import set_tf32, tf32_enabled
+
+__all__ = [
+    "__version__",
+    "info",
+    "NTXentLoss",
+    "nt_xent",
+    "contrastive_loss",
+    "set_tf32",
+    "tf32_enabled",
+]
