@@ -1,0 +1,69 @@
+// Argument checks of the contrastive op, shared by every backend so that CPU and CUDA reject bad input
+// with the same messages before any work is done. Host-only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace simclr_ext {
+namespace ntxent {
+
+inline bool supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_embeddings(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.dim() == 2, "q must be 2-D (M, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 2, "k must be 2-D (L, D), got shape ", k.sizes());
+  TORCH_CHECK(supported_float(q.scalar_type()),
+              "q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(),
+              "), got ", k.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "k must be on the device of q (", q.device(), "), got ", k.device());
+  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature dimension D, got q ", q.sizes(),
+              " and k ", k.sizes());
+  TORCH_CHECK(q.size(1) > 0, "the feature dimension D must be positive, got q ", q.sizes());
+}
+
+inline void check_labels(const at::Tensor& labels, const char* name, int64_t expected, const at::Tensor& q) {
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == expected, name, " must have shape [", expected,
+              "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, name, " must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ",
+              labels.device());
+}
+
+inline void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
+                               const at::Tensor& k_labels, double temperature, int64_t self_offset) {
+  check_embeddings(q, k);
+  check_labels(q_labels, "q_labels", q.size(0), q);
+  check_labels(k_labels, "k_labels", k.size(0), q);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0, got ",
+              temperature);
+  TORCH_CHECK(self_offset == -1 || (self_offset >= 0 && self_offset + q.size(0) <= k.size(0)),
+              "self_offset must be -1 or in [0, L - M] = [0, ", k.size(0) - q.size(0), "], got ", self_offset);
+}
+
+inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
+                                const at::Tensor& npos, double temperature, int64_t self_offset) {
+  check_forward_args(q, k, q_labels, k_labels, temperature, self_offset);
+  const int64_t m = q.size(0);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == m, "grad_loss must have shape [", m, "], got ",
+              grad_loss.sizes());
+  TORCH_CHECK(grad_loss.is_floating_point(), "grad_loss must be floating, got ", grad_loss.scalar_type());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == m && lse.scalar_type() == acc, "lse must be ", acc, " of shape [",
+              m, "], got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(npos.dim() == 1 && npos.size(0) == m && npos.scalar_type() == at::kInt,
+              "npos must be int32 of shape [", m, "], got ", npos.scalar_type(), " ", npos.sizes());
+  for (const at::Tensor* t : {&grad_loss, &lse, &npos}) {
+    TORCH_CHECK(t->device() == q.device(), "grad_loss, lse and npos must be on the device of q (", q.device(),
+                "), got ", t->device());
+  }
+}
+
+}  // namespace ntxent
+}  // namespace simclr_ext
