@@ -10,6 +10,7 @@ import sys
 
 from setuptools import find_packages, setup
 
+# The C++ standard is left to torch.utils.cpp_extension: torch 2.14 headers need C++20, older ones C++17.
 # torch.utils.cpp_extension resolves CUDA_HOME at import time; the /usr/local/bin/nvcc wrapper on
 # these machines would make it guess /usr/local, which compiles but cannot link -lcudart.
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -38,11 +39,23 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
 
 
+def _cuda_archs():
+    """The targets of the CUDA build, e.g. "sm_80+sm_90" (no spaces or quotes: it goes through a shell)."""
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        flags = _get_cuda_arch_flags()
+    except Exception as exc:  # no GPU and no TORCH_CUDA_ARCH_LIST: torch cannot pick an arch
+        sys.exit(f"cannot resolve the CUDA architectures ({exc}); set TORCH_CUDA_ARCH_LIST, e.g. \"8.0;9.0\"")
+    archs = sorted({f.split("code=")[-1].strip("[]").split(",")[0] for f in flags if "code=" in f})
+    return "+".join(archs)
+
+
 def _extension():
     use_cuda = _want_cuda()
     debug = os.environ.get("SIMCLR_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
         cxx.append("-Werror")
     sources = _sources("*.cpp")
@@ -55,16 +68,17 @@ def _extension():
     )
     if use_cuda:
         sources += _sources("*.cu")
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
                       "-Xcompiler", "-Wall", "--threads", "2"]
         if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
             nvcc += ["-Werror", "all-warnings"]
         if os.environ.get("SIMCLR_EXT_PTXAS_VERBOSE", "0") == "1":
             nvcc += ["-Xptxas", "-v"]
-        ext = CUDAExtension(extra_compile_args={"cxx": cxx + ["-DSIMCLR_EXT_WITH_CUDA"], "nvcc": nvcc + ["-DSIMCLR_EXT_WITH_CUDA"]}, **kwargs)
+        defines = ["-DSIMCLR_EXT_WITH_CUDA", f"-DSIMCLR_EXT_CUDA_ARCHS={_cuda_archs()}"]
+        ext = CUDAExtension(extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines}, **kwargs)
     else:
         ext = CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(detected from the visible GPU)") if use_cuda else "-"
+    arch = _cuda_archs() if use_cuda else "-"
     print(f"simclr_ext build: {'CUDA' if use_cuda else 'CPU-only'} | CUDA_HOME={CUDA_HOME} | "
           f"TORCH_CUDA_ARCH_LIST={arch} | {len(sources)} sources | {'debug' if debug else 'release'}",
           file=sys.stderr)

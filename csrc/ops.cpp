@@ -3,14 +3,44 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+// setup.py passes the CUDA targets unquoted (e.g. sm_80+sm_90): it travels through a shell.
+#define SIMCLR_EXT_STRINGIFY_(x) #x
+#define SIMCLR_EXT_STRINGIFY(x) SIMCLR_EXT_STRINGIFY_(x)
+#ifdef SIMCLR_EXT_CUDA_ARCHS
+#define SIMCLR_EXT_ARCHS_STR SIMCLR_EXT_STRINGIFY(SIMCLR_EXT_CUDA_ARCHS)
+#else
+#define SIMCLR_EXT_ARCHS_STR ""
+#endif
+
 // Importing simclr_ext._C loads this shared object, which runs the TORCH_LIBRARY registrations below.
 // No pybind11 module: the ops are reached through torch.ops.simclr_ext.*.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+
+namespace {
+
+// How this binary was built, for simclr_ext.info(): "cuda=<0|1>;archs=<list>;openmp=<0|1>".
+std::string build_info() {
+#ifdef SIMCLR_EXT_WITH_CUDA
+  const char* cuda = "1";
+#else
+  const char* cuda = "0";
+#endif
+#ifdef _OPENMP
+  const char* openmp = "1";
+#else
+  const char* openmp = "0";
+#endif
+  return std::string("cuda=") + cuda + ";archs=" + SIMCLR_EXT_ARCHS_STR + ";openmp=" + openmp;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(simclr_ext, m) {
   // Contrastive loss over cosine similarities (see csrc/ntxent/ntxent.h for the math).
@@ -21,6 +51,7 @@ TORCH_LIBRARY(simclr_ext, m) {
       "ntxent(Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, float temperature, "
       "int self_offset, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
   // Gradients of sum_i grad_loss[i] * loss[i] with respect to q and k (dtype and shape of q and k).
+  m.def("_build_info() -> str", &build_info);
   m.def(
       "_ntxent_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, "
       "Tensor lse, Tensor npos, float temperature, int self_offset, bool allow_tf32) -> (Tensor, Tensor)");
