@@ -6,12 +6,12 @@ gradient reaching them is the sum over ranks of each rank's gradient for that sl
 SUM, then the local slice). Returning only the local rank's own gradient slice, as lightly and
 Spijkervet/SimCLR once did, drops every other rank's contribution.
 """
-from typing import Callable, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "gathered_nt_xent"]
+__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "gather_pairs"]
 
 
 def is_distributed() -> bool:
@@ -63,16 +63,15 @@ def all_gather_with_grad(x: torch.Tensor, check_shapes: bool = True) -> torch.Te
     return _AllGather.apply(x)
 
 
-def gathered_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
-                     contrastive_loss: Callable, reduction: str = "mean",
-                     extra: Optional[dict] = None) -> torch.Tensor:
-    """NT-Xent with negatives from every rank. z1, z2: (N, D) this rank's two views.
+def gather_pairs(z1: torch.Tensor, z2: torch.Tensor):
+    """Queries, keys, labels and self_offset of NT-Xent with negatives from every rank.
 
-    Queries are this rank's cat(z1, z2) (2N rows); keys are the (2N, D) blocks of all ranks, so this
-    rank's block starts at rank * 2N, which is the self_offset; labels are global sample ids. The value
-    is the mean over this rank's 2N rows; its mean over ranks equals the single-process NT-Xent of the
-    concatenated batch, and with DDP's gradient averaging the update is that of the global batch.
-    `contrastive_loss` is the (q, k, q_labels, k_labels, temperature, self_offset, reduction) function.
+    z1, z2: (N, D) this rank's two views. Queries are this rank's q = cat(z1, z2) (2N rows); keys are
+    the (2N, D) q blocks of all ranks in rank order, so this rank's block starts at rank * 2N (the
+    self_offset); labels are global sample ids (rank * N + i). Returns (q, keys, q_labels, k_labels,
+    self_offset). With the mean over this rank's rows as its loss, the mean over ranks equals the
+    single-process NT-Xent of the concatenated batch, and DDP's gradient averaging gives that loss's
+    gradient.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"z1 and z2 must both be (N, D) of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -81,8 +80,6 @@ def gathered_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     q = torch.cat([z1, z2], 0)
     keys = all_gather_with_grad(q)
     ids = torch.arange(n, device=z1.device)
-    q_labels = (ids + rank * n).repeat(2)
     world = keys.shape[0] // (2 * n)
     k_labels = (ids.repeat(2).unsqueeze(0) + n * torch.arange(world, device=z1.device).unsqueeze(1)).reshape(-1)
-    return contrastive_loss(q, keys, q_labels, k_labels, temperature, self_offset=rank * 2 * n,
-                            reduction=reduction, **(extra or {}))
+    return q, keys, (ids + rank * n).repeat(2), k_labels, rank * 2 * n

@@ -9,7 +9,7 @@ import numbers
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 
 __all__ = ["contrastive_loss", "nt_xent", "NTXentLoss"]
 
@@ -152,7 +152,10 @@ class NTXentLoss(nn.Module):
         memory_bank_size: 0 (default) or the number of past z2 projections kept as extra negatives,
             with labels no query has. Unlike lightly's memory-bank mode, the other samples of the batch
             stay negatives too: the bank only adds negatives to the SimCLR loss.
-        gather_distributed: gather keys from every rank of torch.distributed.
+        gather_distributed: under torch.distributed, score this rank's 2N queries against the keys of
+            every rank (negatives from the global batch); the gather's backward sums gradients across
+            ranks. Each rank's loss is the mean over its own rows: their mean over ranks is the NT-Xent
+            of the global batch. No effect outside an initialized process group.
         reduction: "mean" (default), "sum" or "none".
         allow_tf32: CUDA only, see `contrastive_loss`.
     """
@@ -165,10 +168,6 @@ class NTXentLoss(nn.Module):
         if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, numbers.Integral) \
                 or memory_bank_size < 0:
             raise ValueError(f"memory_bank_size must be an int >= 0, got {memory_bank_size!r}")
-        if gather_distributed:
-            raise NotImplementedError(
-                "gather_distributed=True is not available in this build of simclr_ext: negatives are not "
-                "gathered across ranks; use gather_distributed=False")
         self.memory_bank_size = int(memory_bank_size)
         self.gather_distributed = bool(gather_distributed)
         self.reduction = reduction
@@ -190,19 +189,26 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1, z2):
         """z1, z2: (N, D) projections of the two views; returns the loss (a scalar unless reduction="none")."""
-        if self.memory_bank_size == 0:
+        gather = self.gather_distributed and distributed.is_distributed()
+        if self.memory_bank_size == 0 and not gather:
             return nt_xent(z1, z2, self.temperature, self.reduction, self.allow_tf32)
         _check_pair(z1, z2)
-        n = z1.shape[0]
-        bank = self._bank_for(z1)
-        z = torch.cat([z1, z2], dim=0)
-        q_labels = torch.arange(n, device=z.device).repeat(2)
-        # Bank entries get label -1, which no query has: negatives only.
-        k_labels = torch.cat([q_labels, q_labels.new_full((bank.shape[0],), -1)])
-        keys = torch.cat([z, bank.to(z.dtype)], dim=0)
-        loss = contrastive_loss(z, keys, q_labels, k_labels, self.temperature, self_offset=0,
+        if gather:
+            # Local queries against the keys of every rank (gradients summed back across ranks).
+            z, keys, q_labels, k_labels, offset = distributed.gather_pairs(z1, z2)
+        else:
+            z = keys = torch.cat([z1, z2], dim=0)
+            q_labels = k_labels = torch.arange(z1.shape[0], device=z.device).repeat(2)
+            offset = 0
+        if self.memory_bank_size:
+            bank = self._bank_for(z1)
+            # Bank entries get label -1, which no query has: negatives only.
+            k_labels = torch.cat([k_labels, k_labels.new_full((bank.shape[0],), -1)])
+            keys = torch.cat([keys, bank.to(z.dtype)], dim=0)
+        loss = contrastive_loss(z, keys, q_labels, k_labels, self.temperature, self_offset=offset,
                                 reduction=self.reduction, allow_tf32=self.allow_tf32)
-        self._enqueue(z2.detach())
+        if self.memory_bank_size:
+            self._enqueue(z2.detach())
         return loss
 
     def _bank_for(self, z):

@@ -65,7 +65,7 @@ class PretrainConfig:
     temperature: float = 0.5
     precision: str = "fp32"
     accum_steps: int = 1
-    sync_bn: bool = True
+    sync_bn: bool = True                 # under DDP on CUDA
     seed: int = 0
     out: str = "runs/simclr"
     resume: bool = False
@@ -166,7 +166,7 @@ class Trainer:
         self.aug = data_lib.make_augment(data_lib.augment_spec(cfg.augment, cfg.image_size, self.splits.mean, self.splits.std))
 
         self.model = _fresh_model(cfg, self.splits.channels).to(self.device)
-        if self.distributed and cfg.sync_bn:
+        if self.distributed and cfg.sync_bn and self.device.type == "cuda":  # SyncBatchNorm is CUDA-only
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.effective_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.effective_lr, cfg.weight_decay, cfg.momentum)
