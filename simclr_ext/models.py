@@ -15,21 +15,22 @@ ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
 
 
 class SmallCNN(nn.Module):
-    """Three conv stages (conv-BN-ReLU x2, the first two stages followed by 2x2 max-pool) and global
-    average pooling: enough for 8x8 to 32x32 grey digits. `feature_dim` = 4 * width."""
+    """Three conv-BN-ReLU stages of width w, 2w, 4w (`convs_per_stage` convs each, 3x3), 2x2 max-pool
+    after the first two, global average pooling: enough for 8x8 to 32x32 grey digits and cheap on a CPU.
+    `feature_dim` = 4 * width."""
 
-    def __init__(self, in_channels: int = 1, width: int = 32):
+    def __init__(self, in_channels: int = 1, width: int = 32, convs_per_stage: int = 1):
         super().__init__()
-        if in_channels < 1 or width < 1:
-            raise ValueError(f"in_channels and width must be >= 1, got in_channels={in_channels}, width={width}")
+        if in_channels < 1 or width < 1 or convs_per_stage < 1:
+            raise ValueError(f"in_channels, width and convs_per_stage must be >= 1, got {in_channels}, {width}, {convs_per_stage}")
         chans = [width, 2 * width, 4 * width]
         layers, prev = [], in_channels
         for i, c in enumerate(chans):
-            layers += [nn.Conv2d(prev, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            for _ in range(convs_per_stage):
+                layers += [nn.Conv2d(prev, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                prev = c
             if i < len(chans) - 1:
                 layers.append(nn.MaxPool2d(2))
-            prev = c
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = chans[-1]
