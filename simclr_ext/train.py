@@ -284,7 +284,7 @@ class Trainer:
 
     def _non_finite(self, loss: torch.Tensor) -> None:
         raise NonFiniteLossError(
-            f"loss became {float(loss)} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (global step "
+            f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (global step "
             f"{self.global_step + 1}); stopped without saving. The last good checkpoint is "
             f"{os.path.abspath(self.ckpt_path)!r}. Try a lower --lr, fp32 precision or a larger --temperature.")
 
