@@ -239,21 +239,32 @@ def _crop_boxes(b: int, h: int, w: int, spec: AugmentSpec, g: torch.Generator) -
 
 
 def _geometry(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, angle_deg: torch.Tensor, size: int):
-    """Resized crop, horizontal flip and rotation (about the centre, zero fill) of a float batch in one
-    bilinear grid_sample: each output pixel is rotated back, flipped back, then mapped into its box."""
+    """Resized crop (bilinear, sampling clamped to the box like crop-then-resize), horizontal flip, then
+    rotation about the centre with zero fill (torchvision's sign: positive is counter-clockwise), all
+    batched with grid_sample."""
     b, _, h, w = x.shape
-    a = torch.deg2rad(angle_deg)
-    cos, sin = torch.cos(a), torch.sin(a)
-    sx = torch.where(flip, -1.0, 1.0)
-    # normalized output coords -> normalized crop coords: flip then inverse rotation (positive angle is
-    # counter-clockwise on screen, as in torchvision, so the inverse map turns the sampling grid clockwise)
-    rot = torch.stack([torch.stack([cos * sx, -sin], 1), torch.stack([sin * sx, cos], 1)], 1)
     top, left, bh, bw = boxes.unbind(1)
-    scale = torch.stack([bw / w, bh / h], 1)                       # crop size in source-normalized units
-    centre = torch.stack([(left + bw / 2) / w * 2 - 1, (top + bh / 2) / h * 2 - 1], 1)
-    theta = torch.cat([rot * scale[:, :, None], centre[:, :, None]], 2)
-    grid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    steps = torch.arange(size, dtype=torch.float32) + 0.5
+
+    def axis(start, length, extent):
+        # pixel-centre source coordinates of resize(align_corners=False), kept inside the box
+        src = start[:, None] + (steps[None, :] * length[:, None] / size - 0.5)
+        src = torch.minimum(torch.maximum(src, start[:, None]), (start + length - 1)[:, None])
+        return (src + 0.5) / extent * 2 - 1
+
+    gx, gy = axis(left, bw, w), axis(top, bh, h)
+    gx = torch.where(flip[:, None], gx.flip(1), gx)
+    grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], -1)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    if bool((angle_deg != 0).any()):
+        a = torch.deg2rad(angle_deg)
+        cos, sin = torch.cos(a), torch.sin(a)
+        # the inverse map of the rotation, in normalized coordinates of the square output
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(a)], 1),
+                             torch.stack([sin, cos, torch.zeros_like(a)], 1)], 1)
+        rgrid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], size, size], align_corners=False)
+        out = F.grid_sample(out, rgrid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +349,7 @@ def _one_view(images: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> to
 def make_augment(spec: AugmentSpec) -> Callable[[torch.Tensor, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]:
     """The two-view augmentation: aug(images uint8 (B, C, H, W), generator) -> (v1, v2), float32
     (B, C, size, size) normalized views, reproducible from the generator's state. Batched PyTorch ops
-    (one grid_sample for crop + flip + rotation); this is the one place to swap in the fused
+    (grid_sample for crop + flip, then rotation); this is the one place to swap in the fused
     simclr_ext.SimCLRAugment."""
     def aug(images: torch.Tensor, generator: torch.Generator):
         if images.dtype != torch.uint8 or images.ndim != 4:
