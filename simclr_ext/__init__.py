@@ -8,6 +8,7 @@ from ._version import __version__
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
 from .ops import set_tf32, tf32_enabled
+from .train import PretrainConfig, knn_eval, linear_eval, pretrain
 
 __all__ = [
     "__version__",
@@ -17,4 +18,8 @@ __all__ = [
     "contrastive_loss",
     "set_tf32",
     "tf32_enabled",
+    "PretrainConfig",
+    "pretrain",
+    "linear_eval",
+    "knn_eval",
 ]

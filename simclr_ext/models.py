@@ -16,13 +16,15 @@ ARCHS = ("small_cnn", "resnet18", "resnet34", "resnet50")
 
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU stages of width w, 2w, 4w (`convs_per_stage` convs each, 3x3), 2x2 max-pool
-    after the first two, global average pooling: enough for 8x8 to 32x32 grey digits and cheap on a CPU.
-    `feature_dim` = 4 * width."""
+    after the first two, then average pooling to a `pool` x `pool` grid, flattened: enough for 8x8 to
+    32x32 grey digits and cheap on a CPU. Keeping a coarse grid instead of global pooling keeps where
+    the strokes are, which is most of what tells digits apart. `feature_dim` = 4 * width * pool**2."""
 
-    def __init__(self, in_channels: int = 1, width: int = 32, convs_per_stage: int = 1):
+    def __init__(self, in_channels: int = 1, width: int = 32, convs_per_stage: int = 1, pool: int = 2):
         super().__init__()
-        if in_channels < 1 or width < 1 or convs_per_stage < 1:
-            raise ValueError(f"in_channels, width and convs_per_stage must be >= 1, got {in_channels}, {width}, {convs_per_stage}")
+        if min(in_channels, width, convs_per_stage, pool) < 1:
+            raise ValueError(f"in_channels, width, convs_per_stage and pool must be >= 1, got {in_channels}, "
+                             f"{width}, {convs_per_stage}, {pool}")
         chans = [width, 2 * width, 4 * width]
         layers, prev = [], in_channels
         for i, c in enumerate(chans):
@@ -32,8 +34,8 @@ class SmallCNN(nn.Module):
             if i < len(chans) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = chans[-1]
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.feature_dim = chans[-1] * pool * pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)

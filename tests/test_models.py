@@ -9,8 +9,9 @@ from simclr_ext.models import ProjectionHead, SimCLRModel, SmallCNN, build_model
 @pytest.mark.parametrize("size", [8, 16, 28])
 def test_small_cnn_shapes(size):
     net = SmallCNN(in_channels=1, width=8)
-    assert net(torch.randn(3, 1, size, size)).shape == (3, 32)
-    assert net.feature_dim == 32
+    assert net(torch.randn(3, 1, size, size)).shape == (3, 128)  # 32 channels on a 2x2 grid
+    assert net.feature_dim == 128
+    assert SmallCNN(1, 8, convs_per_stage=2, pool=1)(torch.randn(2, 1, size, size)).shape == (2, 32)
 
 
 def test_resnet18_cifar_stem():
@@ -43,13 +44,13 @@ def test_projection_heads(head, linears, bns):
     assert sum(isinstance(m, nn.Linear) for m in mods) == linears
     assert sum(isinstance(m, nn.BatchNorm1d) for m in mods) == bns
     h, z = model(torch.randn(5, 1, 16, 16))
-    assert h.shape == (5, 16) and z.shape == (5, 24)
+    assert h.shape == (5, 64) and z.shape == (5, 24)
     z.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
 def test_simclr_model_returns_encoder_output():
-    model = SimCLRModel(SmallCNN(1, 4), ProjectionHead(16, 8, 4))
+    model = SimCLRModel(SmallCNN(1, 4), ProjectionHead(64, 8, 4))
     model.eval()
     x = torch.randn(2, 1, 16, 16)
     h, z = model(x)
