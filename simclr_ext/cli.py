@@ -20,8 +20,11 @@ _HELP = {
     "download": "download a torchvision dataset into --data-dir",
     "image_size": "side of the model input (default: the dataset's)",
     "augment": "augmentation preset: digits, cifar or imagenet (default: the dataset's)",
-    "arch": "small_cnn, resnet18, resnet34 or resnet50 (default: small_cnn for digits/mnist, else resnet18)",
+    "arch": "small_cnn, resnet18, resnet34 or resnet50",
     "width": "channels of the small CNN's first stage",
+    "batch_size": "global batch (split across ranks under torchrun)",
+    "optimizer": "lars, sgd or adamw",
+    "temperature": "NT-Xent temperature",
     "cifar_stem": "3x3 stride-1 conv1 without max-pool (default: on up to 64 px)",
     "head": "projection head: simclr (2 layers) or simclrv2 (3 layers)",
     "lr": "base learning rate, scaled by --lr-scaling from the batch size",
@@ -56,8 +59,11 @@ def _add_config_arguments(parser):
         elif kind is bool:  # tri-state: None means "decide from the dataset"
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}", help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default,
-                                help=f"{help_text} (default: {f.default})" if help_text else f"(default: {f.default})")
+            from .train import RECIPES
+
+            shown = "the dataset's recipe" if f.name in RECIPES["small"] else f.default
+            suffix = "" if shown is None else f" (default: {shown})"
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text}{suffix}".strip())
 
 
 def _parse_bool(text):
@@ -129,7 +135,8 @@ def build_parser():
     p_info = sub.add_parser("info", help="print the build and runtime configuration as JSON")
     p_info.set_defaults(func=_info)
     p_pre = sub.add_parser("pretrain", help="SimCLR pretraining, then evaluation against a random-init encoder",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="SimCLR pretraining. Settings left out come from the dataset's recipe "
+                                       "(simclr_ext.train.RECIPES); with no arguments: the embedded digits demo.")
     _add_config_arguments(p_pre)
     p_pre.set_defaults(func=_pretrain)
     p_lin = sub.add_parser("linear-eval", help="linear probe (top-1/top-5) of a checkpoint's frozen encoder")

@@ -39,30 +39,42 @@ _RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "cifar_ste
                  "warmup_epochs", "temperature", "precision", "accum_steps", "seed")
 
 
+# Defaults of the fields a PretrainConfig leaves None. "small" was tuned on the embedded digits
+# (2-core CPU, 100 epochs: see benchmarks/results/); "paper" is SimCLR's CIFAR/ImageNet recipe.
+RECIPES = {
+    "small": dict(arch="small_cnn", width=16, batch_size=128, optimizer="adamw", lr=3e-3, lr_scaling="none",
+                  weight_decay=1e-5, temperature=0.5),
+    "paper": dict(arch="resnet18", width=32, batch_size=512, optimizer="lars", lr=0.3, lr_scaling="linear",
+                  weight_decay=1e-6, temperature=0.5),
+}
+
+
 @dataclass
 class PretrainConfig:
-    """Everything a pretraining run depends on. Fields left None are resolved from the dataset
-    (digits/MNIST: small CNN; others: ResNet-18, CIFAR stem up to 64 px) and the machine."""
+    """Everything a pretraining run depends on. Fields left None are resolved from the dataset's
+    recipe (`RECIPES`: digits/MNIST train a small CNN with AdamW on a CPU in minutes; the others follow
+    the SimCLR paper: ResNet-18, LARS with lr 0.3 * B / 256, batch 512, CIFAR stem up to 64 px) and
+    from the machine."""
     dataset: str = "digits"
     data_dir: Optional[str] = None
     download: bool = False
     image_size: Optional[int] = None
     augment: Optional[str] = None
     arch: Optional[str] = None
-    width: int = 32
+    width: Optional[int] = None
     cifar_stem: Optional[bool] = None
     head: str = "simclr"
     proj_dim: int = 128
     hidden_dim: Optional[int] = None
     epochs: int = 100
-    batch_size: int = 256
-    optimizer: str = "lars"
-    lr: float = 1.0
-    lr_scaling: str = "linear"
-    weight_decay: float = 1e-6
+    batch_size: Optional[int] = None
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    lr_scaling: Optional[str] = None
+    weight_decay: Optional[float] = None
     momentum: float = 0.9
     warmup_epochs: float = 10.0
-    temperature: float = 0.5
+    temperature: Optional[float] = None
     precision: str = "fp32"
     accum_steps: int = 1
     sync_bn: bool = True                 # under DDP on CUDA
@@ -85,8 +97,10 @@ class PretrainConfig:
         c = dataclasses.replace(self)
         if c.dataset not in data_lib.DATASETS:
             raise ValueError(f"dataset must be one of {list(data_lib.DATASETS)}, got {c.dataset!r}")
-        small = c.dataset in ("digits", "mnist")
-        c.arch = c.arch or ("small_cnn" if small else "resnet18")
+        recipe = RECIPES["small" if c.dataset in ("digits", "mnist") else "paper"]
+        for name, value in recipe.items():
+            if getattr(c, name) is None:
+                setattr(c, name, value)
         if c.cifar_stem is None:
             c.cifar_stem = c.dataset not in ("stl10", "imagefolder") or (c.image_size or 224) <= 64
         c.device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ from simclr_ext.train import NonFiniteLossError, PretrainConfig, Trainer, pretra
 
 # 1257 digits / 256 = 4 steps per epoch; a 4-wide CNN keeps every run to a few seconds.
 TINY = dict(epochs=2, batch_size=256, width=4, proj_dim=16, knn_every=0, eval=False, progress=False,
-            device="cpu", lr=0.5, warmup_epochs=1)
+            device="cpu", warmup_epochs=1)
 
 
 def _config(out, **kw):
@@ -138,10 +138,18 @@ def test_bad_config_raises(tmp_path, kw, match):
 
 
 def test_bf16_and_accumulation_train(tmp_path):
-    trainer = Trainer(_config(tmp_path, epochs=1, precision="bf16", accum_steps=2, optimizer="adamw", lr=1e-3,
-                              lr_scaling="none"))
+    trainer = Trainer(_config(tmp_path, epochs=1, precision="bf16", accum_steps=2, optimizer="lars", lr=0.5,
+                              lr_scaling="linear"))
     trainer.run()
     assert len(trainer.step_losses) == 4 and all(0 < l < 10 for l in trainer.step_losses)
+
+
+def test_recipes_fill_unset_fields():
+    small = PretrainConfig().resolved()
+    assert (small.arch, small.optimizer, small.width) == ("small_cnn", "adamw", 16)
+    paper = PretrainConfig(dataset="cifar10", lr=1.0).resolved()
+    assert (paper.arch, paper.optimizer, paper.lr, paper.lr_scaling, paper.cifar_stem) == ("resnet18", "lars", 1.0, "linear", True)
+    assert PretrainConfig(dataset="stl10").resolved().cifar_stem is False
 
 
 def test_loss_decreases(tmp_path):
