@@ -110,22 +110,39 @@ struct RowState {
 
 // The hot loops below are written as plain passes over contiguous arrays (no per-element branches,
 // labels or indices) so that the compiler vectorizes them; the few positives and the single self
-// entry of a row are handled by scalar fix-ups afterwards.
+// entry of a row are handled by scalar fix-ups afterwards. They are compiled twice, for AVX2+FMA and
+// for the baseline ISA, and the loader picks the version the CPU supports.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMCLR_HOT_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SIMCLR_HOT_LOOP
+#endif
+
+// Whether any of labels[0, n) equals `label`: a vectorized pre-check, since most tiles hold no
+// positive of a given row and the scalar loop that handles positives is then skipped.
+SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t label) {
+  int64_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+  for (int64_t j = 0; j < n; ++j) hits += labels[j] == label ? 1 : 0;
+  return hits > 0;
+}
 
 // Folds one row of a cosine tile (keys [key0, key0 + n)) into the row's running state. Overwrites
 // `row` with logits (self entry: -inf).
 template <typename acc_t>
-void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label, const int64_t* k_labels,
+SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label, const int64_t* k_labels,
                    acc_t inv_t, RowState<acc_t>& st) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] *= inv_t;
   const bool self_here = self >= key0 && self < key0 + n;
   if (self_here) row[self - key0] = neg_inf;
-  for (int64_t j = 0; j < n; ++j) {
-    if (k_labels[j] == label && key0 + j != self) {
-      st.positive_sum += row[j];
-      st.num_positives += 1;
+  if (any_label(k_labels, n, label)) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (k_labels[j] == label && key0 + j != self) {
+        st.positive_sum += row[j];
+        st.num_positives += 1;
+      }
     }
   }
   acc_t block_max = neg_inf;
@@ -190,7 +207,7 @@ struct RowGrad {
 // Turns a tile of cosines into dL/dcos in place (see cosine_grad in ntxent.h). The tile is
 // (queries x keys) when `transposed` is false, (keys x queries) when true; indices are global.
 template <typename acc_t>
-void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool transposed, const RowGrad<acc_t>& rg,
+SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool transposed, const RowGrad<acc_t>& rg,
                const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
   if (!transposed) {
     for (int64_t i = 0; i < nq; ++i) {
@@ -199,9 +216,11 @@ void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool
       acc_t* t = tile + i * nk;
 #pragma omp simd
       for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(t[j] * inv_t - lse);
-      const acc_t pos = g * rg.inv_num_positives[row];
-      for (int64_t j = 0; j < nk; ++j) {
-        if (k_labels[k0 + j] == label) t[j] -= pos;
+      if (any_label(k_labels + k0, nk, label)) {
+        const acc_t pos = g * rg.inv_num_positives[row];
+        for (int64_t j = 0; j < nk; ++j) {
+          if (k_labels[k0 + j] == label) t[j] -= pos;
+        }
       }
       if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
     }
@@ -216,8 +235,10 @@ void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool
     acc_t* t = tile + j * nq;
 #pragma omp simd
     for (int64_t i = 0; i < nq; ++i) t[i] = g[i] * fast_exp(t[i] * inv_t - lse[i]);
-    for (int64_t i = 0; i < nq; ++i) {
-      if (labels[i] == key_label) t[i] -= g[i] * inv_np[i];
+    if (any_label(labels, nq, key_label)) {
+      for (int64_t i = 0; i < nq; ++i) {
+        if (labels[i] == key_label) t[i] -= g[i] * inv_np[i];
+      }
     }
     // The query whose own key this is (if in this tile) gets no gradient through it.
     const int64_t owner = self_offset >= 0 ? key - self_offset : -1;
