@@ -42,7 +42,7 @@ _RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "cifar_ste
 # Defaults of the fields a PretrainConfig leaves None. "small" was tuned on the embedded digits
 # (2-core CPU, 100 epochs: see benchmarks/results/); "paper" is SimCLR's CIFAR/ImageNet recipe.
 RECIPES = {
-    "small": dict(arch="small_cnn", width=16, batch_size=128, optimizer="adamw", lr=3e-3, lr_scaling="none",
+    "small": dict(arch="small_cnn", width=16, batch_size=128, optimizer="adamw", lr=5e-3, lr_scaling="none",
                   weight_decay=1e-5, temperature=0.5),
     "paper": dict(arch="resnet18", width=32, batch_size=512, optimizer="lars", lr=0.3, lr_scaling="linear",
                   weight_decay=1e-6, temperature=0.5),
@@ -83,7 +83,8 @@ class PretrainConfig:
     resume: bool = False
     device: Optional[str] = None
     num_workers: int = 0
-    knn_every: int = 10
+    threads: Optional[int] = None        # torch CPU threads (default: torch's); 1 is fastest on a busy CPU
+    knn_every: int = 20
     checkpoint_every: int = 1
     eval: bool = True
     knn_k: int = 200
@@ -108,6 +109,8 @@ class PretrainConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {c.precision!r}")
         if c.precision == "fp16" and not c.device.startswith("cuda"):
             raise ValueError(f"precision 'fp16' needs a CUDA device (got device {c.device!r}); use bf16 on the CPU")
+        if c.threads is not None and c.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {c.threads}")
         for name in ("epochs", "batch_size", "accum_steps", "checkpoint_every"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
@@ -157,6 +160,8 @@ class Trainer:
         self.t0 = time.time()
         self.cfg = config.resolved()
         cfg = self.cfg
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         _init_distributed(cfg.device)
         self.rank, self.world = dist_lib.world_info()
         self.distributed = self.world > 1

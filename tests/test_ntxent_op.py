@@ -58,9 +58,11 @@ def test_module_matches_functional_and_reference(gen):
     assert "temperature=0.3" in repr(module)
 
 
-def test_gather_distributed_raises_until_available():
-    with pytest.raises(NotImplementedError, match="gather_distributed"):
-        simclr_ext.NTXentLoss(gather_distributed=True)
+def test_gather_distributed_without_a_process_group_is_the_local_loss(gen):
+    # Cross-rank behaviour is tested with 2 gloo processes in test_distributed.py.
+    z1, z2 = (torch.randn(5, 7, generator=gen, dtype=torch.float64) for _ in range(2))
+    module = simclr_ext.NTXentLoss(temperature=0.3, gather_distributed=True)
+    assert module(z1, z2).item() == simclr_ext.nt_xent(z1, z2, 0.3).item()
 
 
 def test_memory_bank_adds_negatives_and_rolls(gen):
