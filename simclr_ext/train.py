@@ -43,7 +43,7 @@ _RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "cifar_ste
 # (2-core CPU, 100 epochs: see benchmarks/results/); "paper" is SimCLR's CIFAR/ImageNet recipe.
 RECIPES = {
     "small": dict(arch="small_cnn", width=16, batch_size=128, optimizer="adamw", lr=5e-3, lr_scaling="none",
-                  weight_decay=1e-5, temperature=0.5),
+                  weight_decay=1e-5, temperature=0.5, threads=1),
     "paper": dict(arch="resnet18", width=32, batch_size=512, optimizer="lars", lr=0.3, lr_scaling="linear",
                   weight_decay=1e-6, temperature=0.5),
 }
@@ -83,7 +83,7 @@ class PretrainConfig:
     resume: bool = False
     device: Optional[str] = None
     num_workers: int = 0
-    threads: Optional[int] = None        # torch CPU threads (default: torch's); 1 is fastest on a busy CPU
+    threads: Optional[int] = None        # torch CPU threads during the run (recipe; None: torch's choice)
     knn_every: int = 20
     checkpoint_every: int = 1
     eval: bool = True
@@ -160,8 +160,6 @@ class Trainer:
         self.t0 = time.time()
         self.cfg = config.resolved()
         cfg = self.cfg
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         _init_distributed(cfg.device)
         self.rank, self.world = dist_lib.world_info()
         self.distributed = self.world > 1
@@ -321,15 +319,19 @@ class Trainer:
             handler_installed = True
         except ValueError:  # not the main thread: Ctrl-C cannot reach us here anyway
             previous = None
+        threads = torch.get_num_threads()
+        if self.cfg.threads is not None:  # the small recipe's tiny tensors run fastest on one thread
+            torch.set_num_threads(self.cfg.threads)
         try:
             self._train_loop()
+            if self._stop_requested:
+                raise KeyboardInterrupt(f"interrupted; checkpoint written to {os.path.abspath(self.ckpt_path)!r} "
+                                        "(continue with --resume)")
+            return self._finish()
         finally:
+            torch.set_num_threads(threads)
             if handler_installed:
                 signal.signal(signal.SIGINT, previous)
-        if self._stop_requested:
-            raise KeyboardInterrupt(f"interrupted; checkpoint written to {os.path.abspath(self.ckpt_path)!r} "
-                                    "(continue with --resume)")
-        return self._finish()
 
     def _train_loop(self) -> None:
         cfg = self.cfg

@@ -121,9 +121,11 @@ def test_summary_and_run_outputs(tmp_path):
     assert len(epochs) == 1 and 0 <= epochs[0]["knn_top1"] <= 1 and epochs[0]["images_per_s"] > 0
 
 
-def test_no_eval_skips_evaluation(tmp_path):
-    summary = pretrain(_config(tmp_path, epochs=1))
+def test_no_eval_skips_evaluation_and_restores_threads(tmp_path):
+    before = torch.get_num_threads()
+    summary = pretrain(_config(tmp_path, epochs=1, threads=1))
     assert "linear_top1" not in summary and summary["wall_seconds"] > 0
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -146,7 +148,7 @@ def test_bf16_and_accumulation_train(tmp_path):
 
 def test_recipes_fill_unset_fields():
     small = PretrainConfig().resolved()
-    assert (small.arch, small.optimizer, small.width) == ("small_cnn", "adamw", 16)
+    assert (small.arch, small.optimizer, small.width, small.threads) == ("small_cnn", "adamw", 16, 1)
     paper = PretrainConfig(dataset="cifar10", lr=1.0).resolved()
     assert (paper.arch, paper.optimizer, paper.lr, paper.lr_scaling, paper.cifar_stem) == ("resnet18", "lars", 1.0, "linear", True)
     assert PretrainConfig(dataset="stl10").resolved().cifar_stem is False
