@@ -1,0 +1,195 @@
+// CPU kernel of the fused augmentation op: images are spread over threads (at::parallel_for), and each
+// image goes through at most four passes over a per-thread float scratch of the output size:
+//   1. geometry (one bilinear read from the source) + the jitter ops before contrast, summing the luma
+//      that contrast blends with (the only whole-image dependency of the color ops);
+//   2. contrast + the rest of the jitter + grayscale;
+//   3./4. the separable Gaussian blur, horizontal then vertical, whose last pass solarizes, normalizes and
+//      writes the output. Passes that a sample does not need are skipped: without jitter and blur the
+//      first pass writes the output directly.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "augment/augment.h"
+#include "augment/augment_checks.h"
+
+namespace simclr_ext {
+namespace augment {
+namespace {
+
+// Where channel c of pixel (y, x) of image b goes in the output (B, C, H, W), contiguous or channels_last.
+struct OutLayout {
+  int64_t sb, sc, sy, sx;
+};
+
+OutLayout out_layout(const Config& cfg, bool channels_last) {
+  const int64_t hw = static_cast<int64_t>(cfg.out_h) * cfg.out_w;
+  if (channels_last) return {hw * cfg.channels, 1, static_cast<int64_t>(cfg.out_w) * cfg.channels, cfg.channels};
+  return {hw * cfg.channels, hw, cfg.out_w, 1};
+}
+
+// Per-thread scratch: two planar (C, H, W) float images, a padded row and the Gaussian weights.
+struct Scratch {
+  std::vector<float> a, b, row, acc, weights;
+  std::vector<Tap> taps_x, taps_y;
+  explicit Scratch(const Config& cfg)
+      : a(static_cast<size_t>(cfg.channels) * cfg.out_h * cfg.out_w),
+        b(a.size()),
+        row(static_cast<size_t>(cfg.out_w) + 2 * cfg.radius),
+        acc(cfg.out_w),
+        weights(2 * cfg.radius + 1),
+        taps_x(cfg.out_w),
+        taps_y(cfg.out_h) {}
+};
+
+template <typename O>
+inline void store(O* out, const OutLayout& lay, int c, int y, int x, float value) {
+  out[c * lay.sc + y * lay.sy + x * lay.sx] = static_cast<O>(value);
+}
+
+// Passes 1 and 2 (see the top of the file). Leaves the colored image in s.a unless it was written out.
+template <typename T, typename O>
+void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
+  const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels;
+  const int64_t hw = static_cast<int64_t>(H) * W;
+  // The bilinear taps depend only on the (post-rotation) crop pixel, so they are tabulated once per image.
+  for (int x = 0; x < W; ++x) s.taps_x[x] = crop_tap_x(v, x, W);
+  for (int y = 0; y < H; ++y) s.taps_y[y] = crop_tap_y(v, y, H);
+  const bool direct = !v.jitter && !v.blur;
+  double luma_sum = 0.0;
+  for (int y = 0; y < H; ++y) {
+    for (int x = 0; x < W; ++x) {
+      float p[3] = {0.f, 0.f, 0.f};
+      int gx, gy;
+      if (geometry_pixel(v, x, y, W, H, &gx, &gy)) bilinear_read(src, v, s.taps_x[gx], s.taps_y[gy], C, p);
+      const int64_t i = static_cast<int64_t>(y) * W + x;
+      if (v.jitter) {
+        color_before_contrast(p, C, v);
+        luma_sum += luma(p, C);
+      } else {
+        color_from_contrast(p, C, v, 0.f);
+      }
+      if (direct) {
+        for (int c = 0; c < C; ++c) store(out, lay, c, y, x, finish(p[c], v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c]));
+      } else {
+        for (int c = 0; c < C; ++c) s.a[c * hw + i] = p[c];
+      }
+    }
+  }
+  if (!v.jitter) return;
+  const float mean = static_cast<float>(luma_sum / static_cast<double>(hw));
+  for (int y = 0; y < H; ++y) {
+    for (int x = 0; x < W; ++x) {
+      const int64_t i = static_cast<int64_t>(y) * W + x;
+      float p[3];
+      for (int c = 0; c < C; ++c) p[c] = s.a[c * hw + i];
+      color_from_contrast(p, C, v, mean);
+      if (v.blur) {
+        for (int c = 0; c < C; ++c) s.a[c * hw + i] = p[c];
+      } else {
+        for (int c = 0; c < C; ++c) store(out, lay, c, y, x, finish(p[c], v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c]));
+      }
+    }
+  }
+}
+
+// Passes 3 and 4: separable blur of s.a with reflect padding, loops ordered so the inner loop runs along
+// a row and vectorizes; the vertical pass finishes and writes each output row.
+template <typename O>
+void blur_pass(const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
+  const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels, r = cfg.radius, k = 2 * r + 1;
+  const int64_t hw = static_cast<int64_t>(H) * W;
+  float total = 0.f;
+  for (int t = 0; t < k; ++t) total += (s.weights[t] = gauss_tap(t - r, v.sigma));
+  for (int t = 0; t < k; ++t) s.weights[t] /= total;
+  const float* w = s.weights.data();
+  float* row = s.row.data();
+  float* acc = s.acc.data();
+  for (int c = 0; c < C; ++c) {
+    const float* plane = s.a.data() + c * hw;
+    float* hplane = s.b.data() + c * hw;
+    for (int y = 0; y < H; ++y) {
+      const float* in = plane + static_cast<int64_t>(y) * W;
+      for (int i = 0; i < W + 2 * r; ++i) row[i] = in[reflect(i - r, W)];
+      float* o = hplane + static_cast<int64_t>(y) * W;
+      for (int x = 0; x < W; ++x) o[x] = 0.f;
+      for (int t = 0; t < k; ++t) {
+        const float wt = w[t];
+        const float* rt = row + t;
+        for (int x = 0; x < W; ++x) o[x] += wt * rt[x];
+      }
+    }
+    for (int y = 0; y < H; ++y) {
+      for (int x = 0; x < W; ++x) acc[x] = 0.f;
+      for (int t = 0; t < k; ++t) {
+        const float wt = w[t];
+        const float* in = hplane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
+        for (int x = 0; x < W; ++x) acc[x] += wt * in[x];
+      }
+      for (int x = 0; x < W; ++x) store(out, lay, c, y, x, finish(acc[x], v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c]));
+    }
+  }
+}
+
+template <typename T, typename O>
+void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, const float* params, bool src_cl,
+         const Config& cfg, at::Tensor& out, bool out_cl) {
+  const T* base = src.data_ptr<T>();
+  O* out_base = out.data_ptr<O>();
+  const OutLayout lay = out_layout(cfg, out_cl);
+  // One image is plenty of work for a thread (>= 32 x 32 pixels through several passes).
+  at::parallel_for(0, cfg.batch, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(cfg);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t h = shapes[2 * b], w = shapes[2 * b + 1];
+      Source<T> s;
+      s.base = base + offsets[b];
+      s.h = static_cast<int>(h);
+      s.w = static_cast<int>(w);
+      s.sc = src_cl ? 1 : h * w;
+      s.sy = src_cl ? w * cfg.channels : w;
+      s.sx = src_cl ? cfg.channels : 1;
+      const View v = load_view(params + b * kNumParams);
+      O* o = out_base + b * lay.sb;
+      color_passes<T, O>(s, v, cfg, scratch, o, lay);
+      if (v.blur) blur_pass<O>(v, cfg, scratch, o, lay);
+    }
+  });
+}
+
+at::Tensor augment_cpu(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
+                       const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
+                       int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
+                       c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
+  const Config cfg = check_args(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
+                                solarize_threshold, mean, std, out_dtype);
+  check_values(offsets.data_ptr<int64_t>(), shapes.data_ptr<int64_t>(), params.data_ptr<float>(), cfg, src.numel());
+  at::Tensor out = at::empty({cfg.batch, channels, out_h, out_w}, src.options().dtype(out_dtype),
+                             out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (cfg.batch == 0) return out;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* shp = shapes.data_ptr<int64_t>();
+  const float* prm = params.data_ptr<float>();
+  const bool u8 = src.scalar_type() == at::kByte;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "simclr_ext::augment (cpu)", [&] {
+    if (u8) {
+      run<uint8_t, scalar_t>(src, off, shp, prm, src_channels_last, cfg, out, out_channels_last);
+    } else {
+      run<float, scalar_t>(src, off, shp, prm, src_channels_last, cfg, out, out_channels_last);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(simclr_ext, CPU, m) { m.impl("augment", &augment_cpu); }
+
+}  // namespace augment
+}  // namespace simclr_ext
