@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
 
 import simclr_ext  # noqa: E402
+from simclr_ext.augment import default_blur_kernel  # noqa: E402
 
 CASES = {  # name: (source side, output side, batch on CPU, batch on CUDA)
     "32x32": (32, 32, 256, 1024),
@@ -37,7 +38,7 @@ CASES = {  # name: (source side, output side, batch on CPU, batch on CUDA)
 
 def _pipeline_kwargs(out):
     blur = out >= 64
-    return dict(blur_p=0.5 if blur else 0.0, kernel=simclr_ext.augment.default_blur_kernel((out, out)))
+    return dict(blur_p=0.5 if blur else 0.0, kernel=default_blur_kernel((out, out)))
 
 
 def make_fused(out, device):

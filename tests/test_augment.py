@@ -5,9 +5,10 @@ Tolerances. The reference runs in float64 except adjust_hue (torchvision convert
 op computes in float32. Its error comes from float32 rounding of the bilinear weights and products (~1e-7
 relative), the HSV round trip (a few float32 ulps of values in [0, 1], amplified by the division by the
 channel range near gray pixels), the contrast mean (float32 vs float64 sum) and the blur's 2 x k-term
-float32 accumulations. Measured worst cases on random images are ~7e-6 (max) and ~4e-7 (mean) on [0, 1]
-values; normalization divides by std >= 0.2 (x5). F32_MAX = 3e-5 and F32_MEAN = 3e-6 on [0, 1] values leave
-a ~4x margin and still catch any real mistake (one wrong pixel, tap or weight is >= 1e-3). For float16 /
+float32 accumulations. Measured worst cases over 40 random batches with every op on are 1.3e-5 (max) and
+1.9e-7 (mean) on [0, 1] values; normalization divides by std >= 0.2 (x5). F32_MAX = 5e-5 and F32_MEAN = 2e-6
+on [0, 1] values leave a ~4x / ~10x margin and still catch any real mistake (one wrong pixel, tap, weight or
+rounding step is >= 1e-3). For float16 /
 bfloat16 outputs the op may be at most 2x as far from the float64 reference as the reference itself rounded
 to that dtype (the flash-attention criterion), plus the float32 allowance.
 """
@@ -18,8 +19,8 @@ import simclr_reference
 from simclr_ext import AugmentParams, SimCLRAugment, augment
 from simclr_ext.augment import default_blur_kernel
 
-F32_MAX = 3e-5
-F32_MEAN = 3e-6
+F32_MAX = 5e-5
+F32_MEAN = 2e-6
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                            reason="needs a CUDA GPU")])

@@ -82,12 +82,12 @@ SIMCLR_HD View load_view(const float* row) {
   v.blur = row[kBlur] != 0.f;
   v.solarize = row[kSolarize] != 0.f;
   // torchvision reduces the angle mod 360 before converting to radians; do the same.
-  double deg = std::fmod(static_cast<double>(row[kAngle]), 360.0);
+  double deg = ::fmod(static_cast<double>(row[kAngle]), 360.0);
   if (deg < 0) deg += 360.0;
   v.rotate = deg != 0.0;
   const double rad = deg * 3.14159265358979323846 / 180.0;
-  v.cos_t = std::cos(rad);
-  v.sin_t = std::sin(rad);
+  v.cos_t = ::cos(rad);
+  v.sin_t = ::sin(rad);
   v.brightness = row[kBrightness];
   v.contrast = row[kContrast];
   v.saturation = row[kSaturation];
@@ -208,45 +208,45 @@ SIMCLR_HD void blend(float* p, int channels, float other, float ratio) {
   for (int c = 0; c < channels; ++c) p[c] = clamp01(ratio * p[c] + (1.f - ratio) * other);
 }
 
-// adjust_hue: RGB -> HSV (torchvision's _rgb_to_hsv), shift h mod 1, HSV -> RGB (_hsv_to_rgb).
+// adjust_hue: RGB -> HSV (torchvision's _rgb_to_hsv), shift h mod 1, HSV -> RGB (_hsv_to_rgb). Written
+// without branches or libm calls (every floor/fmod below has an argument range where a compare is exact)
+// so the CPU loop over a row vectorizes; the arithmetic is torchvision's, operation for operation.
 SIMCLR_HD void adjust_hue(float* p, float hue) {
   const float r = p[0], g = p[1], b = p[2];
-  const float maxc = fmaxf(r, fmaxf(g, b));
-  const float minc = fminf(r, fminf(g, b));
+  // Plain compares (not fmaxf) vectorize on the CPU; inputs are never NaN.
+  const float mgb = g > b ? g : b, ngb = g < b ? g : b;
+  const float maxc = r > mgb ? r : mgb;
+  const float minc = r < ngb ? r : ngb;
   const bool eqc = maxc == minc;
   const float range = maxc - minc;
   const float s = range / (eqc ? 1.f : maxc);
   const float div = eqc ? 1.f : range;
   const float rc = (maxc - r) / div, gc = (maxc - g) / div, bc = (maxc - b) / div;
-  float h;
-  if (maxc == r) {
-    h = bc - gc;
-  } else if (maxc == g) {
-    h = 2.f + rc - bc;
-  } else {
-    h = 4.f + gc - rc;
-  }
-  h = fmodf(h * (1.f / 6.f) + 1.f, 1.f);
-  h = h + hue;
-  h = h - floorf(h);  // torch.remainder(h, 1.0): result in [0, 1)
+  const float hr = bc - gc, hg = 2.f + rc - bc, hb = 4.f + gc - rc;
+  float h = maxc == g ? hg : hb;  // two-way selects only: the CPU loop if-converts and vectorizes
+  h = maxc == r ? hr : h;
+  h = h * (1.f / 6.f) + 1.f;  // in [5/6, 2): fmod(h, 1) is h - 1 (exact) above 1
+  h = h >= 1.f ? h - 1.f : h;
+  h = h + hue;                // in [-0.5, 1.5): torch.remainder(h, 1) adds or subtracts 1
+  h = h < 0.f ? h + 1.f : h;
+  h = h >= 1.f ? h - 1.f : h;
   const float v = maxc;
-  const float h6 = h * 6.f;
-  const float fi = floorf(h6);
-  const float f = h6 - fi;
-  int i = static_cast<int>(fi) % 6;
-  if (i < 0) i += 6;
+  const float h6 = h * 6.f;   // in [0, 6): truncation is floor
+  int i = static_cast<int>(h6);
+  const float f = h6 - static_cast<float>(i);
+  i = i >= 6 ? i - 6 : i;
   const float sxf = s * f;
   const float q = clamp01((1.f - sxf) * v);
   const float t = clamp01((sxf + (1.f - s)) * v);
   const float pp = clamp01((1.f - s) * v);
-  switch (i) {
-    case 0: p[0] = v; p[1] = t; p[2] = pp; break;
-    case 1: p[0] = q; p[1] = v; p[2] = pp; break;
-    case 2: p[0] = pp; p[1] = v; p[2] = t; break;
-    case 3: p[0] = pp; p[1] = q; p[2] = v; break;
-    case 4: p[0] = t; p[1] = pp; p[2] = v; break;
-    default: p[0] = v; p[1] = pp; p[2] = q; break;
-  }
+  // torchvision's select table: i -> (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q);
+  // 0/1 masks times the candidates (exact: x * 1 + 0 + 0 + 0 == x) rather than a 6-way select, which
+  // compilers turn back into branches that mispredict on every other pixel.
+  const float m0 = static_cast<float>(i == 0), m1 = static_cast<float>(i == 1), m2 = static_cast<float>(i == 2);
+  const float m3 = static_cast<float>(i == 3), m4 = static_cast<float>(i == 4), m5 = static_cast<float>(i == 5);
+  p[0] = v * (m0 + m5) + q * m1 + t * m4 + pp * (m2 + m3);
+  p[1] = v * (m1 + m2) + t * m0 + q * m3 + pp * (m4 + m5);
+  p[2] = v * (m3 + m4) + t * m2 + q * m5 + pp * (m0 + m1);
 }
 
 // One jitter op. Saturation and hue are the identity on 1-channel images (as in torchvision);

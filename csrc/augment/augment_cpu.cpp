@@ -16,6 +16,12 @@
 
 #include <vector>
 
+// Our kernels (everything below, the shared header included) never rely on floating-point traps; without
+// them GCC if-converts the compares of adjust_hue and the row loops vectorize. Results are unchanged:
+// rounding is not affected, only the assumption that a compare may trap.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
 
@@ -48,9 +54,93 @@ struct Scratch {
         taps_y(cfg.out_h) {}
 };
 
+// Finish (solarize, normalize) n values of channel c and write them as output row y, channel c; the
+// contiguous case is a plain vectorizable loop.
 template <typename O>
-inline void store(O* out, const OutLayout& lay, int c, int y, int x, float value) {
-  out[c * lay.sc + y * lay.sy + x * lay.sx] = static_cast<O>(value);
+inline void write_row(O* out, const OutLayout& lay, int c, int y, const float* x, int n, const View& v,
+                      const Config& cfg) {
+  O* o = out + c * lay.sc + y * lay.sy;
+  const float thr = cfg.threshold, m = cfg.mean[c], is = cfg.inv_std[c];
+  if (lay.sx == 1) {
+    for (int i = 0; i < n; ++i) o[i] = static_cast<O>(finish(x[i], v.solarize, thr, m, is));
+  } else {
+    for (int i = 0; i < n; ++i) o[i * lay.sx] = static_cast<O>(finish(x[i], v.solarize, thr, m, is));
+  }
+}
+
+// The color ops run a row at a time over planar channels, one op per loop (the op is loop-invariant), so
+// the compiler vectorizes them; each element goes through the same header helpers as on the GPU.
+struct Row {
+  float* ch[3];
+  int n;
+};
+
+inline void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
+  switch (op) {
+    case kOpBrightness:
+      for (int c = 0; c < C; ++c) {
+        float* x = row.ch[c];
+        for (int i = 0; i < row.n; ++i) x[i] = clamp01(x[i] * v.brightness);
+      }
+      break;
+    case kOpContrast:
+      for (int c = 0; c < C; ++c) {
+        float* x = row.ch[c];
+        for (int i = 0; i < row.n; ++i) x[i] = clamp01(v.contrast * x[i] + (1.f - v.contrast) * mean);
+      }
+      break;
+    case kOpSaturation:
+      if (C == 3) {
+        float* r = row.ch[0];
+        float* g = row.ch[1];
+        float* b = row.ch[2];
+        const float f = v.saturation;
+        for (int i = 0; i < row.n; ++i) {
+          const float l = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
+          r[i] = clamp01(f * r[i] + (1.f - f) * l);
+          g[i] = clamp01(f * g[i] + (1.f - f) * l);
+          b[i] = clamp01(f * b[i] + (1.f - f) * l);
+        }
+      }
+      break;
+    default:
+      if (C == 3) {
+        float* r = row.ch[0];
+        float* g = row.ch[1];
+        float* b = row.ch[2];
+        for (int i = 0; i < row.n; ++i) {
+          float p[3] = {r[i], g[i], b[i]};
+          adjust_hue(p, v.hue);
+          r[i] = p[0];
+          g[i] = p[1];
+          b[i] = p[2];
+        }
+      }
+      break;
+  }
+}
+
+inline void gray_row(const Row& row, int C) {
+  if (C != 3) return;
+  float* r = row.ch[0];
+  float* g = row.ch[1];
+  float* b = row.ch[2];
+  for (int i = 0; i < row.n; ++i) r[i] = g[i] = b[i] = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
+}
+
+inline float luma_row_sum(const Row& row, int C) {
+  float sum = 0.f;
+  if (C == 3) {
+    for (int i = 0; i < row.n; ++i) sum += kGrayR * row.ch[0][i] + kGrayG * row.ch[1][i] + kGrayB * row.ch[2][i];
+  } else {
+    for (int i = 0; i < row.n; ++i) sum += row.ch[0][i];
+  }
+  return sum;
+}
+
+template <typename O>
+inline void finish_row(const Row& row, int C, int y, const View& v, const Config& cfg, O* out, const OutLayout& lay) {
+  for (int c = 0; c < C; ++c) write_row(out, lay, c, y, row.ch[c], row.n, v, cfg);
 }
 
 // Passes 1 and 2 (see the top of the file). Leaves the colored image in s.a unless it was written out.
@@ -61,41 +151,37 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
   // The bilinear taps depend only on the (post-rotation) crop pixel, so they are tabulated once per image.
   for (int x = 0; x < W; ++x) s.taps_x[x] = crop_tap_x(v, x, W);
   for (int y = 0; y < H; ++y) s.taps_y[y] = crop_tap_y(v, y, H);
+  auto row_at = [&](int y) {
+    Row row;
+    for (int c = 0; c < 3; ++c) row.ch[c] = s.a.data() + (c < C ? c : 0) * hw + static_cast<int64_t>(y) * W;
+    row.n = W;
+    return row;
+  };
   const bool direct = !v.jitter && !v.blur;
   double luma_sum = 0.0;
   for (int y = 0; y < H; ++y) {
+    const Row row = row_at(y);
     for (int x = 0; x < W; ++x) {
       float p[3] = {0.f, 0.f, 0.f};
       int gx, gy;
       if (geometry_pixel(v, x, y, W, H, &gx, &gy)) bilinear_read(src, v, s.taps_x[gx], s.taps_y[gy], C, p);
-      const int64_t i = static_cast<int64_t>(y) * W + x;
-      if (v.jitter) {
-        color_before_contrast(p, C, v);
-        luma_sum += luma(p, C);
-      } else {
-        color_from_contrast(p, C, v, 0.f);
-      }
-      if (direct) {
-        for (int c = 0; c < C; ++c) store(out, lay, c, y, x, finish(p[c], v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c]));
-      } else {
-        for (int c = 0; c < C; ++c) s.a[c * hw + i] = p[c];
-      }
+      for (int c = 0; c < C; ++c) row.ch[c][x] = p[c];
+    }
+    if (v.jitter) {
+      for (int k = 0; k < v.contrast_pos; ++k) jitter_row(v.order[k], row, C, v, 0.f);
+      luma_sum += luma_row_sum(row, C);
+    } else {
+      if (v.gray) gray_row(row, C);
+      if (direct) finish_row(row, C, y, v, cfg, out, lay);
     }
   }
   if (!v.jitter) return;
   const float mean = static_cast<float>(luma_sum / static_cast<double>(hw));
   for (int y = 0; y < H; ++y) {
-    for (int x = 0; x < W; ++x) {
-      const int64_t i = static_cast<int64_t>(y) * W + x;
-      float p[3];
-      for (int c = 0; c < C; ++c) p[c] = s.a[c * hw + i];
-      color_from_contrast(p, C, v, mean);
-      if (v.blur) {
-        for (int c = 0; c < C; ++c) s.a[c * hw + i] = p[c];
-      } else {
-        for (int c = 0; c < C; ++c) store(out, lay, c, y, x, finish(p[c], v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c]));
-      }
-    }
+    const Row row = row_at(y);
+    for (int k = v.contrast_pos; k < 4; ++k) jitter_row(v.order[k], row, C, v, mean);
+    if (v.gray) gray_row(row, C);
+    if (!v.blur) finish_row(row, C, y, v, cfg, out, lay);
   }
 }
 
@@ -132,7 +218,7 @@ void blur_pass(const View& v, const Config& cfg, Scratch& s, O* out, const OutLa
         const float* in = hplane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
         for (int x = 0; x < W; ++x) acc[x] += wt * in[x];
       }
-      for (int x = 0; x < W; ++x) store(out, lay, c, y, x, finish(acc[x], v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c]));
+      write_row(out, lay, c, y, acc, W, v, cfg);
     }
   }
 }
