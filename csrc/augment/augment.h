@@ -139,8 +139,21 @@ SIMCLR_HD bool rotate_snap(int x, int y, int w, int h, double cos_t, double sin_
   return true;
 }
 
-SIMCLR_HD float to_unit(uint8_t v) { return static_cast<float>(v) * (1.f / 255.f); }
-SIMCLR_HD float to_unit(float v) { return v; }
+// Sources are read as raw values and scaled once after interpolation (uint8 -> [0, 1]).
+SIMCLR_HD float raw(uint8_t v) { return static_cast<float>(v); }
+SIMCLR_HD float raw(float v) { return v; }
+template <typename T>
+SIMCLR_HD constexpr float unit_scale() { return 1.f; }
+template <>
+SIMCLR_HD constexpr float unit_scale<uint8_t>() { return 1.f / 255.f; }
+
+// Bilinear combination of the four neighbours (row 0: a00 a01, row 1: a10 a11), in [0, 1].
+template <typename T>
+SIMCLR_HD float bilinear_mix(float a00, float a01, float a10, float a11, const Tap& tx, const Tap& ty) {
+  const float top = tx.w0 * a00 + tx.w1 * a01;
+  const float bot = tx.w0 * a10 + tx.w1 * a11;
+  return (ty.w0 * top + ty.w1 * bot) * unit_scale<T>();
+}
 
 // One source image: element (c, y, x) is at base[c * sc + y * sy + x * sx].
 template <typename T>
@@ -177,9 +190,7 @@ SIMCLR_HD void bilinear_read(const Source<T>& s, const View& v, const Tap& tx, c
   const int64_t c1 = static_cast<int64_t>(v.left + tx.i1) * s.sx;
   for (int c = 0; c < channels; ++c) {
     const T* p = s.base + c * s.sc;
-    const float top = tx.w0 * to_unit(p[r0 + c0]) + tx.w1 * to_unit(p[r0 + c1]);
-    const float bot = tx.w0 * to_unit(p[r1 + c0]) + tx.w1 * to_unit(p[r1 + c1]);
-    out[c] = ty.w0 * top + ty.w1 * bot;
+    out[c] = bilinear_mix<T>(raw(p[r0 + c0]), raw(p[r0 + c1]), raw(p[r1 + c0]), raw(p[r1 + c1]), tx, ty);
   }
 }
 

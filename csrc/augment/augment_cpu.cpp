@@ -1,11 +1,12 @@
 // CPU kernel of the fused augmentation op: images are spread over threads (at::parallel_for), and each
-// image goes through at most four passes over a per-thread float scratch of the output size:
+// image goes through at most three passes over a per-thread float scratch of the output size, a row at a
+// time:
 //   1. geometry (one bilinear read from the source) + the jitter ops before contrast, summing the luma
 //      that contrast blends with (the only whole-image dependency of the color ops);
 //   2. contrast + the rest of the jitter + grayscale;
-//   3./4. the separable Gaussian blur, horizontal then vertical, whose last pass solarizes, normalizes and
-//      writes the output. Passes that a sample does not need are skipped: without jitter and blur the
-//      first pass writes the output directly.
+//   3. the vertical half of the Gaussian blur, which solarizes, normalizes and writes the output.
+// Whichever of passes 1 and 2 finishes a row's colors also writes it out (no blur) or blurs it
+// horizontally while it is in L1 (blur). Without jitter, pass 1 finishes every row.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -43,7 +44,7 @@ OutLayout out_layout(const Config& cfg, bool channels_last) {
 // Per-thread scratch: two planar (C, H, W) float images, a padded row and the Gaussian weights.
 struct Scratch {
   std::vector<float> a, b, row, acc, weights;
-  std::vector<Tap> taps_x, taps_y;
+  std::vector<Tap> taps_x, taps_xf, taps_y;
   explicit Scratch(const Config& cfg)
       : a(static_cast<size_t>(cfg.channels) * cfg.out_h * cfg.out_w),
         b(a.size()),
@@ -51,6 +52,7 @@ struct Scratch {
         acc(cfg.out_w),
         weights(2 * cfg.radius + 1),
         taps_x(cfg.out_w),
+        taps_xf(cfg.out_w),
         taps_y(cfg.out_h) {}
 };
 
@@ -74,6 +76,18 @@ struct Row {
   float* ch[3];
   int n;
 };
+
+// Its own function so that the three planes are known not to alias: the loop then vectorizes.
+__attribute__((noinline)) void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n,
+                                       float hue) {
+  for (int i = 0; i < n; ++i) {
+    float p[3] = {r[i], g[i], b[i]};
+    adjust_hue(p, hue);
+    r[i] = p[0];
+    g[i] = p[1];
+    b[i] = p[2];
+  }
+}
 
 inline void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
   switch (op) {
@@ -104,18 +118,7 @@ inline void jitter_row(int op, const Row& row, int C, const View& v, float mean)
       }
       break;
     default:
-      if (C == 3) {
-        float* r = row.ch[0];
-        float* g = row.ch[1];
-        float* b = row.ch[2];
-        for (int i = 0; i < row.n; ++i) {
-          float p[3] = {r[i], g[i], b[i]};
-          adjust_hue(p, v.hue);
-          r[i] = p[0];
-          g[i] = p[1];
-          b[i] = p[2];
-        }
-      }
+      if (C == 3) hue_row(row.ch[0], row.ch[1], row.ch[2], row.n, v.hue);
       break;
   }
 }
@@ -143,7 +146,37 @@ inline void finish_row(const Row& row, int C, int y, const View& v, const Config
   for (int c = 0; c < C; ++c) write_row(out, lay, c, y, row.ch[c], row.n, v, cfg);
 }
 
-// Passes 1 and 2 (see the top of the file). Leaves the colored image in s.a unless it was written out.
+// Normalized Gaussian weights of the sample (torchvision: softmax of -d^2 / (2 sigma^2)).
+inline void blur_weights(const View& v, const Config& cfg, Scratch& s) {
+  const int r = cfg.radius, k = 2 * r + 1;
+  float total = 0.f;
+  for (int t = 0; t < k; ++t) total += (s.weights[t] = gauss_tap(t - r, v.sigma));
+  for (int t = 0; t < k; ++t) s.weights[t] /= total;
+}
+
+// Horizontal blur of a finished color row (still in L1) into row y of s.b, with reflect padding. The
+// kernel is symmetric (w[t] == w[k-1-t] exactly): taps are paired to halve the multiplies.
+inline void hblur_row(const Row& in, int y, int C, const Config& cfg, Scratch& s) {
+  const int W = cfg.out_w, r = cfg.radius, k = 2 * r + 1;
+  const int64_t hw = static_cast<int64_t>(cfg.out_h) * W;
+  const float* w = s.weights.data();
+  float* row = s.row.data();
+  for (int c = 0; c < C; ++c) {
+    const float* x_in = in.ch[c];
+    for (int i = 0; i < W + 2 * r; ++i) row[i] = x_in[reflect(i - r, W)];
+    float* o = s.b.data() + c * hw + static_cast<int64_t>(y) * W;
+    for (int x = 0; x < W; ++x) o[x] = w[r] * row[x + r];
+    for (int t = 0; t < r; ++t) {
+      const float wt = w[t];
+      const float* lo = row + t;
+      const float* hi = row + (k - 1 - t);
+      for (int x = 0; x < W; ++x) o[x] += wt * (lo[x] + hi[x]);
+    }
+  }
+}
+
+// Passes 1 and 2 (see the top of the file). A row whose colors are final is written out, or, for a
+// blurred sample, blurred horizontally into s.b at once.
 template <typename T, typename O>
 void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
   const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels;
@@ -157,22 +190,46 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
     row.n = W;
     return row;
   };
-  const bool direct = !v.jitter && !v.blur;
+  if (v.blur) blur_weights(v, cfg, s);
   double luma_sum = 0.0;
+  // Without rotation, output row y reads two source rows: one loop per channel over precomputed taps
+  // (flip folded into their order) instead of the per-pixel inverse mapping.
+  if (!v.rotate) {
+    for (int x = 0; x < W; ++x) s.taps_xf[x] = s.taps_x[v.flip ? W - 1 - x : x];
+  }
   for (int y = 0; y < H; ++y) {
     const Row row = row_at(y);
-    for (int x = 0; x < W; ++x) {
-      float p[3] = {0.f, 0.f, 0.f};
-      int gx, gy;
-      if (geometry_pixel(v, x, y, W, H, &gx, &gy)) bilinear_read(src, v, s.taps_x[gx], s.taps_y[gy], C, p);
-      for (int c = 0; c < C; ++c) row.ch[c][x] = p[c];
+    if (v.rotate) {
+      for (int x = 0; x < W; ++x) {
+        float p[3] = {0.f, 0.f, 0.f};
+        int gx, gy;
+        if (geometry_pixel(v, x, y, W, H, &gx, &gy)) bilinear_read(src, v, s.taps_x[gx], s.taps_y[gy], C, p);
+        for (int c = 0; c < C; ++c) row.ch[c][x] = p[c];
+      }
+    } else {
+      const Tap ty = s.taps_y[y];
+      for (int c = 0; c < C; ++c) {
+        const T* p0 = src.base + c * src.sc + (v.top + ty.i0) * src.sy + v.left * src.sx;
+        const T* p1 = src.base + c * src.sc + (v.top + ty.i1) * src.sy + v.left * src.sx;
+        float* o = row.ch[c];
+        const int64_t sx = src.sx;
+        for (int x = 0; x < W; ++x) {
+          const Tap& tx = s.taps_xf[x];
+          const int64_t a = tx.i0 * sx, b = tx.i1 * sx;
+          o[x] = bilinear_mix<T>(raw(p0[a]), raw(p0[b]), raw(p1[a]), raw(p1[b]), tx, ty);
+        }
+      }
     }
     if (v.jitter) {
       for (int k = 0; k < v.contrast_pos; ++k) jitter_row(v.order[k], row, C, v, 0.f);
       luma_sum += luma_row_sum(row, C);
     } else {
       if (v.gray) gray_row(row, C);
-      if (direct) finish_row(row, C, y, v, cfg, out, lay);
+      if (v.blur) {
+        hblur_row(row, y, C, cfg, s);
+      } else {
+        finish_row(row, C, y, v, cfg, out, lay);
+      }
     }
   }
   if (!v.jitter) return;
@@ -181,42 +238,32 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
     const Row row = row_at(y);
     for (int k = v.contrast_pos; k < 4; ++k) jitter_row(v.order[k], row, C, v, mean);
     if (v.gray) gray_row(row, C);
-    if (!v.blur) finish_row(row, C, y, v, cfg, out, lay);
+    if (v.blur) {
+      hblur_row(row, y, C, cfg, s);
+    } else {
+      finish_row(row, C, y, v, cfg, out, lay);
+    }
   }
 }
 
-// Passes 3 and 4: separable blur of s.a with reflect padding, loops ordered so the inner loop runs along
-// a row and vectorizes; the vertical pass finishes and writes each output row.
+// Pass 3: vertical blur of s.b (reflect padding), loops ordered so the inner loop runs along a row and
+// vectorizes; each finished row is solarized, normalized and written.
 template <typename O>
-void blur_pass(const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
-  const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels, r = cfg.radius, k = 2 * r + 1;
+void vblur_pass(const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
+  const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels, r = cfg.radius;
   const int64_t hw = static_cast<int64_t>(H) * W;
-  float total = 0.f;
-  for (int t = 0; t < k; ++t) total += (s.weights[t] = gauss_tap(t - r, v.sigma));
-  for (int t = 0; t < k; ++t) s.weights[t] /= total;
   const float* w = s.weights.data();
-  float* row = s.row.data();
   float* acc = s.acc.data();
   for (int c = 0; c < C; ++c) {
-    const float* plane = s.a.data() + c * hw;
-    float* hplane = s.b.data() + c * hw;
+    const float* hplane = s.b.data() + c * hw;
     for (int y = 0; y < H; ++y) {
-      const float* in = plane + static_cast<int64_t>(y) * W;
-      for (int i = 0; i < W + 2 * r; ++i) row[i] = in[reflect(i - r, W)];
-      float* o = hplane + static_cast<int64_t>(y) * W;
-      for (int x = 0; x < W; ++x) o[x] = 0.f;
-      for (int t = 0; t < k; ++t) {
+      const float* mid = hplane + static_cast<int64_t>(y) * W;
+      for (int x = 0; x < W; ++x) acc[x] = w[r] * mid[x];
+      for (int t = 0; t < r; ++t) {
         const float wt = w[t];
-        const float* rt = row + t;
-        for (int x = 0; x < W; ++x) o[x] += wt * rt[x];
-      }
-    }
-    for (int y = 0; y < H; ++y) {
-      for (int x = 0; x < W; ++x) acc[x] = 0.f;
-      for (int t = 0; t < k; ++t) {
-        const float wt = w[t];
-        const float* in = hplane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
-        for (int x = 0; x < W; ++x) acc[x] += wt * in[x];
+        const float* lo = hplane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
+        const float* hi = hplane + static_cast<int64_t>(reflect(y + r - t, H)) * W;
+        for (int x = 0; x < W; ++x) acc[x] += wt * (lo[x] + hi[x]);
       }
       write_row(out, lay, c, y, acc, W, v, cfg);
     }
@@ -244,7 +291,7 @@ void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, c
       const View v = load_view(params + b * kNumParams);
       O* o = out_base + b * lay.sb;
       color_passes<T, O>(s, v, cfg, scratch, o, lay);
-      if (v.blur) blur_pass<O>(v, cfg, scratch, o, lay);
+      if (v.blur) vblur_pass<O>(v, cfg, scratch, o, lay);
     }
   });
 }
