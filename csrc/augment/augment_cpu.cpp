@@ -26,6 +26,15 @@
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
 
+// The hot row loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time
+// (GCC function multiversioning): twice the vector width where the CPU has it, a portable .so either way.
+// No FMA in the clone, so both versions round identically.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SIMCLR_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#define SIMCLR_ROW_KERNEL
+#endif
+
 namespace simclr_ext {
 namespace augment {
 namespace {
@@ -78,7 +87,7 @@ struct Row {
 };
 
 // Its own function so that the three planes are known not to alias: the loop then vectorizes.
-__attribute__((noinline)) void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n,
+SIMCLR_ROW_KERNEL void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n,
                                        float hue) {
   for (int i = 0; i < n; ++i) {
     float p[3] = {r[i], g[i], b[i]};
@@ -156,7 +165,7 @@ inline void blur_weights(const View& v, const Config& cfg, Scratch& s) {
 
 // Horizontal blur of a finished color row (still in L1) into row y of s.b, with reflect padding. The
 // kernel is symmetric (w[t] == w[k-1-t] exactly): taps are paired to halve the multiplies.
-inline void hblur_row(const Row& in, int y, int C, const Config& cfg, Scratch& s) {
+SIMCLR_ROW_KERNEL void hblur_row(const Row& in, int y, int C, const Config& cfg, Scratch& s) {
   const int W = cfg.out_w, r = cfg.radius, k = 2 * r + 1;
   const int64_t hw = static_cast<int64_t>(cfg.out_h) * W;
   const float* w = s.weights.data();
@@ -246,25 +255,29 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
   }
 }
 
+// Row y of the vertical blur of an H x W plane (reflect padding, symmetric taps paired) into acc.
+SIMCLR_ROW_KERNEL void vblur_row(const float* plane, int y, int H, int W, int r, const float* w, float* acc) {
+  const float* mid = plane + static_cast<int64_t>(y) * W;
+  for (int x = 0; x < W; ++x) acc[x] = w[r] * mid[x];
+  for (int t = 0; t < r; ++t) {
+    const float wt = w[t];
+    const float* lo = plane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
+    const float* hi = plane + static_cast<int64_t>(reflect(y + r - t, H)) * W;
+    for (int x = 0; x < W; ++x) acc[x] += wt * (lo[x] + hi[x]);
+  }
+}
+
 // Pass 3: vertical blur of s.b (reflect padding), loops ordered so the inner loop runs along a row and
 // vectorizes; each finished row is solarized, normalized and written.
 template <typename O>
 void vblur_pass(const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
   const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels, r = cfg.radius;
   const int64_t hw = static_cast<int64_t>(H) * W;
-  const float* w = s.weights.data();
   float* acc = s.acc.data();
   for (int c = 0; c < C; ++c) {
     const float* hplane = s.b.data() + c * hw;
     for (int y = 0; y < H; ++y) {
-      const float* mid = hplane + static_cast<int64_t>(y) * W;
-      for (int x = 0; x < W; ++x) acc[x] = w[r] * mid[x];
-      for (int t = 0; t < r; ++t) {
-        const float wt = w[t];
-        const float* lo = hplane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
-        const float* hi = hplane + static_cast<int64_t>(reflect(y + r - t, H)) * W;
-        for (int x = 0; x < W; ++x) acc[x] += wt * (lo[x] + hi[x]);
-      }
+      vblur_row(hplane, y, H, W, r, s.weights.data(), acc);
       write_row(out, lay, c, y, acc, W, v, cfg);
     }
   }
