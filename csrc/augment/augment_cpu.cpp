@@ -98,7 +98,7 @@ SIMCLR_ROW_KERNEL void hue_row(float* __restrict r, float* __restrict g, float* 
   }
 }
 
-inline void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
+SIMCLR_ROW_KERNEL void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
   switch (op) {
     case kOpBrightness:
       for (int c = 0; c < C; ++c) {
@@ -132,7 +132,7 @@ inline void jitter_row(int op, const Row& row, int C, const View& v, float mean)
   }
 }
 
-inline void gray_row(const Row& row, int C) {
+SIMCLR_ROW_KERNEL void gray_row(const Row& row, int C) {
   if (C != 3) return;
   float* r = row.ch[0];
   float* g = row.ch[1];
@@ -140,7 +140,7 @@ inline void gray_row(const Row& row, int C) {
   for (int i = 0; i < row.n; ++i) r[i] = g[i] = b[i] = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
 }
 
-inline float luma_row_sum(const Row& row, int C) {
+SIMCLR_ROW_KERNEL float luma_row_sum(const Row& row, int C) {
   float sum = 0.f;
   if (C == 3) {
     for (int i = 0; i < row.n; ++i) sum += kGrayR * row.ch[0][i] + kGrayG * row.ch[1][i] + kGrayB * row.ch[2][i];
@@ -153,6 +153,25 @@ inline float luma_row_sum(const Row& row, int C) {
 template <typename O>
 inline void finish_row(const Row& row, int C, int y, const View& v, const Config& cfg, O* out, const OutLayout& lay) {
   for (int c = 0; c < C; ++c) write_row(out, lay, c, y, row.ch[c], row.n, v, cfg);
+}
+
+// One output row of one channel without rotation: bilinear taps along x (flip folded in) between the two
+// source rows p0 and p1 that row y reads.
+template <typename T>
+inline void geometry_row_impl(const T* p0, const T* p1, const Tap* taps, int W, int64_t sx, const Tap& ty, float* o) {
+  for (int x = 0; x < W; ++x) {
+    const Tap& tx = taps[x];
+    const int64_t a = tx.i0 * sx, b = tx.i1 * sx;
+    o[x] = bilinear_mix<T>(raw(p0[a]), raw(p0[b]), raw(p1[a]), raw(p1[b]), tx, ty);
+  }
+}
+SIMCLR_ROW_KERNEL void geometry_row(const uint8_t* p0, const uint8_t* p1, const Tap* taps, int W, int64_t sx,
+                                    const Tap& ty, float* o) {
+  geometry_row_impl(p0, p1, taps, W, sx, ty, o);
+}
+SIMCLR_ROW_KERNEL void geometry_row(const float* p0, const float* p1, const Tap* taps, int W, int64_t sx,
+                                    const Tap& ty, float* o) {
+  geometry_row_impl(p0, p1, taps, W, sx, ty, o);
 }
 
 // Normalized Gaussian weights of the sample (torchvision: softmax of -d^2 / (2 sigma^2)).
@@ -220,13 +239,7 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
       for (int c = 0; c < C; ++c) {
         const T* p0 = src.base + c * src.sc + (v.top + ty.i0) * src.sy + v.left * src.sx;
         const T* p1 = src.base + c * src.sc + (v.top + ty.i1) * src.sy + v.left * src.sx;
-        float* o = row.ch[c];
-        const int64_t sx = src.sx;
-        for (int x = 0; x < W; ++x) {
-          const Tap& tx = s.taps_xf[x];
-          const int64_t a = tx.i0 * sx, b = tx.i1 * sx;
-          o[x] = bilinear_mix<T>(raw(p0[a]), raw(p0[b]), raw(p1[a]), raw(p1[b]), tx, ty);
-        }
+        geometry_row(p0, p1, s.taps_xf.data(), W, src.sx, ty, row.ch[c]);
       }
     }
     if (v.jitter) {
