@@ -147,12 +147,16 @@ SIMCLR_HD constexpr float unit_scale() { return 1.f; }
 template <>
 SIMCLR_HD constexpr float unit_scale<uint8_t>() { return 1.f / 255.f; }
 
-// Bilinear combination of the four neighbours (row 0: a00 a01, row 1: a10 a11), in [0, 1].
+// Bilinear interpolation, horizontal then vertical (as upsample_bilinear2d), scaled to [0, 1] at the end.
+// The two halves are separate so the CPU can reuse a horizontally interpolated source row.
+SIMCLR_HD float lerp_x(float a0, float a1, const Tap& tx) { return tx.w0 * a0 + tx.w1 * a1; }
+template <typename T>
+SIMCLR_HD float lerp_y(float top, float bot, const Tap& ty) { return (ty.w0 * top + ty.w1 * bot) * unit_scale<T>(); }
+
+// Bilinear combination of the four neighbours (row 0: a00 a01, row 1: a10 a11).
 template <typename T>
 SIMCLR_HD float bilinear_mix(float a00, float a01, float a10, float a11, const Tap& tx, const Tap& ty) {
-  const float top = tx.w0 * a00 + tx.w1 * a01;
-  const float bot = tx.w0 * a10 + tx.w1 * a11;
-  return (ty.w0 * top + ty.w1 * bot) * unit_scale<T>();
+  return lerp_y<T>(lerp_x(a00, a01, tx), lerp_x(a10, a11, tx), ty);
 }
 
 // One source image: element (c, y, x) is at base[c * sc + y * sy + x * sx].

@@ -50,19 +50,23 @@ OutLayout out_layout(const Config& cfg, bool channels_last) {
   return {hw * cfg.channels, hw, cfg.out_w, 1};
 }
 
-// Per-thread scratch: two planar (C, H, W) float images, a padded row and the Gaussian weights.
+// Per-thread scratch: two planar (C, H, W) float images, a padded row, the Gaussian weights, cached
+// interpolated rows and bilinear taps. Kept per thread across calls (thread_local): fresh buffers of this
+// size come straight from mmap and page-fault on every call.
 struct Scratch {
-  std::vector<float> a, b, row, acc, weights;
+  std::vector<float> a, b, row, acc, weights, lerp;
   std::vector<Tap> taps_x, taps_xf, taps_y;
-  explicit Scratch(const Config& cfg)
-      : a(static_cast<size_t>(cfg.channels) * cfg.out_h * cfg.out_w),
-        b(a.size()),
-        row(static_cast<size_t>(cfg.out_w) + 2 * cfg.radius),
-        acc(cfg.out_w),
-        weights(2 * cfg.radius + 1),
-        taps_x(cfg.out_w),
-        taps_xf(cfg.out_w),
-        taps_y(cfg.out_h) {}
+  void fit(const Config& cfg) {
+    a.resize(static_cast<size_t>(cfg.channels) * cfg.out_h * cfg.out_w);
+    b.resize(a.size());
+    row.resize(static_cast<size_t>(cfg.out_w) + 2 * cfg.radius);
+    acc.resize(cfg.out_w);
+    weights.resize(2 * cfg.radius + 1);
+    lerp.resize(6 * static_cast<size_t>(cfg.out_w));
+    taps_x.resize(cfg.out_w);
+    taps_xf.resize(cfg.out_w);
+    taps_y.resize(cfg.out_h);
+  }
 };
 
 // Finish (solarize, normalize) n values of channel c and write them as output row y, channel c; the
@@ -155,24 +159,48 @@ inline void finish_row(const Row& row, int C, int y, const View& v, const Config
   for (int c = 0; c < C; ++c) write_row(out, lay, c, y, row.ch[c], row.n, v, cfg);
 }
 
-// One output row of one channel without rotation: bilinear taps along x (flip folded in) between the two
-// source rows p0 and p1 that row y reads.
+// Horizontal half of the bilinear resampling of source row p (taps along x, flip folded in).
 template <typename T>
-inline void geometry_row_impl(const T* p0, const T* p1, const Tap* taps, int W, int64_t sx, const Tap& ty, float* o) {
-  for (int x = 0; x < W; ++x) {
-    const Tap& tx = taps[x];
-    const int64_t a = tx.i0 * sx, b = tx.i1 * sx;
-    o[x] = bilinear_mix<T>(raw(p0[a]), raw(p0[b]), raw(p1[a]), raw(p1[b]), tx, ty);
+inline void lerp_x_row_impl(const T* p, const Tap* taps, int W, int64_t sx, float* o) {
+  for (int x = 0; x < W; ++x) o[x] = lerp_x(raw(p[taps[x].i0 * sx]), raw(p[taps[x].i1 * sx]), taps[x]);
+}
+SIMCLR_ROW_KERNEL void lerp_x_row(const uint8_t* p, const Tap* taps, int W, int64_t sx, float* o) {
+  lerp_x_row_impl(p, taps, W, sx, o);
+}
+SIMCLR_ROW_KERNEL void lerp_x_row(const float* p, const Tap* taps, int W, int64_t sx, float* o) {
+  lerp_x_row_impl(p, taps, W, sx, o);
+}
+
+// Vertical half: output row from the two horizontally interpolated source rows.
+template <typename T>
+SIMCLR_ROW_KERNEL void lerp_y_row(const float* top, const float* bot, int W, const Tap& ty, float* o) {
+  for (int x = 0; x < W; ++x) o[x] = lerp_y<T>(top[x], bot[x], ty);
+}
+
+// Horizontally interpolated source rows of one image, two per channel: row i lives in slot i % 2, so the
+// pair (i, i + 1) that an output row reads never evicts itself, and consecutive output rows of an
+// upscaled crop reuse the rows they share.
+struct RowCache {
+  float* buf[3][2];
+  int index[3][2];
+  void reset(float* base, int W) {
+    for (int c = 0; c < 3; ++c) {
+      for (int k = 0; k < 2; ++k) {
+        buf[c][k] = base + (2 * c + k) * static_cast<int64_t>(W);
+        index[c][k] = -1;
+      }
+    }
   }
-}
-SIMCLR_ROW_KERNEL void geometry_row(const uint8_t* p0, const uint8_t* p1, const Tap* taps, int W, int64_t sx,
-                                    const Tap& ty, float* o) {
-  geometry_row_impl(p0, p1, taps, W, sx, ty, o);
-}
-SIMCLR_ROW_KERNEL void geometry_row(const float* p0, const float* p1, const Tap* taps, int W, int64_t sx,
-                                    const Tap& ty, float* o) {
-  geometry_row_impl(p0, p1, taps, W, sx, ty, o);
-}
+  template <typename T>
+  const float* get(const Source<T>& src, const View& v, int c, int i, const Tap* taps, int W) {
+    const int k = i & 1;
+    if (index[c][k] != i) {
+      lerp_x_row(src.base + c * src.sc + (v.top + i) * src.sy + v.left * src.sx, taps, W, src.sx, buf[c][k]);
+      index[c][k] = i;
+    }
+    return buf[c][k];
+  }
+};
 
 // Normalized Gaussian weights of the sample (torchvision: softmax of -d^2 / (2 sigma^2)).
 inline void blur_weights(const View& v, const Config& cfg, Scratch& s) {
@@ -222,8 +250,10 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
   double luma_sum = 0.0;
   // Without rotation, output row y reads two source rows: one loop per channel over precomputed taps
   // (flip folded into their order) instead of the per-pixel inverse mapping.
+  RowCache cache;
   if (!v.rotate) {
     for (int x = 0; x < W; ++x) s.taps_xf[x] = s.taps_x[v.flip ? W - 1 - x : x];
+    cache.reset(s.lerp.data(), W);
   }
   for (int y = 0; y < H; ++y) {
     const Row row = row_at(y);
@@ -237,9 +267,9 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
     } else {
       const Tap ty = s.taps_y[y];
       for (int c = 0; c < C; ++c) {
-        const T* p0 = src.base + c * src.sc + (v.top + ty.i0) * src.sy + v.left * src.sx;
-        const T* p1 = src.base + c * src.sc + (v.top + ty.i1) * src.sy + v.left * src.sx;
-        geometry_row(p0, p1, s.taps_xf.data(), W, src.sx, ty, row.ch[c]);
+        const float* top = cache.get(src, v, c, ty.i0, s.taps_xf.data(), W);
+        const float* bot = cache.get(src, v, c, ty.i1, s.taps_xf.data(), W);
+        lerp_y_row<T>(top, bot, W, ty, row.ch[c]);
       }
     }
     if (v.jitter) {
@@ -304,7 +334,8 @@ void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, c
   const OutLayout lay = out_layout(cfg, out_cl);
   // One image is plenty of work for a thread (>= 32 x 32 pixels through several passes).
   at::parallel_for(0, cfg.batch, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch(cfg);
+    static thread_local Scratch scratch;
+    scratch.fit(cfg);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t h = shapes[2 * b], w = shapes[2 * b + 1];
       Source<T> s;
