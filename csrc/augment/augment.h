@@ -284,15 +284,26 @@ SIMCLR_HD void apply_jitter_op(int op, float* p, int channels, const View& v, fl
 }
 
 // The jitter ops that precede contrast: their result decides the contrast mean.
+// The loops have the constant bound 4 so they unroll and order[] stays in registers on the GPU.
 SIMCLR_HD void color_before_contrast(float* p, int channels, const View& v) {
   if (!v.jitter) return;
-  for (int k = 0; k < v.contrast_pos; ++k) apply_jitter_op(v.order[k], p, channels, v, 0.f);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < 4; ++k) {
+    if (k < v.contrast_pos) apply_jitter_op(v.order[k], p, channels, v, 0.f);
+  }
 }
 
 // Contrast (with its mean), the jitter ops after it, then grayscale.
 SIMCLR_HD void color_from_contrast(float* p, int channels, const View& v, float mean) {
   if (v.jitter) {
-    for (int k = v.contrast_pos; k < 4; ++k) apply_jitter_op(v.order[k], p, channels, v, mean);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < 4; ++k) {
+      if (k >= v.contrast_pos) apply_jitter_op(v.order[k], p, channels, v, mean);
+    }
   }
   if (v.gray && channels == 3) {
     const float l = luma(p, channels);

@@ -67,7 +67,7 @@ __device__ __forceinline__ float block_sum(float x, float* shared32) {
   return x;
 }
 
-template <typename T>
+template <typename T, int C>
 __global__ void __launch_bounds__(kThreads) luma_partials_kernel(const T* __restrict__ src,
                                                                    const int64_t* __restrict__ offsets,
                                                                    const int64_t* __restrict__ shapes,
@@ -84,9 +84,9 @@ __global__ void __launch_bounds__(kThreads) luma_partials_kernel(const T* __rest
     const int y = y0 + i / L.tile, x = x0 + i % L.tile;
     if (y >= L.out_h || x >= L.out_w) continue;
     float p[3];
-    sample_geometry(s, v, x, y, L.out_w, L.out_h, L.channels, p);
-    color_before_contrast(p, L.channels, v);
-    sum += luma(p, L.channels);
+    sample_geometry(s, v, x, y, L.out_w, L.out_h, C, p);
+    color_before_contrast(p, C, v);
+    sum += luma(p, C);
   }
   sum = block_sum(sum, shared32);
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;
@@ -105,24 +105,25 @@ __global__ void luma_means_kernel(const float* __restrict__ partials, const floa
   means[b] = static_cast<float>(sum / (static_cast<double>(L.out_h) * L.out_w));
 }
 
-template <typename O>
+template <int C, typename O>
 __device__ __forceinline__ void write_pixel(O* out, const Launch& L, int64_t b, int y, int x, const float* p,
                                             bool solarize) {
   O* o = out + b * L.out_sb + static_cast<int64_t>(y) * L.out_sy + static_cast<int64_t>(x) * L.out_sx;
-  for (int c = 0; c < L.channels; ++c) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
     o[c * L.out_sc] = static_cast<O>(finish(p[c], solarize, L.threshold, L.mean[c], L.inv_std[c]));
   }
 }
 
-template <typename T>
+template <int C, typename T>
 __device__ __forceinline__ void colored_pixel(const Source<T>& s, const View& v, const Launch& L, float mean, int x,
                                               int y, float* p) {
-  sample_geometry(s, v, x, y, L.out_w, L.out_h, L.channels, p);
-  color_before_contrast(p, L.channels, v);
-  color_from_contrast(p, L.channels, v, mean);
+  sample_geometry(s, v, x, y, L.out_w, L.out_h, C, p);
+  color_before_contrast(p, C, v);
+  color_from_contrast(p, C, v, mean);
 }
 
-template <typename T, typename O>
+template <typename T, typename O, int C>
 __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restrict__ src,
                                                                   const int64_t* __restrict__ offsets,
                                                                   const int64_t* __restrict__ shapes,
@@ -135,15 +136,14 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
   const Source<T> s = source_of(src, offsets, shapes, b, L);
   const float mean = v.jitter ? means[b] : 0.f;
   const int y0 = static_cast<int>(t / L.tiles_x) * L.tile, x0 = static_cast<int>(t % L.tiles_x) * L.tile;
-  const int C = L.channels;
 
   if (!v.blur) {
     for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
       const int y = y0 + i / L.tile, x = x0 + i % L.tile;
       if (y >= L.out_h || x >= L.out_w) continue;
       float p[3];
-      colored_pixel(s, v, L, mean, x, y, p);
-      write_pixel(out, L, b, y, x, p, v.solarize);
+      colored_pixel<C>(s, v, L, mean, x, y, p);
+      write_pixel<C>(out, L, b, y, x, p, v.solarize);
     }
     return;
   }
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
     const int gy = reflect(min(y0 - r + ly, L.out_h - 1 + r), L.out_h);
     const int gx = reflect(min(x0 - r + lx, L.out_w - 1 + r), L.out_w);
     float p[3];
-    colored_pixel(s, v, L, mean, gx, gy, p);
+    colored_pixel<C>(s, v, L, mean, gx, gy, p);
     for (int c = 0; c < C; ++c) tin[(c * ext + ly) * ext + lx] = p[c];
   }
   __syncthreads();
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
       for (int j = 0; j < k; ++j) acc += w[j] * col[j * L.tile];
       p[c] = acc;
     }
-    write_pixel(out, L, b, y, x, p, v.solarize);
+    write_pixel<C>(out, L, b, y, x, p, v.solarize);
   }
 }
 
@@ -202,7 +202,7 @@ size_t blur_smem_bytes(int channels, int tile, int radius) {
   return sizeof(float) * (kMaxBlurKernel + 1 + channels * ext * ext + channels * ext * tile);
 }
 
-template <typename T, typename O>
+template <typename T, typename O, int C>
 void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes, const at::Tensor& params,
             const Launch& L, int64_t batch, size_t smem, at::Tensor& out, cudaStream_t stream) {
   const int64_t blocks = batch * L.tiles;
@@ -213,13 +213,13 @@ void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& 
   const float* prm = params.data_ptr<float>();
   at::Tensor partials = at::empty({blocks}, params.options());
   at::Tensor means = at::empty({batch}, params.options());
-  luma_partials_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s, off, shp, prm,
+  luma_partials_kernel<T, C><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s, off, shp, prm,
                                                                                   partials.data_ptr<float>(), L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   luma_means_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(
       partials.data_ptr<float>(), prm, means.data_ptr<float>(), batch, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto kernel = augment_main_kernel<T, O>;
+  auto kernel = augment_main_kernel<T, O, C>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(s, off, shp, prm, means.data_ptr<float>(),
                                                                      out.data_ptr<O>(), L);
@@ -272,16 +272,23 @@ at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const 
   const at::Tensor d_shapes = shapes.to(src.device());
   const at::Tensor d_params = params.to(src.device());
   const bool u8 = src.scalar_type() == at::kByte;
+  const bool rgb = cfg.channels == 3;
+  // 2 source types x 3 output types x 2 channel counts: the channel loops unroll and stay in registers.
+#define SIMCLR_AUGMENT_LAUNCH(O)                                                                         \
+  do {                                                                                                   \
+    if (u8 && rgb) launch<uint8_t, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream); \
+    else if (u8) launch<uint8_t, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);   \
+    else if (rgb) launch<float, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);    \
+    else launch<float, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);             \
+  } while (0)
   if (out_dtype == at::kFloat) {
-    if (u8) launch<uint8_t, float>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);
-    else launch<float, float>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);
+    SIMCLR_AUGMENT_LAUNCH(float);
   } else if (out_dtype == at::kHalf) {
-    if (u8) launch<uint8_t, c10::Half>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);
-    else launch<float, c10::Half>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);
+    SIMCLR_AUGMENT_LAUNCH(c10::Half);
   } else {
-    if (u8) launch<uint8_t, c10::BFloat16>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);
-    else launch<float, c10::BFloat16>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);
+    SIMCLR_AUGMENT_LAUNCH(c10::BFloat16);
   }
+#undef SIMCLR_AUGMENT_LAUNCH
   return out;
 }
 
