@@ -190,6 +190,9 @@ def to_markdown(rows, device, note):
              "- pipeline: RandomResizedCrop + flip + jitter(0.8,0.8,0.8,0.2, p=0.8) + grayscale(0.2) + "
              "blur(p=0.5, kernel ~10% of the side; none at 32x32) + normalize; two views per image",
              "- rate: source images per second (each gives two views); medians over interleaved repeats",
+             "- fused: uint8 in, float32 out, bilinear without antialiasing; tv2: uint8 tensors, torchvision's "
+             "defaults (antialiased resize, uint8 intermediates); tv1_pil: PIL images (conversion not timed); "
+             "kornia: float32 batch (uint8 -> float conversion timed); threads = torch.set_num_threads",
              f"- note: {note}", "",
              "| case | threads | provider | batch | median s | images/s | fused speedup |",
              "|---|---|---|---|---|---|---|"]

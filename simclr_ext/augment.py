@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import ops
@@ -230,33 +231,37 @@ def _uniform(n, lo, hi, g):
 
 def _sample_crops(hs, ws, scale, ratio, g):
     """torchvision's RandomResizedCrop.make_params for every image at once: 10 attempts, the first that
-    fits wins; images where none fits get the center crop clamped to the ratio range."""
+    fits wins; images where none fits get the center crop clamped to the ratio range.
+
+    The random numbers come from `g` (torch); the arithmetic runs in numpy float64, because torch's unary
+    ops on these tiny tensors enter a parallel region each and cost milliseconds on a busy multi-core CPU."""
     b = hs.shape[0]
-    h64, w64 = hs.double(), ws.double()
-    area = (h64 * w64).unsqueeze(1)
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(b, 10, generator=g, dtype=torch.float64))
+    u_area = torch.rand(b, 10, generator=g, dtype=torch.float64).numpy()
+    u_ratio = torch.rand(b, 10, generator=g, dtype=torch.float64).numpy()
+    u_top = torch.rand(b, generator=g, dtype=torch.float64).numpy()
+    u_left = torch.rand(b, generator=g, dtype=torch.float64).numpy()
+    h64, w64 = hs.numpy().astype(np.float64), ws.numpy().astype(np.float64)
+    target = (h64 * w64)[:, None] * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(b, 10, generator=g, dtype=torch.float64))
-    cw = torch.round(torch.sqrt(target * aspect))  # torch.round, like Python's round, ties to even
-    ch = torch.round(torch.sqrt(target / aspect))
-    fits = (cw > 0) & (cw <= w64.unsqueeze(1)) & (ch > 0) & (ch <= h64.unsqueeze(1))
-    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
-    found = fits.any(dim=1)
-    cw = cw.gather(1, first).squeeze(1)
-    ch = ch.gather(1, first).squeeze(1)
-    u_top = torch.rand(b, generator=g, dtype=torch.float64)
-    u_left = torch.rand(b, generator=g, dtype=torch.float64)
+    aspect = np.exp(log_r[0] + (log_r[1] - log_r[0]) * u_ratio)
+    cw = np.round(np.sqrt(target * aspect))  # np.round, like Python's round, ties to even
+    ch = np.round(np.sqrt(target / aspect))
+    fits = (cw > 0) & (cw <= w64[:, None]) & (ch > 0) & (ch <= h64[:, None])
+    first = fits.argmax(axis=1)[:, None]
+    found = fits.any(axis=1)
+    cw = np.take_along_axis(cw, first, axis=1)[:, 0]
+    ch = np.take_along_axis(ch, first, axis=1)[:, 0]
 
     in_ratio = w64 / h64
-    fb_w = torch.where(in_ratio < ratio[0], w64, torch.where(in_ratio > ratio[1], torch.round(h64 * ratio[1]), w64))
-    fb_h = torch.where(in_ratio < ratio[0], torch.round(w64 / ratio[0]), h64)
-    cw = torch.where(found, cw, fb_w)
-    ch = torch.where(found, ch, fb_h)
-    top = torch.where(found, torch.floor(u_top * (h64 - ch + 1)), torch.floor((h64 - ch) / 2))
-    left = torch.where(found, torch.floor(u_left * (w64 - cw + 1)), torch.floor((w64 - cw) / 2))
-    top = torch.minimum(top, h64 - ch)  # u < 1, but keep the box inside even at the float edge
-    left = torch.minimum(left, w64 - cw)
-    return top.long(), left.long(), ch.long(), cw.long()
+    fb_w = np.where(in_ratio < ratio[0], w64, np.where(in_ratio > ratio[1], np.round(h64 * ratio[1]), w64))
+    fb_h = np.where(in_ratio < ratio[0], np.round(w64 / ratio[0]), h64)
+    cw = np.where(found, cw, fb_w)
+    ch = np.where(found, ch, fb_h)
+    top = np.where(found, np.floor(u_top * (h64 - ch + 1)), np.floor((h64 - ch) / 2))
+    left = np.where(found, np.floor(u_left * (w64 - cw + 1)), np.floor((w64 - cw) / 2))
+    top = np.minimum(top, h64 - ch)  # u < 1, but keep the box inside even at the float edge
+    left = np.minimum(left, w64 - cw)
+    return tuple(torch.from_numpy(a.astype(np.int64)) for a in (top, left, ch, cw))
 
 
 class SimCLRAugment(torch.nn.Module):
