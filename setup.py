@@ -56,8 +56,10 @@ def _extension():
     debug = os.environ.get("SIMCLR_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-math-errno/-fno-trapping-math (as torch itself builds) let the CPU kernels' loops vectorize;
-    # unlike -ffast-math they keep IEEE results.
-    cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # unlike -ffast-math they keep IEEE results. -ffp-contract=off: the backward recomputes logits
+    # with the forward's exact roundings (an FMA would fuse c * (1/t) - lse and break exact cancellation).
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+                 "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
         cxx.append("-Werror")
     sources = _sources("*.cpp")

@@ -204,55 +204,36 @@ struct RowGrad {
   const int64_t* labels;
 };
 
-// Turns a tile of cosines into dL/dcos in place (see cosine_grad in ntxent.h). The tile is
-// (queries x keys) when `transposed` is false, (keys x queries) when true; indices are global.
+// Turns a (queries x keys) tile of cosines into dL/dcos in place (see cosine_grad in ntxent.h);
+// indices are global.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool transposed, const RowGrad<acc_t>& rg,
-               const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
-  if (!transposed) {
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t row = q0 + i, self = self_key(row, self_offset), label = rg.labels[row];
-      const acc_t lse = rg.lse[row], g = rg.g[row];
-      acc_t* t = tile + i * nk;
+SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const RowGrad<acc_t>& rg,
+                               const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t row = q0 + i, self = self_key(row, self_offset), label = rg.labels[row];
+    const acc_t lse = rg.lse[row], g = rg.g[row];
+    acc_t* t = tile + i * nk;
 #pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(t[j] * inv_t - lse);
-      if (any_label(k_labels + k0, nk, label)) {
-        const acc_t pos = g * rg.inv_num_positives[row];
-        for (int64_t j = 0; j < nk; ++j) {
-          if (k_labels[k0 + j] == label) t[j] -= pos;
-        }
-      }
-      if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
-    }
-    return;
-  }
-  const acc_t* lse = rg.lse + q0;
-  const acc_t* g = rg.g + q0;
-  const acc_t* inv_np = rg.inv_num_positives + q0;
-  const int64_t* labels = rg.labels + q0;
-  for (int64_t j = 0; j < nk; ++j) {
-    const int64_t key = k0 + j, key_label = k_labels[key];
-    acc_t* t = tile + j * nq;
-#pragma omp simd
-    for (int64_t i = 0; i < nq; ++i) t[i] = g[i] * fast_exp(t[i] * inv_t - lse[i]);
-    if (any_label(labels, nq, key_label)) {
-      for (int64_t i = 0; i < nq; ++i) {
-        if (labels[i] == key_label) t[i] -= g[i] * inv_np[i];
+    for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(t[j] * inv_t - lse);
+    if (any_label(k_labels + k0, nk, label)) {
+      const acc_t pos = g * rg.inv_num_positives[row];
+      for (int64_t j = 0; j < nk; ++j) {
+        if (k_labels[k0 + j] == label) t[j] -= pos;
       }
     }
-    // The query whose own key this is (if in this tile) gets no gradient through it.
-    const int64_t owner = self_offset >= 0 ? key - self_offset : -1;
-    if (owner >= q0 && owner < q0 + nq) t[owner - q0] = 0;
+    if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
   }
 }
 
-// dqhat (transposed = false: blocks of queries, tiles of keys) or dkhat (transposed = true: blocks of
-// keys, tiles of queries), accumulated block by block with one GEMM per tile.
+// dqhat (for_keys = false: blocks of queries, tiles of keys) or dkhat (for_keys = true: blocks of keys,
+// tiles of queries), accumulated block by block with one GEMM per tile. Tiles are always computed as
+// queries x keys, the forward's operand order, so the recomputed cosines are the forward's bit for bit
+// (a pair whose softmax is exactly 1 must cancel exactly against its positive term).
 template <typename acc_t>
-at::Tensor grad_pass(const Normalized& q, const Normalized& k, bool transposed, const RowGrad<acc_t>& rg,
+at::Tensor grad_pass(const Normalized& q, const Normalized& k, bool for_keys, const RowGrad<acc_t>& rg,
                      const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
-  const at::Tensor& own = transposed ? k.hat : q.hat;
-  const at::Tensor& other = transposed ? q.hat : k.hat;
+  const at::Tensor& own = for_keys ? k.hat : q.hat;
+  const at::Tensor& other = for_keys ? q.hat : k.hat;
   const int64_t block = kCpuRowBlock, tile = kCpuKeyBlock;
   at::Tensor grad = at::zeros_like(own);
   const int64_t n_own = own.size(0), n_other = other.size(0);
@@ -265,14 +246,17 @@ at::Tensor grad_pass(const Normalized& q, const Normalized& k, bool transposed, 
       for (int64_t t0 = 0; t0 < n_other; t0 += tile) {
         const int64_t n_t = std::min(tile, n_other - t0);
         const at::Tensor other_tile = other.narrow(0, t0, n_t);
-        at::Tensor cos = tile_view(buffer, n_o, n_t);
-        at::mm_out(cos, own_block, other_tile.t());
-        if (transposed) {
-          tile_grad(cos.data_ptr<acc_t>(), t0, n_t, o0, n_o, true, rg, k_labels, inv_t, self_offset);
+        if (for_keys) {
+          at::Tensor cos = tile_view(buffer, n_t, n_o);
+          at::mm_out(cos, other_tile, own_block.t());
+          tile_grad(cos.data_ptr<acc_t>(), t0, n_t, o0, n_o, rg, k_labels, inv_t, self_offset);
+          grad_block.addmm_(cos.t(), other_tile);
         } else {
-          tile_grad(cos.data_ptr<acc_t>(), o0, n_o, t0, n_t, false, rg, k_labels, inv_t, self_offset);
+          at::Tensor cos = tile_view(buffer, n_o, n_t);
+          at::mm_out(cos, own_block, other_tile.t());
+          tile_grad(cos.data_ptr<acc_t>(), o0, n_o, t0, n_t, rg, k_labels, inv_t, self_offset);
+          grad_block.addmm_(cos, other_tile);
         }
-        grad_block.addmm_(cos, other_tile);
       }
     }
   });
