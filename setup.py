@@ -68,7 +68,8 @@ def _extension():
     )
     if use_cuda:
         sources += _sources("*.cu")
-        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
+        # nvcc has no -g0 (it emits no debug info unless asked); -O3 alone is the release setting.
+        nvcc = (["-O0", "-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
                       "-Xcompiler", "-Wall", "--threads", "2"]
         if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
             nvcc += ["-Werror", "all-warnings"]
