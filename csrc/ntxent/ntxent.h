@@ -19,6 +19,8 @@
 #else
 #define SIMCLR_HD inline
 #endif
+// For helpers that also size arrays and template arguments at compile time.
+#define SIMCLR_HDC SIMCLR_HD constexpr
 
 namespace simclr_ext {
 namespace ntxent {
@@ -31,7 +33,7 @@ constexpr double kNormEps = 1e-12;
 constexpr int64_t kCpuRowBlock = 64;
 constexpr int64_t kCpuKeyBlock = 256;
 
-SIMCLR_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+SIMCLR_HDC int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Index of query `row`'s own key, or -1 when queries are not a slice of the keys.
 SIMCLR_HD int64_t self_key(int64_t row, int64_t self_offset) {
@@ -95,6 +97,125 @@ SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, 
                             acc_t inv_num_positives) {
   const acc_t p = exp(c * inv_temperature - lse);
   return g * inv_temperature * (p - (positive ? inv_num_positives : acc_t(0)));
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// Tiling of the CUDA kernels (ntxent_cuda.cu). Kept here, host and device, so that the CPU tests can
+// check every launch choice and index map without a GPU (tests/cpp/ntxent_cuda_plan_test.cpp).
+//
+// Normalized copies of q and k are written once per call into zero-padded buffers of
+// padded_rows(n) x padded_dim(D) elements, so that the tile loops never test bounds and every
+// shared-memory copy is 16-byte vectorized. One thread block of kCudaThreads (4 warps) owns kCudaTile
+// rows of one side ("own": queries in forward and dQ, keys in dK) and streams kCudaTile-row tiles of the
+// other side. Warp w owns rows [16 w, 16 w + 16) of the block's tile, for the score tile and for the
+// gradient accumulators, so the score tile it writes to shared memory is read back by itself only.
+// Scores are accumulated over D in chunks of score_chunk() elements (256 bytes of a row); the backward
+// accumulates dX for output_chunk() columns of D per block (grid.y walks the chunks).
+// ---------------------------------------------------------------------------------------------------
+constexpr int64_t kCudaTile = 64;       // own rows per block = other rows per streamed tile
+constexpr int kCudaWarps = 4;           // warp w owns rows [16 w, 16 w + 16)
+constexpr int kCudaThreads = 32 * kCudaWarps;
+constexpr int64_t kCudaDimAlign = 32;   // D is zero-padded to a multiple of this (elements)
+constexpr int64_t kCudaSmemAlign = 128; // every shared-memory region starts on this many bytes
+constexpr int64_t kCudaNormRowsPerBlock = 8;  // normalize / finalize kernels: one warp per row
+
+SIMCLR_HDC int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+SIMCLR_HDC int64_t padded_rows(int64_t n) { return round_up(n, kCudaTile); }
+SIMCLR_HDC int64_t padded_dim(int64_t d) { return round_up(d, kCudaDimAlign); }
+
+// Elements of D per score chunk (256 bytes of a row) and shared-memory row padding (16 bytes), which
+// keeps wmma's 32-byte fragment alignment and spreads rows over the banks.
+SIMCLR_HDC int64_t score_chunk(int64_t elem_bytes) { return 256 / elem_bytes; }
+SIMCLR_HDC int64_t smem_pad(int64_t elem_bytes) { return 16 / elem_bytes; }
+// Columns of dX one backward block accumulates: 128 (float accumulators), 64 for double.
+SIMCLR_HDC int64_t output_chunk(int64_t acc_bytes) { return acc_bytes == 8 ? 64 : 128; }
+// Width of chunk c of a padded dimension cut into chunks of `chunk` (the last may be shorter; always a
+// positive multiple of kCudaDimAlign when dim_padded is).
+SIMCLR_HDC int64_t chunk_width(int64_t dim_padded, int64_t chunk, int64_t c) {
+  const int64_t rest = dim_padded - c * chunk;
+  return rest < chunk ? rest : chunk;
+}
+
+// Shared-memory layout of the forward (with_grad = false) and backward kernels, in bytes from the
+// start of the dynamic shared memory. Regions, each kCudaSmemAlign-aligned:
+//   x   own rows, one score chunk      kCudaTile x (score_chunk + pad)       elem
+//   y   other rows, one score chunk    kCudaTile x (score_chunk + pad)       elem
+//   s   scores of the tile             kCudaTile x (kCudaTile + acc pad)     acc
+//   lab other rows' labels             kCudaTile                             int64
+//   (backward only)
+//   p   dL/dcos of the tile            kCudaTile x (kCudaTile + pad)         elem
+//   yd  other rows, one output chunk   kCudaTile x (output_chunk + pad)      elem
+//   meta other rows' lse, grad, 1/npos 3 x kCudaTile                         acc
+struct SmemLayout {
+  int64_t ld_in, ld_s, ld_p, ld_yd;                 // leading dimensions, in elements of the region
+  int64_t x, y, s, lab, p, yd, meta, total;         // byte offsets and total size
+};
+
+SIMCLR_HD SmemLayout smem_layout(int64_t elem_bytes, int64_t acc_bytes, bool with_grad) {
+  SmemLayout l{};
+  const int64_t pad = smem_pad(elem_bytes);
+  l.ld_in = score_chunk(elem_bytes) + pad;
+  l.ld_s = kCudaTile + smem_pad(acc_bytes);
+  l.ld_p = kCudaTile + pad;
+  l.ld_yd = output_chunk(acc_bytes) + pad;
+  l.x = 0;
+  l.y = l.x + round_up(kCudaTile * l.ld_in * elem_bytes, kCudaSmemAlign);
+  l.s = l.y + round_up(kCudaTile * l.ld_in * elem_bytes, kCudaSmemAlign);
+  l.lab = l.s + round_up(kCudaTile * l.ld_s * acc_bytes, kCudaSmemAlign);
+  l.total = l.lab + round_up(kCudaTile * 8, kCudaSmemAlign);
+  l.p = l.yd = l.meta = -1;
+  if (with_grad) {
+    l.p = l.total;
+    l.yd = l.p + round_up(kCudaTile * l.ld_p * elem_bytes, kCudaSmemAlign);
+    l.meta = l.yd + round_up(kCudaTile * l.ld_yd * elem_bytes, kCudaSmemAlign);
+    l.total = l.meta + round_up(3 * kCudaTile * acc_bytes, kCudaSmemAlign);
+  }
+  return l;
+}
+
+// Lane map of the per-row work on a warp's 16 x kCudaTile score strip: lane l serves row (l & 15) and
+// the half (l >> 4) of the columns; its c-th column (c < 32) is rotated by the row so that the 16 rows
+// read by a warp at once fall on distinct banks.
+SIMCLR_HDC int strip_row(int lane) { return lane & 15; }
+SIMCLR_HDC int strip_col(int lane, int c) { return (lane >> 4) * 32 + ((c + (lane & 15)) & 31); }
+
+// Lane map of the SIMT (exact fp32 / fp64) products on a warp's 16-row strip: lane l owns rows
+// (l >> 3) + 4 r (r < 4) and columns (l & 7) + 8 c, so that the 8 lanes of a row group read 8 distinct
+// banks of the other operand.
+SIMCLR_HDC int simt_row(int lane, int r) { return (lane >> 3) + 4 * r; }
+SIMCLR_HDC int simt_col(int lane, int c) { return (lane & 7) + 8 * c; }
+
+// Key j is query i's own key (left out of the denominator and the positives).
+SIMCLR_HDC bool is_self_pair(int64_t i, int64_t j, int64_t self_offset) {
+  return self_offset >= 0 && j == i + self_offset;
+}
+
+// Launch plan of one forward / backward call: grids and dynamic shared memory.
+struct CudaPlan {
+  int64_t rows_q, rows_k;   // padded rows of the normalized copies
+  int64_t dim;              // padded D
+  int64_t score_chunks;     // chunks of D per score tile
+  int64_t out_chunks;       // grid.y of the backward kernels
+  int64_t grid_q, grid_k;   // grid.x: row tiles of q (forward, dQ) and of k (dK)
+  int64_t norm_grid_q, norm_grid_k;
+  int64_t smem_fwd, smem_bwd;
+};
+
+SIMCLR_HD CudaPlan make_cuda_plan(int64_t m, int64_t l, int64_t d, int64_t elem_bytes, int64_t acc_bytes) {
+  CudaPlan p{};
+  p.rows_q = padded_rows(m);
+  p.rows_k = padded_rows(l);
+  p.dim = padded_dim(d);
+  p.score_chunks = ceil_div(p.dim, score_chunk(elem_bytes));
+  p.out_chunks = ceil_div(p.dim, output_chunk(acc_bytes));
+  p.grid_q = p.rows_q / kCudaTile;
+  p.grid_k = p.rows_k / kCudaTile;
+  p.norm_grid_q = ceil_div(p.rows_q, kCudaNormRowsPerBlock);
+  p.norm_grid_k = ceil_div(p.rows_k, kCudaNormRowsPerBlock);
+  p.smem_fwd = smem_layout(elem_bytes, acc_bytes, false).total;
+  p.smem_bwd = smem_layout(elem_bytes, acc_bytes, true).total;
+  return p;
 }
 
 }  // namespace ntxent
