@@ -36,7 +36,7 @@ constexpr int64_t kCpuKeyBlock = 256;
 SIMCLR_HDC int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Index of query `row`'s own key, or -1 when queries are not a slice of the keys.
-SIMCLR_HD int64_t self_key(int64_t row, int64_t self_offset) {
+SIMCLR_HDC int64_t self_key(int64_t row, int64_t self_offset) {
   return self_offset >= 0 ? row + self_offset : -1;
 }
 
@@ -186,9 +186,16 @@ SIMCLR_HDC int strip_col(int lane, int c) { return (lane >> 4) * 32 + ((c + (lan
 SIMCLR_HDC int simt_row(int lane, int r) { return (lane >> 3) + 4 * r; }
 SIMCLR_HDC int simt_col(int lane, int c) { return (lane & 7) + 8 * c; }
 
-// Key j is query i's own key (left out of the denominator and the positives).
-SIMCLR_HDC bool is_self_pair(int64_t i, int64_t j, int64_t self_offset) {
-  return self_offset >= 0 && j == i + self_offset;
+// Power of two in (m / 2, m] (1 when m is not positive and finite). The backward divides dL/dcos by it
+// before the products and multiplies the sums back, so that float16 operands neither underflow
+// (dL/dcos ~ 1 / (2N) for the mean over a large batch) nor overflow: |dL/dcos| <= m gives operands of
+// magnitude < 2. A power of two keeps the scaling exact in every format.
+template <typename acc_t>
+SIMCLR_HD acc_t pow2_scale(acc_t m) {
+  if (!(m > acc_t(0)) || !(m <= std::numeric_limits<acc_t>::max())) return acc_t(1);
+  int e = 0;
+  frexp(m, &e);  // m = f 2^e with f in [0.5, 1)
+  return ldexp(acc_t(1), e - 1);
 }
 
 // Launch plan of one forward / backward call: grids and dynamic shared memory.

@@ -271,12 +271,14 @@ struct GradAccumulator<T, true> {
     }
   }
 
-  // Rows [row, row + 16) x columns [d0, d0 + width) of the padded dhat (dim columns).
+  // scale x rows [row, row + 16) x columns [d0, d0 + width) into the padded dhat (dim columns).
   __device__ __forceinline__ void store(float* dhat, int64_t row, int /*lane*/, int64_t dim, int64_t d0,
-                                        int64_t width) {
+                                        int64_t width, float scale) {
 #pragma unroll
     for (int f = 0; f < kFrags; ++f) {
       if (16 * f < width) {
+#pragma unroll
+        for (int t = 0; t < frag[f].num_elements; ++t) frag[f].x[t] *= scale;
         wmma::store_matrix_sync(dhat + row * dim + d0 + 16 * f, frag[f], static_cast<unsigned>(dim),
                                 wmma::mem_row_major);
       }
@@ -316,12 +318,13 @@ struct GradAccumulator<T, false> {
     }
   }
 
-  __device__ __forceinline__ void store(acc_t* dhat, int64_t row, int lane, int64_t dim, int64_t d0, int64_t width) {
+  __device__ __forceinline__ void store(acc_t* dhat, int64_t row, int lane, int64_t dim, int64_t d0, int64_t width,
+                                        acc_t scale) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
-        if (8 * c < width) dhat[(row + simt_row(lane, r)) * dim + d0 + simt_col(lane, c)] = v[r][c];
+        if (8 * c < width) dhat[(row + simt_row(lane, r)) * dim + d0 + simt_col(lane, c)] = v[r][c] * scale;
       }
     }
   }
@@ -394,7 +397,7 @@ __global__ void __launch_bounds__(kCudaThreads)
     for (int c = 0; c < 32; ++c) {
       const int col = strip_col(lane, c);
       const int64_t j = col0 + col;
-      const bool ok = row_ok && j < l && !is_self_pair(i, j, self_offset);
+      const bool ok = row_ok && j < l && j != self_key(i, self_offset);
       const acc_t s = srow[col] * inv_t;
       v[c] = ok ? s : neg_inf;
       if (ok) {
@@ -430,7 +433,8 @@ __global__ void __launch_bounds__(kCudaThreads)
     grad_kernel(const T* __restrict__ own_hat, const T* __restrict__ other_hat, const int64_t* __restrict__ own_labels,
                 const int64_t* __restrict__ other_labels, int64_t own_n, int64_t other_n, int64_t dim,
                 const acc_of<T>* __restrict__ lse, const acc_of<T>* __restrict__ grad, const int* __restrict__ npos,
-                acc_of<T> inv_t, int64_t self_offset, acc_of<T>* __restrict__ dhat) {
+                const acc_of<T>* __restrict__ grad_bound, acc_of<T> inv_t, int64_t self_offset,
+                acc_of<T>* __restrict__ dhat) {
   using acc_t = acc_of<T>;
   constexpr int64_t kOut = output_chunk(sizeof(acc_t));
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -460,6 +464,9 @@ __global__ void __launch_bounds__(kCudaThreads)
   acc_t* meta_g = sm.meta + kCudaTile;
   acc_t* meta_inv_np = sm.meta + 2 * kCudaTile;
 
+  // |dL/dcos| <= max |g| / t (grad_bound): the products run on dL/dcos / scale, of magnitude < 2.
+  const acc_t scale = pow2_scale(*grad_bound);
+  const acc_t inv_scale = acc_t(1) / scale;
   GradAccumulator<T, kTensorCores> acc;
   acc.zero();
 
@@ -488,16 +495,16 @@ __global__ void __launch_bounds__(kCudaThreads)
       const int64_t kj = kOwnIsQuery ? b : a;
       const acc_t g = kOwnIsQuery ? own_g : meta_g[col];
       acc_t dcos = acc_t(0);
-      if (own_ok && b < other_n && g != acc_t(0) && !is_self_pair(qi, kj, self_offset)) {
+      if (own_ok && b < other_n && g != acc_t(0) && kj != self_key(qi, self_offset)) {
         dcos = cosine_grad(srow[col], inv_t, kOwnIsQuery ? own_lse : meta_lse[col], g, sm.lab[col] == label,
                            kOwnIsQuery ? own_inv_np : meta_inv_np[col]);
       }
-      prow[col] = from_acc<T>(dcos);
+      prow[col] = from_acc<T>(dcos * inv_scale);
     }
     __syncwarp();
     acc.add_tile(sm, strip, lane, width);
   }
-  acc.store(dhat, row0 + strip, lane, dim, d0, width);
+  acc.store(dhat, row0 + strip, lane, dim, d0, width, scale);
 }
 
 // Normalization backward, one warp per row: dx = (dxhat - xhat <xhat, dxhat>) / |x|, or dxhat / eps
@@ -689,6 +696,7 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     const at::Tensor dqhat = at::empty({plan.rows_q, plan.dim}, q.options().dtype(acc));
     const at::Tensor dkhat = at::empty({plan.rows_k, plan.dim}, q.options().dtype(acc));
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    const at::Tensor grad_bound = g.abs().amax().mul(1.0 / temperature);  // on the stream: no sync
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       auto dq_kernel = grad_kernel<T, kTC, true>;
@@ -696,16 +704,16 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
       const dim3 dq_grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(plan.out_chunks));
       dq_kernel<<<dq_grid, kCudaThreads, plan.smem_bwd, stream>>>(
           ptr<const T>(qhat), ptr<const T>(khat), ptr<const int64_t>(q_labels), ptr<const int64_t>(k_labels), m, l,
-          plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), inv_t, self_offset,
-          ptr<acc_t>(dqhat));
+          plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), ptr<const acc_t>(grad_bound),
+          inv_t, self_offset, ptr<acc_t>(dqhat));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto dk_kernel = grad_kernel<T, kTC, false>;
       set_smem(dk_kernel, plan.smem_bwd, q);
       const dim3 dk_grid(static_cast<unsigned>(plan.grid_k), static_cast<unsigned>(plan.out_chunks));
       dk_kernel<<<dk_grid, kCudaThreads, plan.smem_bwd, stream>>>(
           ptr<const T>(khat), ptr<const T>(qhat), ptr<const int64_t>(k_labels), ptr<const int64_t>(q_labels), l, m,
-          plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), inv_t, self_offset,
-          ptr<acc_t>(dkhat));
+          plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), ptr<const acc_t>(grad_bound),
+          inv_t, self_offset, ptr<acc_t>(dkhat));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     normalize_backward_kernel<T><<<static_cast<unsigned>(ceil_div(m, kCudaNormRowsPerBlock)),
