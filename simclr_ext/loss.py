@@ -209,7 +209,8 @@ class NTXentLoss(nn.Module):
         d = z.shape[1]
         if self.bank.numel() == 0:
             # Random unit vectors until real projections fill the ring, as in lightly and MoCo.
-            init = torch.randn(self.memory_bank_size, d, device=z.device, dtype=torch.float32)
+            dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+            init = torch.randn(self.memory_bank_size, d, device=z.device, dtype=dtype)
             self.bank = nn.functional.normalize(init, dim=1)
         elif self.bank.shape[1] != d:
             raise ValueError(f"z1 has D={d} but the memory bank holds D={self.bank.shape[1]} projections")

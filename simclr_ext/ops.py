@@ -74,3 +74,12 @@ def _backward(ctx, grad_loss, grad_lse, grad_npos):
 
 
 torch.library.register_autograd("simclr_ext::ntxent", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grad_q, grad_k):
+    raise RuntimeError("simclr_ext's fused contrastive loss does not support double backward "
+                       "(create_graph=True through its gradient); use simclr_reference for higher-order gradients")
+
+
+torch.library.register_autograd("simclr_ext::_ntxent_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

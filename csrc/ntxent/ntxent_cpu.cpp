@@ -50,6 +50,11 @@ void normalize_rows(const at::Tensor& x, at::Tensor& hat, at::Tensor& inv_norms)
   });
 }
 
+// SimCLR passes one tensor as both queries and keys: normalize it once.
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_same(b) || (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides());
+}
+
 struct Normalized {
   at::Tensor hat;        // (rows, D), accumulation dtype
   at::Tensor inv_norms;  // (rows,), 1 / max(|x|, eps), negative where the norm was clamped
@@ -259,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Normalized nq = normalize<scalar_t, acc_t>(q);
-    const Normalized nk = normalize<scalar_t, acc_t>(k);
+    const Normalized nk = same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
     forward_kernel<acc_t>(nq, nk, ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
                           self_offset, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>());
   });
@@ -285,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cpu(const at::Tensor& grad_lo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Normalized nq = normalize<scalar_t, acc_t>(q);
-    const Normalized nk = normalize<scalar_t, acc_t>(k);
+    const Normalized nk = same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
     const RowGrad<acc_t> rg{lse_c.data_ptr<acc_t>(), g.data_ptr<acc_t>(), inv_np.data_ptr<acc_t>(),
                             ql.data_ptr<int64_t>()};
     const acc_t inv_t = acc_t(1.0 / temperature);

@@ -1,0 +1,110 @@
+"""The op's registration: opcheck (schema, fake kernel, autograd), torch.compile, module behaviour."""
+import pytest
+import torch
+
+import simclr_ext
+import simclr_reference as ref
+
+
+def _sample(m, l, d, dtype, offset, gen, requires_grad):
+    k = torch.randn(l, d, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    q = torch.randn(m, d, generator=gen, dtype=dtype, requires_grad=requires_grad)
+    k_labels = torch.randint(0, 4, (l,), generator=gen)
+    q_labels = k_labels[offset:offset + m].clone() if offset >= 0 else torch.randint(0, 4, (m,), generator=gen)
+    return q, k, q_labels, k_labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("m,l,offset", [(6, 6, 0), (3, 10, 4), (5, 7, -1)])
+def test_opcheck_forward_and_backward(m, l, offset, dtype, gen):
+    q, k, ql, kl = _sample(m, l, 5, dtype, offset, gen, requires_grad=True)
+    args = (q, k, ql, kl, 0.3, offset, True)
+    torch.library.opcheck(torch.ops.simclr_ext.ntxent.default, args)
+    loss, lse, npos = torch.ops.simclr_ext.ntxent(*args)
+    grad = torch.rand(m, generator=gen, dtype=loss.dtype)
+    bargs = (grad, q.detach(), k.detach(), ql, kl, lse, npos, 0.3, offset, True)
+    # The backward op deliberately has no derivative of its own (test_no_double_backward), so the
+    # aot_dispatch check, which differentiates it, is left out.
+    torch.library.opcheck(torch.ops.simclr_ext._ntxent_backward.default, bargs,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph(gen):
+    model = torch.nn.Linear(12, 8)
+    loss_fn = simclr_ext.NTXentLoss(temperature=0.2)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def step(x1, x2):
+        return loss_fn(model(x1), model(x2))
+
+    x1 = torch.randn(16, 12, generator=gen)
+    x2 = torch.randn(16, 12, generator=gen)
+    loss = step(x1, x2)
+    loss.backward()
+    compiled_grad = model.weight.grad.clone()
+    model.weight.grad = None
+    eager = ref.nt_xent(model(x1), model(x2), 0.2)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, model.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_module_matches_functional_and_reference(gen):
+    z1 = torch.randn(20, 9, generator=gen, dtype=torch.float64)
+    z2 = torch.randn(20, 9, generator=gen, dtype=torch.float64)
+    module = simclr_ext.NTXentLoss(temperature=0.3)
+    assert module(z1, z2).item() == simclr_ext.nt_xent(z1, z2, 0.3).item()
+    assert abs(module(z1, z2).item() - ref.nt_xent(z1, z2, 0.3).item()) < 1e-12
+    assert "temperature=0.3" in repr(module)
+
+
+def test_gather_distributed_raises_until_available():
+    with pytest.raises(NotImplementedError, match="gather_distributed"):
+        simclr_ext.NTXentLoss(gather_distributed=True)
+
+
+def test_memory_bank_adds_negatives_and_rolls(gen):
+    size, n, d = 10, 4, 6
+    module = simclr_ext.NTXentLoss(temperature=0.5, memory_bank_size=size)
+    first = module(torch.randn(n, d, generator=gen, dtype=torch.float64),
+                   torch.randn(n, d, generator=gen, dtype=torch.float64))
+    assert torch.isfinite(first) and module.bank.shape == (size, d) and module.bank.dtype == torch.float64
+    labels = torch.arange(n).repeat(2)
+    bank_labels = torch.full((size,), -1)
+    for step in range(4):
+        bank = module.bank.clone()
+        ptr = int(module.bank_ptr)
+        z1 = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+        z2 = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+        loss = module(z1, z2)
+        z = torch.cat([z1, z2])
+        expected = ref.contrastive_loss(z, torch.cat([z, bank]), labels, torch.cat([labels, bank_labels]), 0.5,
+                                        self_offset=0)
+        assert abs(loss.item() - expected.item()) < 1e-12, f"step {step}"
+        g, g_ref = (torch.autograd.grad(x, z1)[0] for x in (loss, expected))
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+        # Ring buffer: this step's z2 replaced the n oldest rows, wrapping around the end.
+        idx = (torch.arange(n) + ptr) % size
+        torch.testing.assert_close(module.bank[idx], z2.detach())
+        assert int(module.bank_ptr) == (ptr + n) % size
+
+
+def test_memory_bank_state_dict_roundtrip(gen):
+    module = simclr_ext.NTXentLoss(memory_bank_size=8)
+    module(torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen))
+    fresh = simclr_ext.NTXentLoss(memory_bank_size=8)
+    fresh.load_state_dict(module.state_dict())
+    assert torch.equal(fresh.bank, module.bank) and int(fresh.bank_ptr) == 3
+    z1, z2 = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    assert torch.equal(fresh(z1, z2), module(z1, z2))
+
+
+def test_info_reports_build():
+    info = simclr_ext.info()
+    for key in ("version", "torch", "cuda_compiled", "cuda_archs", "threads"):
+        assert key in info
+    assert info["version"] == simclr_ext.__version__
+    assert info["threads"] == torch.get_num_threads()
+    assert isinstance(info["cuda_compiled"], bool)
+    if info["cuda_compiled"]:
+        assert info["cuda_archs"], "a CUDA build records its target architectures"
