@@ -113,7 +113,12 @@ else
   run_step build "$OUT/build.log" "$(cap 300)" env SIMCLR_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
     SIMCLR_EXT_WERROR=1 SIMCLR_EXT_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v -e .
   rc=$?
-  if [ $rc -ne 0 ] && ! grep -q "error:" "$OUT/build.log"; then
+  if [ $rc -eq 0 ] && ! ls simclr_ext/_C*.so >/dev/null 2>&1; then
+    # The tests import simclr_ext from this tree (PYTHONPATH): the extension must sit in simclr_ext/.
+    echo "--- the editable install left no simclr_ext/_C*.so in the tree: building in place as well"
+    rc=1
+  fi
+  if [ $rc -ne 0 ] && ! grep -qE "\.(cu|cpp|h|cuh)[(:][0-9]+.*error" "$OUT/build.log"; then
     echo "--- pip could not do the editable install (no compiler error in its log): building in place instead"
     mv "$OUT/build.log" "$OUT/build_pip.log"
     run_step build "$OUT/build.log" "$(cap 300)" env SIMCLR_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
