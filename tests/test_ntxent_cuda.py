@@ -333,9 +333,10 @@ def _rows_loss64(z, labels, rows, t, chunk=512):
     for start in range(0, len(rows), chunk):
         r = rows[start:start + chunk]
         s = zn[r] @ zn.T / t
-        s[torch.arange(len(r)), r] = -math.inf
-        pos = (labels[r][:, None] == labels[None, :])
-        pos[torch.arange(len(r)), r] = False
+        own = torch.arange(len(r), device=z.device)
+        s[own, r] = -math.inf
+        pos = labels[r][:, None] == labels[None, :]
+        pos[own, r] = False
         lse = torch.logsumexp(s, dim=1)
         out.append(lse - torch.where(pos, s, torch.zeros_like(s)).sum(1) / pos.sum(1))
     return torch.cat(out)

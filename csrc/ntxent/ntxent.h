@@ -137,6 +137,10 @@ SIMCLR_HDC int64_t chunk_width(int64_t dim_padded, int64_t chunk, int64_t c) {
   return rest < chunk ? rest : chunk;
 }
 
+// Tile copies (global -> shared) move 16 bytes per thread and step and issue kCudaCopyBatch loads
+// before their stores, so that a batch of loads is in flight at once rather than one.
+constexpr int kCudaCopyBatch = 8;
+
 // Shared-memory layout of the forward (with_grad = false) and backward kernels, in bytes from the
 // start of the dynamic shared memory. Regions, each kCudaSmemAlign-aligned:
 //   x   own rows, one score chunk      kCudaTile x (score_chunk + pad)       elem

@@ -128,19 +128,32 @@ struct Smem {
 
 // Copies rows [row0, row0 + kCudaTile) x columns [c0, c0 + width) of a padded row-major buffer into
 // shared memory, 16 bytes per thread and step. width * sizeof(T) is a multiple of 16 (width is a
-// multiple of kCudaDimAlign), and so are the row strides of both sides.
+// multiple of kCudaDimAlign), and so are the row strides of both sides. Each thread issues up to
+// kCudaCopyBatch loads before it stores them, so that their latencies overlap.
 template <typename T>
 __device__ __forceinline__ void copy_tile(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t row0,
                                           int64_t c0, int64_t width) {
   constexpr int kVec = 16 / sizeof(T);
   const int vecs = static_cast<int>(width / kVec);
   const int total = static_cast<int>(kCudaTile) * vecs;
-  for (int v = threadIdx.x; v < total; v += kCudaThreads) {
-    const int r = v / vecs;
-    const int cv = v - r * vecs;
-    const uint4* from = reinterpret_cast<const uint4*>(src + (row0 + r) * ld_src + c0) + cv;
-    uint4* to = reinterpret_cast<uint4*>(dst + r * ld_dst) + cv;
-    *to = __ldg(from);
+  for (int first = threadIdx.x; first < total; first += kCudaCopyBatch * kCudaThreads) {
+    uint4 buf[kCudaCopyBatch];
+#pragma unroll
+    for (int u = 0; u < kCudaCopyBatch; ++u) {
+      const int v = first + u * kCudaThreads;
+      if (v < total) {
+        const int r = v / vecs;
+        buf[u] = __ldg(reinterpret_cast<const uint4*>(src + (row0 + r) * ld_src + c0) + (v - r * vecs));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kCudaCopyBatch; ++u) {
+      const int v = first + u * kCudaThreads;
+      if (v < total) {
+        const int r = v / vecs;
+        reinterpret_cast<uint4*>(dst + r * ld_dst)[v - r * vecs] = buf[u];
+      }
+    }
   }
 }
 
@@ -251,9 +264,10 @@ struct GradAccumulator<T, true> {
     for (int f = 0; f < kFrags; ++f) wmma::fill_fragment(frag[f], 0.0f);
   }
 
-  __device__ __forceinline__ void add_tile(const Smem<T>& sm, int64_t strip, int /*lane*/, int64_t width) {
+  // yd: the other rows' output chunk in shared memory (ld_yd elements per row).
+  __device__ __forceinline__ void add_tile(const Smem<T>& sm, const T* yd, int64_t ld_yd, int64_t strip,
+                                           int /*lane*/, int64_t width) {
     const int64_t ld_p = sm.lay.ld_p;
-    const int64_t ld_yd = sm.lay.ld_yd;
     for (int kk = 0; kk < kCudaTile; kk += kK) {
       wmma::fragment<wmma::matrix_a, 16, 16, kK, Operand, wmma::row_major> pa;
       wmma::load_matrix_sync(pa, sm.p + strip * ld_p + kk, static_cast<unsigned>(ld_p));
@@ -263,7 +277,7 @@ struct GradAccumulator<T, true> {
         if (16 * f < width) {
           // B(k, n) = other_hat[tile row kk + k][chunk column 16 f + n]: row-major.
           wmma::fragment<wmma::matrix_b, 16, 16, kK, Operand, wmma::row_major> yb;
-          wmma::load_matrix_sync(yb, sm.yd + kk * ld_yd + 16 * f, static_cast<unsigned>(ld_yd));
+          wmma::load_matrix_sync(yb, yd + kk * ld_yd + 16 * f, static_cast<unsigned>(ld_yd));
           round_operand<T>(yb);
           wmma::mma_sync(frag[f], pa, yb, frag[f]);
         }
@@ -300,9 +314,9 @@ struct GradAccumulator<T, false> {
     }
   }
 
-  __device__ __forceinline__ void add_tile(const Smem<T>& sm, int64_t strip, int lane, int64_t width) {
+  __device__ __forceinline__ void add_tile(const Smem<T>& sm, const T* yd, int64_t ld_yd, int64_t strip, int lane,
+                                           int64_t width) {
     const int64_t ld_p = sm.lay.ld_p;
-    const int64_t ld_yd = sm.lay.ld_yd;
     for (int k = 0; k < kCudaTile; ++k) {
       acc_t pv[4];
 #pragma unroll
@@ -310,7 +324,7 @@ struct GradAccumulator<T, false> {
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         if (8 * c < width) {
-          const acc_t yv = to_acc(sm.yd[k * ld_yd + simt_col(lane, c)]);
+          const acc_t yv = to_acc(yd[k * ld_yd + simt_col(lane, c)]);
 #pragma unroll
           for (int r = 0; r < 4; ++r) v[r][c] = fma(pv[r], yv, v[r][c]);
         }
@@ -458,8 +472,11 @@ __global__ void __launch_bounds__(kCudaThreads)
   }
   const acc_t* srow = sm.s + (strip + r) * sm.lay.ld_s;
   T* prow = sm.p + (strip + r) * sm.lay.ld_p;
-  const int64_t ld_yd = sm.lay.ld_yd;
   const bool single_chunk = ceil_div(dim, score_chunk(sizeof(T))) == 1;
+  // With a single score chunk the other rows' score tile holds all of D, hence the output chunk too
+  // (then d0 = 0): the products read it instead of a second copy.
+  const T* yd = single_chunk ? sm.y : sm.yd;
+  const int64_t ld_yd = single_chunk ? sm.lay.ld_in : sm.lay.ld_yd;
   acc_t* meta_lse = sm.meta;
   acc_t* meta_g = sm.meta + kCudaTile;
   acc_t* meta_inv_np = sm.meta + 2 * kCudaTile;
@@ -484,7 +501,7 @@ __global__ void __launch_bounds__(kCudaThreads)
           meta_inv_np[c] = np > 0 ? acc_t(1) / acc_t(np) : acc_t(0);
         }
       }
-      copy_tile(sm.yd, ld_yd, other_hat, dim, col0, d0, width);
+      if (!single_chunk) copy_tile(sm.yd, ld_yd, other_hat, dim, col0, d0, width);
     });
     // dL/dcos of the warp's strip, in the operand type of the products.
 #pragma unroll 4
@@ -502,7 +519,7 @@ __global__ void __launch_bounds__(kCudaThreads)
       prow[col] = from_acc<T>(dcos * inv_scale);
     }
     __syncwarp();
-    acc.add_tile(sm, strip, lane, width);
+    acc.add_tile(sm, yd, ld_yd, strip, lane, width);
   }
   acc.store(dhat, row0 + strip, lane, dim, d0, width, scale);
 }

@@ -162,6 +162,13 @@ static void check_plans() {
           CHECK(total == p.dim, "chunks add up to %lld, not %lld", (long long)total, (long long)p.dim);
         }
         CHECK(p.out_chunks == ceil_div(p.dim, output_chunk(t.acc)), "out_chunks");
+        if (p.score_chunks == 1) {
+          // The backward then reads its output chunk from the score tile of the other rows.
+          const SmemLayout lay = smem_layout(t.elem, t.acc, true);
+          CHECK(p.out_chunks == 1 && chunk_width(p.dim, output_chunk(t.acc), 0) == p.dim && p.dim <= lay.ld_in,
+                "single score chunk: the output chunk must be all of D (dim %lld)", (long long)p.dim);
+          if (t.wmma_k) CHECK(t.wmma_k * lay.ld_in * t.elem % 32 == 0, "score tile rows at k steps misaligned");
+        }
         CHECK(p.smem_fwd == smem_layout(t.elem, t.acc, false).total &&
                   p.smem_bwd == smem_layout(t.elem, t.acc, true).total,
               "plan smem");
