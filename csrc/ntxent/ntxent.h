@@ -202,6 +202,23 @@ SIMCLR_HD acc_t pow2_scale(acc_t m) {
   return ldexp(acc_t(1), e - 1);
 }
 
+// Splits of the streamed tiles. A launch with few row tiles (2N = 16384 gives 256) leaves most SMs idle,
+// so the other rows' tiles are cut into `splits` contiguous ranges, one per block (grid.y in forward,
+// grid.z in backward); each writes partial results that a second kernel sums in split order, which keeps
+// the result deterministic. Splits are only added until every SM has `blocks_per_sm` blocks.
+constexpr int64_t kCudaMaxSplits = 8;
+constexpr int64_t kCudaFwdBlocksPerSm = 4;  // forward: ~52 KB of shared memory, <= 128 registers
+constexpr int64_t kCudaBwdBlocksPerSm = 2;  // backward: ~80 KB (16-bit) to ~140 KB (fp64), ~200 registers
+
+SIMCLR_HDC int64_t num_splits(int64_t base_blocks, int64_t tiles, int64_t sm_count, int64_t blocks_per_sm) {
+  int64_t s = ceil_div(blocks_per_sm * sm_count, base_blocks);
+  if (s > kCudaMaxSplits) s = kCudaMaxSplits;
+  if (s > tiles) s = tiles;
+  return s < 1 ? 1 : s;
+}
+// Split `split` of `splits` streams tiles [split_begin(split), split_begin(split + 1)).
+SIMCLR_HDC int64_t split_begin(int64_t tiles, int64_t splits, int64_t split) { return split * tiles / splits; }
+
 // Launch plan of one forward / backward call: grids and dynamic shared memory.
 struct CudaPlan {
   int64_t rows_q, rows_k;   // padded rows of the normalized copies
@@ -209,11 +226,14 @@ struct CudaPlan {
   int64_t score_chunks;     // chunks of D per score tile
   int64_t out_chunks;       // grid.y of the backward kernels
   int64_t grid_q, grid_k;   // grid.x: row tiles of q (forward, dQ) and of k (dK)
+  int64_t tiles_q, tiles_k; // real (not all-padding) tiles of q and k
+  int64_t splits_fwd, splits_dq, splits_dk;  // grid.y of forward, grid.z of the dQ and dK passes
   int64_t norm_grid_q, norm_grid_k;
   int64_t smem_fwd, smem_bwd;
 };
 
-SIMCLR_HD CudaPlan make_cuda_plan(int64_t m, int64_t l, int64_t d, int64_t elem_bytes, int64_t acc_bytes) {
+SIMCLR_HD CudaPlan make_cuda_plan(int64_t m, int64_t l, int64_t d, int64_t elem_bytes, int64_t acc_bytes,
+                                  int64_t sm_count) {
   CudaPlan p{};
   p.rows_q = padded_rows(m);
   p.rows_k = padded_rows(l);
@@ -222,6 +242,11 @@ SIMCLR_HD CudaPlan make_cuda_plan(int64_t m, int64_t l, int64_t d, int64_t elem_
   p.out_chunks = ceil_div(p.dim, output_chunk(acc_bytes));
   p.grid_q = p.rows_q / kCudaTile;
   p.grid_k = p.rows_k / kCudaTile;
+  p.tiles_q = ceil_div(m, kCudaTile);
+  p.tiles_k = ceil_div(l, kCudaTile);
+  p.splits_fwd = num_splits(p.grid_q, p.tiles_k, sm_count, kCudaFwdBlocksPerSm);
+  p.splits_dq = num_splits(p.grid_q * p.out_chunks, p.tiles_k, sm_count, kCudaBwdBlocksPerSm);
+  p.splits_dk = num_splits(p.grid_k * p.out_chunks, p.tiles_q, sm_count, kCudaBwdBlocksPerSm);
   p.norm_grid_q = ceil_div(p.rows_q, kCudaNormRowsPerBlock);
   p.norm_grid_k = ceil_div(p.rows_k, kCudaNormRowsPerBlock);
   p.smem_fwd = smem_layout(elem_bytes, acc_bytes, false).total;

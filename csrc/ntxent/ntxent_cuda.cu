@@ -4,12 +4,16 @@
 // One call runs:
 //   normalize   q, k -> zero-padded normalized copies qhat, khat (input dtype; O((M + L) D) memory)
 //   forward     per block of 64 query rows: stream 64-key tiles, score tile on the tensor cores,
-//               online log-sum-exp + positive sum / count per row -> loss, lse, npos
+//               online log-sum-exp + positive sum / count per row; merge -> loss, lse, npos
 //   backward    dQ pass: blocks of 64 query rows x 128 columns of D stream key tiles, recompute the
 //               scores, form dL/dcos from the saved lse and accumulate dqhat = dC khat;
 //               dK pass: the same with keys as rows, dkhat = dC^T qhat. Every output element has one
 //               owner block and a fixed summation order: no atomics, bit-identical reruns.
 //               norm backward: dz = (dzhat - zhat <zhat, dzhat>) / |z|, in the input dtype.
+// When the row tiles alone cannot fill the GPU (2N = 16384: 256 tiles), the streamed tiles are cut into
+// a few contiguous splits, one block each; partial results (the forward's per-row lse state, the
+// backward's dzhat slices) are summed in split order by the merge / norm-backward kernels, so reruns on
+// the same GPU stay bit-identical (the split count depends on its number of SMs).
 // The M x L matrix is never stored: memory is O((M + L) D) plus fixed shared-memory tiles.
 //
 // Precision paths (all accumulate in fp32, fp64 for float64 inputs):
@@ -375,13 +379,22 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   }
 }
 
-// Forward: one block per kCudaTile query rows.
+// Partial forward results of one split of the key tiles, [splits x M] each: the running log-sum-exp
+// (max, sum of exp(s - max)), the sum and the count of the positive logits.
+template <typename acc_t>
+struct RowPartials {
+  acc_t* max;
+  acc_t* sum;
+  acc_t* pos_sum;
+  int* pos_count;
+};
+
+// Forward: one block per kCudaTile query rows and split of the key tiles (blockIdx.y).
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kCudaThreads)
     forward_kernel(const T* __restrict__ qhat, const T* __restrict__ khat, const int64_t* __restrict__ q_labels,
                    const int64_t* __restrict__ k_labels, int64_t m, int64_t l, int64_t dim, acc_of<T> inv_t,
-                   int64_t self_offset, acc_of<T>* __restrict__ loss, acc_of<T>* __restrict__ lse,
-                   int* __restrict__ npos) {
+                   int64_t self_offset, RowPartials<acc_of<T>> out) {
   using acc_t = acc_of<T>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem<T> sm(smem_raw, false);
@@ -400,9 +413,11 @@ __global__ void __launch_bounds__(kCudaThreads)
   acc_t pos_sum = acc_t(0);
   long long pos_count = 0;
   const int64_t tiles = ceil_div(l, kCudaTile);
-  for (int64_t t = 0; t < tiles; ++t) {
+  const int64_t t_begin = split_begin(tiles, gridDim.y, blockIdx.y);
+  const int64_t t_end = split_begin(tiles, gridDim.y, blockIdx.y + 1);
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t col0 = t * kCudaTile;
-    score_tile<T, kTensorCores>(sm, qhat, khat, row0, col0, dim, t == 0 || !single_chunk, [&] {
+    score_tile<T, kTensorCores>(sm, qhat, khat, row0, col0, dim, t == t_begin || !single_chunk, [&] {
       for (int c = threadIdx.x; c < kCudaTile; c += kCudaThreads) sm.lab[c] = col0 + c < l ? k_labels[col0 + c] : 0;
     });
     acc_t v[32];
@@ -433,15 +448,37 @@ __global__ void __launch_bounds__(kCudaThreads)
   pos_sum += __shfl_xor_sync(0xffffffffu, pos_sum, 16);
   pos_count += __shfl_xor_sync(0xffffffffu, pos_count, 16);
   if (lane < 16 && row_ok) {
-    const acc_t value = run.value();
-    lse[i] = value;
-    loss[i] = row_loss(value, pos_sum, static_cast<int64_t>(pos_count));
-    npos[i] = static_cast<int>(pos_count);
+    const int64_t at = static_cast<int64_t>(blockIdx.y) * m + i;
+    out.max[at] = run.max;
+    out.sum[at] = run.sum;
+    out.pos_sum[at] = pos_sum;
+    out.pos_count[at] = static_cast<int>(pos_count);
   }
 }
 
-// Backward: dhat[own rows, output chunk blockIdx.y] = sum over other rows of dL/dcos x other_hat.
-// kOwnIsQuery: own rows are queries (dQ pass), else keys (dK pass, other rows are queries).
+// Merges the splits of each row in split order (deterministic): loss, lse and npos. One thread per row.
+template <typename acc_t>
+__global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t splits, acc_t* __restrict__ loss,
+                                  acc_t* __restrict__ lse, int* __restrict__ npos) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= m) return;
+  OnlineLSE<acc_t> run = OnlineLSE<acc_t>::empty();
+  acc_t pos_sum = acc_t(0);
+  int64_t pos_count = 0;
+  for (int64_t s = 0; s < splits; ++s) {
+    run.merge(part.max[s * m + i], part.sum[s * m + i]);
+    pos_sum += part.pos_sum[s * m + i];
+    pos_count += part.pos_count[s * m + i];
+  }
+  const acc_t value = run.value();
+  lse[i] = value;
+  loss[i] = row_loss(value, pos_sum, pos_count);
+  npos[i] = static_cast<int>(pos_count);
+}
+
+// Backward: dhat[split blockIdx.z][own rows, output chunk blockIdx.y] = sum over the split's other rows
+// of dL/dcos x other_hat. kOwnIsQuery: own rows are queries (dQ pass), else keys (dK pass, other rows
+// are queries). dhat holds gridDim.z slices of own rows_padded x dim; normalize_backward sums them.
 template <typename T, bool kTensorCores, bool kOwnIsQuery>
 __global__ void __launch_bounds__(kCudaThreads)
     grad_kernel(const T* __restrict__ own_hat, const T* __restrict__ other_hat, const int64_t* __restrict__ own_labels,
@@ -488,9 +525,11 @@ __global__ void __launch_bounds__(kCudaThreads)
   acc.zero();
 
   const int64_t tiles = ceil_div(other_n, kCudaTile);
-  for (int64_t t = 0; t < tiles; ++t) {
+  const int64_t t_begin = split_begin(tiles, gridDim.z, blockIdx.z);
+  const int64_t t_end = split_begin(tiles, gridDim.z, blockIdx.z + 1);
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t col0 = t * kCudaTile;
-    score_tile<T, kTensorCores>(sm, own_hat, other_hat, row0, col0, dim, t == 0 || !single_chunk, [&] {
+    score_tile<T, kTensorCores>(sm, own_hat, other_hat, row0, col0, dim, t == t_begin || !single_chunk, [&] {
       for (int c = threadIdx.x; c < kCudaTile; c += kCudaThreads) {
         const int64_t b = col0 + c;
         sm.lab[c] = b < other_n ? other_labels[b] : 0;
@@ -521,15 +560,24 @@ __global__ void __launch_bounds__(kCudaThreads)
     __syncwarp();
     acc.add_tile(sm, yd, ld_yd, strip, lane, width);
   }
-  acc.store(dhat, row0 + strip, lane, dim, d0, width, scale);
+  const int64_t slice = static_cast<int64_t>(gridDim.x) * kCudaTile * dim;  // rows_padded x dim
+  acc.store(dhat + blockIdx.z * slice, row0 + strip, lane, dim, d0, width, scale);
+}
+
+// dxhat[row][c] as the sum of the backward's split slices, in split order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t split_sum(const acc_t* __restrict__ dxhat, int64_t at, int64_t splits, int64_t slice) {
+  acc_t g = dxhat[at];
+  for (int64_t s = 1; s < splits; ++s) g += dxhat[s * slice + at];
+  return g;
 }
 
 // Normalization backward, one warp per row: dx = (dxhat - xhat <xhat, dxhat>) / |x|, or dxhat / eps
-// where the norm was clamped (F.normalize's gradient).
+// where the norm was clamped (F.normalize's gradient). dxhat: `splits` slices of `slice` elements.
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     normalize_backward_kernel(const T* __restrict__ x, const acc_of<T>* __restrict__ dxhat, int64_t n, int64_t d,
-                              int64_t dim, T* __restrict__ dx) {
+                              int64_t dim, int64_t splits, int64_t slice, T* __restrict__ dx) {
   using acc_t = acc_of<T>;
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
@@ -538,7 +586,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   for (int64_t c = lane; c < d; c += 32) {
     const acc_t v = to_acc(x[row * d + c]);
     ss = fma(v, v, ss);
-    xg = fma(v, dxhat[row * dim + c], xg);
+    xg = fma(v, split_sum(dxhat, row * dim + c, splits, slice), xg);
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {
@@ -549,7 +597,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   const bool clamped = norm_clamped(ss);
   const acc_t dot = xg * inv;  // <xhat, dxhat>
   for (int64_t c = lane; c < d; c += 32) {
-    const acc_t g = dxhat[row * dim + c];
+    const acc_t g = split_sum(dxhat, row * dim + c, splits, slice);
     const acc_t v = clamped ? g * inv : inv * (g - to_acc(x[row * d + c]) * inv * dot);
     dx[row * d + c] = from_acc<T>(v);
   }
@@ -611,6 +659,12 @@ void set_smem(Kernel kernel, int64_t bytes, const at::Tensor& on) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+int64_t sm_count(const at::Tensor& on) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, on.get_device()));
+  return n;
+}
+
 // Normalized, zero-padded copy of x (rows_padded x plan.dim, dtype of x).
 template <typename T>
 at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, cudaStream_t stream) {
@@ -661,19 +715,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_i
   dispatch_storage(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_of<T>;
-    const CudaPlan plan = make_cuda_plan(m, l, d, sizeof(T), sizeof(acc_t));
+    const CudaPlan plan = make_cuda_plan(m, l, d, sizeof(T), sizeof(acc_t), sm_count(q));
     at::Tensor qhat, khat;
     std::tie(qhat, khat) = normalized_pair<T>(q, k, plan, stream);
+    const int64_t splits = plan.splits_fwd;
+    const at::Tensor part = at::empty({3, splits, m}, q.options().dtype(acc));
+    const at::Tensor part_count = at::empty({splits, m}, q.options().dtype(at::kInt));
+    const RowPartials<acc_t> parts{ptr<acc_t>(part), ptr<acc_t>(part) + splits * m, ptr<acc_t>(part) + 2 * splits * m,
+                                   ptr<int>(part_count)};
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       auto kernel = forward_kernel<T, kTC>;
       set_smem(kernel, plan.smem_fwd, q);
-      kernel<<<static_cast<unsigned>(plan.grid_q), kCudaThreads, plan.smem_fwd, stream>>>(
-          ptr<const T>(qhat), ptr<const T>(khat), ptr<const int64_t>(q_labels), ptr<const int64_t>(k_labels), m, l,
-          plan.dim, static_cast<acc_t>(1.0 / temperature), self_offset, ptr<acc_t>(loss), ptr<acc_t>(lse),
-          ptr<int>(npos));
+      const dim3 grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(splits));
+      kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(ptr<const T>(qhat), ptr<const T>(khat),
+                                                            ptr<const int64_t>(q_labels), ptr<const int64_t>(k_labels),
+                                                            m, l, plan.dim, static_cast<acc_t>(1.0 / temperature),
+                                                            self_offset, parts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    constexpr int kMergeThreads = 256;
+    merge_rows_kernel<acc_t><<<static_cast<unsigned>(ceil_div(m, kMergeThreads)), kMergeThreads, 0, stream>>>(
+        parts, m, splits, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse, npos};
 }
@@ -707,18 +771,20 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
   dispatch_storage(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_of<T>;
-    const CudaPlan plan = make_cuda_plan(m, l, d, sizeof(T), sizeof(acc_t));
+    const CudaPlan plan = make_cuda_plan(m, l, d, sizeof(T), sizeof(acc_t), sm_count(q));
     at::Tensor qhat, khat;
     std::tie(qhat, khat) = normalized_pair<T>(q, k, plan, stream);
-    const at::Tensor dqhat = at::empty({plan.rows_q, plan.dim}, q.options().dtype(acc));
-    const at::Tensor dkhat = at::empty({plan.rows_k, plan.dim}, q.options().dtype(acc));
+    // One slice of partial sums per split of the streamed tiles; normalize_backward adds them up.
+    const at::Tensor dqhat = at::empty({plan.splits_dq, plan.rows_q, plan.dim}, q.options().dtype(acc));
+    const at::Tensor dkhat = at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const at::Tensor grad_bound = g.abs().amax().mul(1.0 / temperature);  // on the stream: no sync
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       auto dq_kernel = grad_kernel<T, kTC, true>;
       set_smem(dq_kernel, plan.smem_bwd, q);
-      const dim3 dq_grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(plan.out_chunks));
+      const dim3 dq_grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(plan.out_chunks),
+                         static_cast<unsigned>(plan.splits_dq));
       dq_kernel<<<dq_grid, kCudaThreads, plan.smem_bwd, stream>>>(
           ptr<const T>(qhat), ptr<const T>(khat), ptr<const int64_t>(q_labels), ptr<const int64_t>(k_labels), m, l,
           plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), ptr<const acc_t>(grad_bound),
@@ -726,7 +792,8 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto dk_kernel = grad_kernel<T, kTC, false>;
       set_smem(dk_kernel, plan.smem_bwd, q);
-      const dim3 dk_grid(static_cast<unsigned>(plan.grid_k), static_cast<unsigned>(plan.out_chunks));
+      const dim3 dk_grid(static_cast<unsigned>(plan.grid_k), static_cast<unsigned>(plan.out_chunks),
+                         static_cast<unsigned>(plan.splits_dk));
       dk_kernel<<<dk_grid, kCudaThreads, plan.smem_bwd, stream>>>(
           ptr<const T>(khat), ptr<const T>(qhat), ptr<const int64_t>(k_labels), ptr<const int64_t>(q_labels), l, m,
           plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), ptr<const acc_t>(grad_bound),
@@ -735,11 +802,13 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     });
     normalize_backward_kernel<T><<<static_cast<unsigned>(ceil_div(m, kCudaNormRowsPerBlock)),
                                    32 * kCudaNormRowsPerBlock, 0, stream>>>(
-        ptr<const T>(q), ptr<const acc_t>(dqhat), m, d, plan.dim, ptr<T>(grad_q));
+        ptr<const T>(q), ptr<const acc_t>(dqhat), m, d, plan.dim, plan.splits_dq, plan.rows_q * plan.dim,
+        ptr<T>(grad_q));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     normalize_backward_kernel<T><<<static_cast<unsigned>(ceil_div(l, kCudaNormRowsPerBlock)),
                                    32 * kCudaNormRowsPerBlock, 0, stream>>>(
-        ptr<const T>(k), ptr<const acc_t>(dkhat), l, d, plan.dim, ptr<T>(grad_k));
+        ptr<const T>(k), ptr<const acc_t>(dkhat), l, d, plan.dim, plan.splits_dk, plan.rows_k * plan.dim,
+        ptr<T>(grad_k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_q, grad_k};

@@ -137,50 +137,73 @@ static void check_plans() {
     for (int64_t m : sizes) {
       for (int64_t d : dims) {
         const int64_t l = m == 1 ? 2 : m + 7;
-        const CudaPlan p = make_cuda_plan(m, l, d, t.elem, t.acc);
-        CHECK(p.rows_q >= m && p.rows_q % kCudaTile == 0 && p.rows_q - m < kCudaTile, "rows_q %lld for %lld",
-              (long long)p.rows_q, (long long)m);
-        CHECK(p.rows_k >= l && p.rows_k % kCudaTile == 0 && p.rows_k - l < kCudaTile, "rows_k");
-        CHECK(p.dim >= d && p.dim % kCudaDimAlign == 0 && p.dim - d < kCudaDimAlign, "dim %lld for %lld",
-              (long long)p.dim, (long long)d);
-        CHECK(p.grid_q * kCudaTile == p.rows_q && p.grid_k * kCudaTile == p.rows_k, "grids cover the rows");
-        CHECK(p.grid_q <= 2147483647LL && p.out_chunks <= 65535, "grid limits (x < 2^31, y < 65536)");
-        CHECK(p.norm_grid_q * kCudaNormRowsPerBlock >= p.rows_q &&
-                  (p.norm_grid_q - 1) * kCudaNormRowsPerBlock < p.rows_q,
-              "normalize grid");
-        // Chunks of D: positive multiples of the padding that add up to the padded D.
-        for (int64_t chunk : {score_chunk(t.elem), output_chunk(t.acc)}) {
-          const int64_t n = ceil_div(p.dim, chunk);
-          int64_t total = 0;
-          for (int64_t c = 0; c < n; ++c) {
-            const int64_t w = chunk_width(p.dim, chunk, c);
-            CHECK(w > 0 && w <= chunk && w % kCudaDimAlign == 0, "chunk %lld of %lld has width %lld", (long long)c,
-                  (long long)p.dim, (long long)w);
-            if (t.wmma_k) CHECK(w % t.wmma_k == 0 && w % 16 == 0, "chunk width vs wmma steps");
-            total += w;
+        for (int64_t sms : {1, 108, 132}) {
+          const CudaPlan p = make_cuda_plan(m, l, d, t.elem, t.acc, sms);
+          // Splits of the streamed tiles: within bounds, each non-empty, together every tile once.
+          const int64_t split_cases[][2] = {{p.splits_fwd, p.tiles_k}, {p.splits_dq, p.tiles_k}, {p.splits_dk, p.tiles_q}};
+          for (const auto& sc : split_cases) {
+            const int64_t splits = sc[0], tiles = sc[1];
+            CHECK(splits >= 1 && splits <= kCudaMaxSplits && splits <= tiles, "%lld splits of %lld tiles",
+                  (long long)splits, (long long)tiles);
+            CHECK(split_begin(tiles, splits, 0) == 0 && split_begin(tiles, splits, splits) == tiles, "split ends");
+            for (int64_t sp = 0; sp < splits; ++sp) {
+              CHECK(split_begin(tiles, splits, sp + 1) > split_begin(tiles, splits, sp), "split %lld is empty",
+                    (long long)sp);
+            }
           }
-          CHECK(total == p.dim, "chunks add up to %lld, not %lld", (long long)total, (long long)p.dim);
+          // Splits only fill the machine: a launch that already gives each SM its blocks is not split.
+          CHECK(p.grid_q < kCudaFwdBlocksPerSm * sms || p.splits_fwd == 1, "forward split without need");
+          CHECK(p.grid_q * p.out_chunks < kCudaBwdBlocksPerSm * sms || p.splits_dq == 1, "dQ split without need");
+          CHECK(p.rows_q >= m && p.rows_q % kCudaTile == 0 && p.rows_q - m < kCudaTile, "rows_q %lld for %lld",
+                (long long)p.rows_q, (long long)m);
+          CHECK(p.rows_k >= l && p.rows_k % kCudaTile == 0 && p.rows_k - l < kCudaTile, "rows_k");
+          CHECK(p.dim >= d && p.dim % kCudaDimAlign == 0 && p.dim - d < kCudaDimAlign, "dim %lld for %lld",
+                (long long)p.dim, (long long)d);
+          CHECK(p.grid_q * kCudaTile == p.rows_q && p.grid_k * kCudaTile == p.rows_k, "grids cover the rows");
+          CHECK(p.grid_q <= 2147483647LL && p.out_chunks <= 65535, "grid limits (x < 2^31, y < 65536)");
+          CHECK(p.norm_grid_q * kCudaNormRowsPerBlock >= p.rows_q &&
+                    (p.norm_grid_q - 1) * kCudaNormRowsPerBlock < p.rows_q,
+                "normalize grid");
+          // Chunks of D: positive multiples of the padding that add up to the padded D.
+          for (int64_t chunk : {score_chunk(t.elem), output_chunk(t.acc)}) {
+            const int64_t n = ceil_div(p.dim, chunk);
+            int64_t total = 0;
+            for (int64_t c = 0; c < n; ++c) {
+              const int64_t w = chunk_width(p.dim, chunk, c);
+              CHECK(w > 0 && w <= chunk && w % kCudaDimAlign == 0, "chunk %lld of %lld has width %lld", (long long)c,
+                    (long long)p.dim, (long long)w);
+              if (t.wmma_k) CHECK(w % t.wmma_k == 0 && w % 16 == 0, "chunk width vs wmma steps");
+              total += w;
+            }
+            CHECK(total == p.dim, "chunks add up to %lld, not %lld", (long long)total, (long long)p.dim);
+          }
+          CHECK(p.out_chunks == ceil_div(p.dim, output_chunk(t.acc)), "out_chunks");
+          if (p.score_chunks == 1) {
+            // The backward then reads its output chunk from the score tile of the other rows.
+            const SmemLayout lay = smem_layout(t.elem, t.acc, true);
+            CHECK(p.out_chunks == 1 && chunk_width(p.dim, output_chunk(t.acc), 0) == p.dim && p.dim <= lay.ld_in,
+                  "single score chunk: the output chunk must be all of D (dim %lld)", (long long)p.dim);
+            if (t.wmma_k) CHECK(t.wmma_k * lay.ld_in * t.elem % 32 == 0, "score tile rows at k steps misaligned");
+          }
+          CHECK(p.smem_fwd == smem_layout(t.elem, t.acc, false).total &&
+                    p.smem_bwd == smem_layout(t.elem, t.acc, true).total,
+                "plan smem");
+          // Byte offsets of the largest element index stay in 64 bits (the kernels index with int64_t).
+          CHECK((double)p.rows_k * (double)p.dim * 8.0 * (double)p.splits_dk < 9.2e18, "64-bit offsets");
         }
-        CHECK(p.out_chunks == ceil_div(p.dim, output_chunk(t.acc)), "out_chunks");
-        if (p.score_chunks == 1) {
-          // The backward then reads its output chunk from the score tile of the other rows.
-          const SmemLayout lay = smem_layout(t.elem, t.acc, true);
-          CHECK(p.out_chunks == 1 && chunk_width(p.dim, output_chunk(t.acc), 0) == p.dim && p.dim <= lay.ld_in,
-                "single score chunk: the output chunk must be all of D (dim %lld)", (long long)p.dim);
-          if (t.wmma_k) CHECK(t.wmma_k * lay.ld_in * t.elem % 32 == 0, "score tile rows at k steps misaligned");
-        }
-        CHECK(p.smem_fwd == smem_layout(t.elem, t.acc, false).total &&
-                  p.smem_bwd == smem_layout(t.elem, t.acc, true).total,
-              "plan smem");
-        // Byte offsets of the largest element index stay in 64 bits (the kernels index with int64_t).
-        CHECK((double)p.rows_k * (double)p.dim * 8.0 < 9.2e18, "64-bit offsets");
       }
     }
   }
   // The SimCLR sizes of the issue: 2N = 65536, D = 128 and 2N = 262144 fit the launch limits.
-  const CudaPlan big = make_cuda_plan(262144, 262144, 128, 2, 4);
-  CHECK(big.grid_q == 4096 && big.out_chunks == 1 && big.dim == 128, "2N = 262144, D = 128 plan");
-  const CudaPlan wide = make_cuda_plan(100, 100, 2048, 2, 4);
+  const CudaPlan big = make_cuda_plan(262144, 262144, 128, 2, 4, 132);
+  CHECK(big.grid_q == 4096 && big.out_chunks == 1 && big.dim == 128 && big.splits_fwd == 1 && big.splits_dq == 1,
+        "2N = 262144, D = 128 plan");
+  // 2N = 16384 on an H100 (132 SMs): 256 row tiles, split to fill 4 (forward) / 2 (backward) blocks per SM.
+  const CudaPlan mid = make_cuda_plan(16384, 16384, 128, 2, 4, 132);
+  CHECK(mid.grid_q == 256 && mid.splits_fwd == 3 && mid.splits_dq == 2 && mid.splits_dk == 2,
+        "2N = 16384 plan: splits %lld %lld %lld", (long long)mid.splits_fwd, (long long)mid.splits_dq,
+        (long long)mid.splits_dk);
+  const CudaPlan wide = make_cuda_plan(100, 100, 2048, 2, 4, 132);
   CHECK(wide.out_chunks == 16 && ceil_div(wide.dim, score_chunk(2)) == 16, "D = 2048 plan");
 }
 
