@@ -151,12 +151,12 @@ if [ $rc -eq 0 ]; then
   elif ! command -v compute-sanitizer >/dev/null; then
     record memcheck SKIPPED 0 "compute-sanitizer not on PATH"
   else
-    run_step memcheck "$OUT/sanitizer.log" "$(cap 110)" compute-sanitizer --tool memcheck --error-exitcode 99 \
+    run_step memcheck "$OUT/sanitizer.log" "$(cap 90)" compute-sanitizer --tool memcheck --error-exitcode 99 \
       --report-api-errors no --print-limit 20 "${PYTEST[@]}" -x "${SMALL[@]}"
     rc_m=$?
     record memcheck "$([ $rc_m -eq 0 ] && echo ok || echo FAILED)" "$STEP_S" \
       "$(grep -m1 -E 'ERROR SUMMARY' "$OUT/sanitizer.log") $(pytest_counts "$OUT/sanitizer.log")"
-    run_step racecheck "$OUT/racecheck.log" "$(cap 90)" compute-sanitizer --tool racecheck --error-exitcode 99 \
+    run_step racecheck "$OUT/racecheck.log" "$(cap 60)" compute-sanitizer --tool racecheck --error-exitcode 99 \
       --print-limit 20 "${PYTEST[@]}" -x "${RACE[@]}"
     rc_r=$?
     cat "$OUT/racecheck.log" >>"$OUT/sanitizer.log" && rm -f "$OUT/racecheck.log"
