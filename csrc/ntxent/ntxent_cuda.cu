@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
   if (row >= rows_padded) return;
   const bool real = row < n;
-  acc_t inv = acc_t(0);
+  acc_t norm = acc_t(1);
   if (real) {
     acc_t ss = acc_t(0);
     for (int64_t c = lane; c < d; c += 32) {
@@ -371,10 +371,10 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    inv = inv_norm(ss);
+    norm = clamped_norm(ss);
   }
   for (int64_t c = lane; c < dim; c += 32) {
-    const acc_t v = (real && c < d) ? to_acc(x[row * d + c]) * inv : acc_t(0);
+    const acc_t v = (real && c < d) ? to_acc(x[row * d + c]) / norm : acc_t(0);
     xhat[row * dim + c] = from_acc<T>(v);
   }
 }
@@ -574,6 +574,7 @@ __device__ __forceinline__ acc_t split_sum(const acc_t* __restrict__ dxhat, int6
 
 // Normalization backward, one warp per row: dx = (dxhat - xhat <xhat, dxhat>) / |x|, or dxhat / eps
 // where the norm was clamped (F.normalize's gradient). dxhat: `splits` slices of `slice` elements.
+// xhat is recomputed as x / |x| (not x * (1 / |x|)) so that for D = 1 the projection cancels exactly.
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     normalize_backward_kernel(const T* __restrict__ x, const acc_of<T>* __restrict__ dxhat, int64_t n, int64_t d,
@@ -582,23 +583,24 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
   if (row >= n) return;
-  acc_t ss = acc_t(0), xg = acc_t(0);
+  acc_t ss = acc_t(0);
   for (int64_t c = lane; c < d; c += 32) {
     const acc_t v = to_acc(x[row * d + c]);
     ss = fma(v, v, ss);
-    xg = fma(v, split_sum(dxhat, row * dim + c, splits, slice), xg);
   }
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    xg += __shfl_xor_sync(0xffffffffu, xg, off);
-  }
-  const acc_t inv = inv_norm(ss);
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const acc_t norm = clamped_norm(ss);
   const bool clamped = norm_clamped(ss);
-  const acc_t dot = xg * inv;  // <xhat, dxhat>
+  acc_t dot = acc_t(0);  // <xhat, dxhat>
+  for (int64_t c = lane; c < d; c += 32) {
+    dot = fma(to_acc(x[row * d + c]) / norm, split_sum(dxhat, row * dim + c, splits, slice), dot);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
   for (int64_t c = lane; c < d; c += 32) {
     const acc_t g = split_sum(dxhat, row * dim + c, splits, slice);
-    const acc_t v = clamped ? g * inv : inv * (g - to_acc(x[row * d + c]) * inv * dot);
+    const acc_t v = clamped ? g / norm : (g - to_acc(x[row * d + c]) / norm * dot) / norm;
     dx[row * d + c] = from_acc<T>(v);
   }
 }

@@ -251,7 +251,20 @@ static void check_pow2_scale() {
   CHECK((x / pow2_scale(0.3)) * pow2_scale(0.3) == x, "scaling is exact");
 }
 
+static void check_clamped_norm() {
+  // x / clamped_norm(x^2) is exactly +-1 for one-element rows (the D = 1 backward cancels exactly),
+  // and the clamp is F.normalize's eps.
+  const float xs[] = {3.0f, -0.1f, 1e-3f, 7.5e-20f, 123456.7f};
+  for (float x : xs) {
+    const float n = clamped_norm(x * x);
+    CHECK(std::fabs(x / n) == 1.0f || n == (float)kNormEps, "x / |x| for x = %g is %.9g", (double)x, (double)(x / n));
+  }
+  CHECK(clamped_norm(0.0) == kNormEps && clamped_norm(4.0) == 2.0, "clamped_norm");
+  CHECK(clamped_norm(0.0) * inv_norm(0.0) == 1.0 && norm_clamped(0.0) && !norm_clamped(1.0), "clamp agrees");
+}
+
 int main() {
+  check_clamped_norm();
   check_pow2_scale();
   check_maps();
   check_plans();
