@@ -108,3 +108,15 @@ def test_info_reports_build():
     assert isinstance(info["cuda_compiled"], bool)
     if info["cuda_compiled"]:
         assert info["cuda_archs"], "a CUDA build records its target architectures"
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_same_value_and_gradients_as_lightly(temperature, gen):
+    lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is installed by requirements-dev.txt")
+    z1 = torch.randn(37, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(37, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    ours = simclr_ext.NTXentLoss(temperature=temperature)(z1, z2)
+    theirs = lightly_loss.NTXentLoss(temperature=temperature)(z1, z2)
+    assert abs(ours.item() - theirs.item()) < 1e-12
+    for a, b in zip(torch.autograd.grad(ours, (z1, z2)), torch.autograd.grad(theirs, (z1, z2))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

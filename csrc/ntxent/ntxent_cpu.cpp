@@ -26,13 +26,13 @@ namespace {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Rows of x divided by max(|x|, eps), in the accumulation dtype, and the inverse norms used.
+// Rows of x divided by max(|x|, eps), in the accumulation dtype, and the divisors used.
 template <typename scalar_t, typename acc_t>
-void normalize_rows(const at::Tensor& x, at::Tensor& hat, at::Tensor& inv_norms) {
+void normalize_rows(const at::Tensor& x, at::Tensor& hat, at::Tensor& norms) {
   const int64_t rows = x.size(0), d = x.size(1);
   const scalar_t* src = x.data_ptr<scalar_t>();
   acc_t* dst = hat.data_ptr<acc_t>();
-  acc_t* inv = inv_norms.data_ptr<acc_t>();
+  acc_t* divisor = norms.data_ptr<acc_t>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* in = src + r * d;
@@ -42,10 +42,10 @@ void normalize_rows(const at::Tensor& x, at::Tensor& hat, at::Tensor& inv_norms)
         const acc_t v = static_cast<acc_t>(in[c]);
         sum_squares += v * v;
       }
-      const acc_t scale = inv_norm(sum_squares);
-      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<acc_t>(in[c]) * scale;
+      const acc_t norm = clamped_norm(sum_squares);
+      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<acc_t>(in[c]) / norm;
       // Backward tells a clamped norm by this sign: it then skips the projection term.
-      inv[r] = norm_clamped(sum_squares) ? -scale : scale;
+      divisor[r] = norm_clamped(sum_squares) ? -norm : norm;
     }
   });
 }
@@ -57,7 +57,7 @@ bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
 
 struct Normalized {
   at::Tensor hat;        // (rows, D), accumulation dtype
-  at::Tensor inv_norms;  // (rows,), 1 / max(|x|, eps), negative where the norm was clamped
+  at::Tensor norms;      // (rows,), max(|x|, eps), negative where the norm was clamped
 };
 
 template <typename scalar_t, typename acc_t>
@@ -65,30 +65,31 @@ Normalized normalize(const at::Tensor& x) {
   const at::Tensor xc = x.contiguous();
   const auto acc = acc_type(x.scalar_type());
   Normalized n{at::empty(xc.sizes(), xc.options().dtype(acc)), at::empty({xc.size(0)}, xc.options().dtype(acc))};
-  normalize_rows<scalar_t, acc_t>(xc, n.hat, n.inv_norms);
+  normalize_rows<scalar_t, acc_t>(xc, n.hat, n.norms);
   return n;
 }
 
-// dz from dzhat for every row, in place of the gradient buffer's dtype conversion.
+// dz = (dzhat - zhat <zhat, dzhat>) / |z| for every row (dzhat / eps where the norm was clamped),
+// written in the input dtype.
 template <typename scalar_t, typename acc_t>
 at::Tensor normalization_backward(const Normalized& n, const at::Tensor& dhat, at::ScalarType out_dtype) {
   const int64_t rows = dhat.size(0), d = dhat.size(1);
   at::Tensor dz = at::empty({rows, d}, dhat.options().dtype(out_dtype));
   const acc_t* zhat = n.hat.data_ptr<acc_t>();
-  const acc_t* inv = n.inv_norms.data_ptr<acc_t>();
+  const acc_t* norms = n.norms.data_ptr<acc_t>();
   const acc_t* g = dhat.data_ptr<acc_t>();
   scalar_t* out = dz.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* zr = zhat + r * d;
       const acc_t* gr = g + r * d;
-      const bool clamped = inv[r] < 0;
-      const acc_t scale = clamped ? -inv[r] : inv[r];
+      const bool clamped = norms[r] < 0;
+      const acc_t norm = clamped ? -norms[r] : norms[r];
       acc_t dot = 0;
       if (!clamped) {
         for (int64_t c = 0; c < d; ++c) dot += zr[c] * gr[c];
       }
-      for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>((gr[c] - zr[c] * dot) * scale);
+      for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>((gr[c] - zr[c] * dot) / norm);
     }
   });
   return dz;
@@ -107,33 +108,58 @@ struct RowState {
   int64_t num_positives = 0;
 };
 
-// Folds one row of a cosine tile (keys [key0, key0 + n)) into the row's running state.
+// The hot loops below are written as plain passes over contiguous arrays (no per-element branches,
+// labels or indices) so that the compiler vectorizes them; the few positives and the single self
+// entry of a row are handled by scalar fix-ups afterwards. They are compiled twice, for AVX2+FMA and
+// for the baseline ISA, and the loader picks the version the CPU supports.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMCLR_HOT_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SIMCLR_HOT_LOOP
+#endif
+
+// Whether any of labels[0, n) equals `label`: a vectorized pre-check, since most tiles hold no
+// positive of a given row and the scalar loop that handles positives is then skipped.
+SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t label) {
+  int64_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+  for (int64_t j = 0; j < n; ++j) hits += labels[j] == label ? 1 : 0;
+  return hits > 0;
+}
+
+// Folds one row of a cosine tile (keys [key0, key0 + n)) into the row's running state. Overwrites
+// `row` with logits (self entry: -inf).
 template <typename acc_t>
-void scan_tile_row(const acc_t* cos, int64_t n, int64_t key0, int64_t self, int64_t label, const int64_t* k_labels,
+SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label, const int64_t* k_labels,
                    acc_t inv_t, RowState<acc_t>& st) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t block_max = neg_inf;
-  acc_t pos_sum = 0;
-  int64_t pos_count = 0;
-#pragma omp simd reduction(max : block_max) reduction(+ : pos_sum, pos_count)
-  for (int64_t j = 0; j < n; ++j) {
-    const bool other = key0 + j != self;
-    const acc_t s = cos[j] * inv_t;
-    const bool positive = other && k_labels[j] == label;
-    block_max = std::max(block_max, other ? s : neg_inf);
-    pos_sum += positive ? s : acc_t(0);
-    pos_count += positive ? 1 : 0;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv_t;
+  const bool self_here = self >= key0 && self < key0 + n;
+  if (self_here) row[self - key0] = neg_inf;
+  if (any_label(k_labels, n, label)) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (k_labels[j] == label && key0 + j != self) {
+        st.positive_sum += row[j];
+        st.num_positives += 1;
+      }
+    }
   }
-  // A NaN logit is skipped by max() but makes block_sum NaN, so it still reaches the result.
+  acc_t block_max = neg_inf;
+#pragma omp simd reduction(max : block_max)
+  for (int64_t j = 0; j < n; ++j) block_max = row[j] > block_max ? row[j] : block_max;
+  if (block_max == neg_inf) {
+    // Only the self key, or only NaN: NaN must still poison the row.
+    for (int64_t j = 0; j < n; ++j) {
+      if (row[j] != row[j]) st.lse.merge(row[j], row[j]);
+    }
+    return;
+  }
+  // A NaN logit is skipped by the max above but makes block_sum NaN, so it still reaches the result.
   acc_t block_sum = 0;
 #pragma omp simd reduction(+ : block_sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const bool other = key0 + j != self;
-    block_sum += other ? std::exp(cos[j] * inv_t - block_max) : acc_t(0);
-  }
+  for (int64_t j = 0; j < n; ++j) block_sum += fast_exp(row[j] - block_max);
   st.lse.merge(block_max, block_sum);
-  st.positive_sum += pos_sum;
-  st.num_positives += pos_count;
 }
 
 template <typename acc_t>
@@ -152,7 +178,7 @@ void forward_kernel(const Normalized& q, const Normalized& k, const int64_t* q_l
         const int64_t keys = std::min(kCpuKeyBlock, l - k0);
         at::Tensor tile = tile_view(buffer, rows, keys);
         at::mm_out(tile, q_block, k.hat.narrow(0, k0, keys).t());
-        const acc_t* cos = tile.data_ptr<acc_t>();
+        acc_t* cos = tile.data_ptr<acc_t>();
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = r0 + i;
           scan_tile_row(cos + i * keys, keys, k0, self_key(row, self_offset), q_labels[row], k_labels + k0, inv_t,
@@ -173,45 +199,50 @@ void forward_kernel(const Normalized& q, const Normalized& k, const int64_t* q_l
 template <typename acc_t>
 struct RowGrad {
   const acc_t* lse;
-  const acc_t* g;                  // incoming gradient, 0 for rows without positives
+  const acc_t* g;                  // incoming gradient / temperature, 0 for rows without positives
   const acc_t* inv_num_positives;  // 1 / |P(i)|, 0 for rows without positives
   const int64_t* labels;
 };
 
-// Turns a tile of cosines into dL/dcos in place. The tile is (queries x keys) when `transposed` is
-// false, (keys x queries) when true; query and key indices are global.
+// Turns a tile of cosines into dL/dcos in place (see cosine_grad in ntxent.h). The tile is
+// (queries x keys) when `transposed` is false, (keys x queries) when true; indices are global.
 template <typename acc_t>
-void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool transposed, const RowGrad<acc_t>& rg,
+SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, bool transposed, const RowGrad<acc_t>& rg,
                const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
   if (!transposed) {
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t row = q0 + i, self = self_key(row, self_offset), label = rg.labels[row];
-      const acc_t lse = rg.lse[row], g = rg.g[row], inv_np = rg.inv_num_positives[row];
+      const acc_t lse = rg.lse[row], g = rg.g[row];
       acc_t* t = tile + i * nk;
-      if (g == acc_t(0)) {
-        std::fill(t, t + nk, acc_t(0));
-        continue;
-      }
 #pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) {
-        const bool other = k0 + j != self;
-        const acc_t d = cosine_grad(t[j], inv_t, lse, g, other && k_labels[k0 + j] == label, inv_np);
-        t[j] = other ? d : acc_t(0);
+      for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(t[j] * inv_t - lse);
+      if (any_label(k_labels + k0, nk, label)) {
+        const acc_t pos = g * rg.inv_num_positives[row];
+        for (int64_t j = 0; j < nk; ++j) {
+          if (k_labels[k0 + j] == label) t[j] -= pos;
+        }
       }
+      if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
     }
     return;
   }
+  const acc_t* lse = rg.lse + q0;
+  const acc_t* g = rg.g + q0;
+  const acc_t* inv_np = rg.inv_num_positives + q0;
+  const int64_t* labels = rg.labels + q0;
   for (int64_t j = 0; j < nk; ++j) {
     const int64_t key = k0 + j, key_label = k_labels[key];
     acc_t* t = tile + j * nq;
 #pragma omp simd
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t row = q0 + i;
-      const bool other = self_key(row, self_offset) != key;
-      const acc_t d = cosine_grad(t[i], inv_t, rg.lse[row], rg.g[row], other && rg.labels[row] == key_label,
-                                  rg.inv_num_positives[row]);
-      t[i] = (other && rg.g[row] != acc_t(0)) ? d : acc_t(0);
+    for (int64_t i = 0; i < nq; ++i) t[i] = g[i] * fast_exp(t[i] * inv_t - lse[i]);
+    if (any_label(labels, nq, key_label)) {
+      for (int64_t i = 0; i < nq; ++i) {
+        if (labels[i] == key_label) t[i] -= g[i] * inv_np[i];
+      }
     }
+    // The query whose own key this is (if in this tile) gets no gradient through it.
+    const int64_t owner = self_offset >= 0 ? key - self_offset : -1;
+    if (owner >= q0 && owner < q0 + nq) t[owner - q0] = 0;
   }
 }
 
@@ -283,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cpu(const at::Tensor& grad_lo
   }
   // Rows without positives have a constant loss of 0: their incoming gradient must not flow.
   const at::Tensor has_pos = npos > 0;
-  const at::Tensor g = at::where(has_pos, grad_loss.to(acc), at::zeros({}, lse.options())).contiguous();
+  const at::Tensor g =
+      at::where(has_pos, grad_loss.to(acc) / temperature, at::zeros({}, lse.options())).contiguous();
   const at::Tensor inv_np = at::where(has_pos, npos.to(acc).reciprocal(), at::zeros({}, lse.options())).contiguous();
   const at::Tensor lse_c = lse.contiguous(), ql = q_labels.contiguous(), kl = k_labels.contiguous();
   at::Tensor grad_q, grad_k;

@@ -1,0 +1,33 @@
+# Set-up, tests and the demo on a fresh machine (python3, g++; nvcc optional).
+# The extension is built with CUDA kernels when a CUDA toolkit is found (SIMCLR_EXT_CUDA=auto|0|1).
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export MAX_JOBS ?= 2
+# Without a visible GPU torch cannot detect the architecture to compile for: A100 (8.0) and H100 (9.0).
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: setup deps build test demo bench clean
+
+deps:
+	$(PYTHON) -m pip install $(TORCH_SPEC) -r requirements-dev.txt
+
+build: deps
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m simclr_ext info
+
+setup: build
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+demo: setup
+	$(PYTHON) python/examples/loss_demo.py
+
+bench: setup
+	$(PYTHON) benchmarks/bench_ntxent_cpu.py --write
+
+clean:
+	rm -rf build *.egg-info simclr_ext/*.so .pytest_cache
