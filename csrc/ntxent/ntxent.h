@@ -48,15 +48,6 @@ SIMCLR_HD acc_t clamped_norm(acc_t sum_squares) {
   return norm > acc_t(kNormEps) ? norm : acc_t(kNormEps);
 }
 
-// max(|z|, eps) from the squared norm: the divisor F.normalize uses. Dividing by it (rather than
-// multiplying by inv_norm) gives exactly +-1 for D = 1, so the normalization backward's projection
-// cancels exactly there, as torch's does.
-template <typename acc_t>
-SIMCLR_HD acc_t clamped_norm(acc_t sum_squares) {
-  const acc_t norm = sqrt(sum_squares);
-  return norm > acc_t(kNormEps) ? norm : acc_t(kNormEps);
-}
-
 // Whether the norm was clamped, in which case normalization's backward is a plain scale.
 template <typename acc_t>
 SIMCLR_HD bool norm_clamped(acc_t sum_squares) {
