@@ -137,7 +137,6 @@ SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, 
   return g * inv_temperature * (p - (positive ? inv_num_positives : acc_t(0)));
 }
 
-
 // ---------------------------------------------------------------------------------------------------
 // Tiling of the CUDA kernels (ntxent_cuda.cu). Kept here, host and device, so that the CPU tests can
 // check every launch choice and index map without a GPU (tests/cpp/ntxent_cuda_plan_test.cpp).
@@ -266,7 +265,7 @@ struct CudaPlan {
   int64_t grid_q, grid_k;   // grid.x: row tiles of q (forward, dQ) and of k (dK)
   int64_t tiles_q, tiles_k; // real (not all-padding) tiles of q and k
   int64_t splits_fwd, splits_dq, splits_dk;  // grid.y of forward, grid.z of the dQ and dK passes
-  int64_t norm_grid_q, norm_grid_k;
+  int64_t norm_grid_q, norm_grid_k;  // normalize and normalization-backward kernels (a warp per row)
   int64_t smem_fwd, smem_bwd;
 };
 

@@ -667,12 +667,11 @@ int64_t sm_count(const at::Tensor& on) {
   return n;
 }
 
-// Normalized, zero-padded copy of x (rows_padded x plan.dim, dtype of x).
+// Normalized, zero-padded copy of x (rows_padded x dim, dtype of x); grid: ceil(rows_padded / 8) blocks.
 template <typename T>
-at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, cudaStream_t stream) {
+at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, int64_t grid, cudaStream_t stream) {
   at::Tensor xhat = at::empty({rows_padded, dim}, x.options());
-  const int64_t blocks = ceil_div(rows_padded, kCudaNormRowsPerBlock);
-  normalize_kernel<T><<<static_cast<unsigned>(blocks), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
+  normalize_kernel<T><<<static_cast<unsigned>(grid), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
       ptr<const T>(x), x.size(0), x.size(1), rows_padded, dim, ptr<T>(xhat));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return xhat;
@@ -682,9 +681,9 @@ at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim
 template <typename T>
 std::pair<at::Tensor, at::Tensor> normalized_pair(const at::Tensor& q, const at::Tensor& k, const CudaPlan& plan,
                                                   cudaStream_t stream) {
-  at::Tensor qhat = normalized_copy<T>(q, plan.rows_q, plan.dim, stream);
+  at::Tensor qhat = normalized_copy<T>(q, plan.rows_q, plan.dim, plan.norm_grid_q, stream);
   if (k.is_same(q)) return {qhat, qhat};
-  return {qhat, normalized_copy<T>(k, plan.rows_k, plan.dim, stream)};
+  return {qhat, normalized_copy<T>(k, plan.rows_k, plan.dim, plan.norm_grid_k, stream)};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -802,13 +801,11 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
           inv_t, self_offset, ptr<acc_t>(dkhat));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    normalize_backward_kernel<T><<<static_cast<unsigned>(ceil_div(m, kCudaNormRowsPerBlock)),
-                                   32 * kCudaNormRowsPerBlock, 0, stream>>>(
+    normalize_backward_kernel<T><<<static_cast<unsigned>(plan.norm_grid_q), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
         ptr<const T>(q), ptr<const acc_t>(dqhat), m, d, plan.dim, plan.splits_dq, plan.rows_q * plan.dim,
         ptr<T>(grad_q));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    normalize_backward_kernel<T><<<static_cast<unsigned>(ceil_div(l, kCudaNormRowsPerBlock)),
-                                   32 * kCudaNormRowsPerBlock, 0, stream>>>(
+    normalize_backward_kernel<T><<<static_cast<unsigned>(plan.norm_grid_k), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
         ptr<const T>(k), ptr<const acc_t>(dkhat), l, d, plan.dim, plan.splits_dk, plan.rows_k * plan.dim,
         ptr<T>(grad_k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
