@@ -70,8 +70,9 @@ def _extension():
     )
     if use_cuda:
         sources += _sources("*.cu")
-        # nvcc has no -g0 (it emits no debug info unless asked); -O3 alone is the release setting.
-        nvcc = (["-O0", "-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
+        # nvcc rejects -g0 ("Unknown option"): it goes to the host compiler through -Xcompiler.
+        nvcc_opt = opt if debug else ["-O3", "-Xcompiler", "-g0"]
+        nvcc = nvcc_opt + ["--expt-relaxed-constexpr", "-lineinfo" if not debug else "-G",
                       "-Xcompiler", "-Wall", "--threads", "2"]
         if os.environ.get("SIMCLR_EXT_WERROR", "0") == "1":
             nvcc += ["-Werror", "all-warnings"]

@@ -55,4 +55,14 @@ TORCH_LIBRARY(simclr_ext, m) {
   m.def(
       "_ntxent_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, "
       "Tensor lse, Tensor npos, float temperature, int self_offset, bool allow_tf32) -> (Tensor, Tensor)");
+  // Fused SimCLR augmentation (see csrc/augment/augment.h for the pipeline and the params columns).
+  // src: packed images, 1-D uint8 or float32 on the op's device; image b starts at offsets[b] and is
+  // channels x shapes[b] = (H, W), laid out (C, H, W) or (H, W, C) (src_channels_last). offsets (B,) int64,
+  // shapes (B, 2) int64 and params (B, P) float32 are CPU tensors. Returns (B, channels, out_h, out_w) of
+  // out_dtype (float32 / float16 / bfloat16), contiguous or channels_last (out_channels_last).
+  m.def(
+      "augment(Tensor src, Tensor offsets, Tensor shapes, Tensor params, int channels, bool src_channels_last, "
+      "int out_h, int out_w, int blur_kernel, float solarize_threshold, float[] mean, float[] std, "
+      "ScalarType out_dtype, bool out_channels_last) -> Tensor");
 }
+

@@ -5,11 +5,15 @@ Representations", ICML 2020.
 """
 from . import ops
 from ._version import __version__
+from .augment import AugmentParams, SimCLRAugment, augment
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
 from .ops import set_tf32, tf32_enabled
 
 __all__ = [
+    "AugmentParams",
+    "SimCLRAugment",
+    "augment",
     "__version__",
     "info",
     "NTXentLoss",

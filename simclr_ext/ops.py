@@ -83,3 +83,23 @@ def _no_double_backward(ctx, grad_q, grad_k):
 
 torch.library.register_autograd("simclr_ext::_ntxent_backward", _no_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused augmentation (simclr_ext/augment.py builds the arguments; csrc/augment/ has the kernels)
+
+
+def augment_op(src, offsets, shapes, params, channels, src_channels_last, out_h, out_w, blur_kernel,
+               solarize_threshold, mean, std, out_dtype, out_channels_last):
+    """The raw op: packed images -> (B, channels, out_h, out_w) views (see csrc/ops.cpp for the schema)."""
+    return _ops.augment.default(src, offsets, shapes, params, int(channels), bool(src_channels_last), int(out_h),
+                                int(out_w), int(blur_kernel), float(solarize_threshold), list(mean), list(std),
+                                out_dtype, bool(out_channels_last))
+
+
+@torch.library.register_fake("simclr_ext::augment")
+def _augment_fake(src, offsets, shapes, params, channels, src_channels_last, out_h, out_w, blur_kernel,
+                  solarize_threshold, mean, std, out_dtype, out_channels_last):
+    fmt = torch.channels_last if out_channels_last else torch.contiguous_format
+    return torch.empty((offsets.shape[0], channels, out_h, out_w), dtype=out_dtype, device=src.device,
+                       memory_format=fmt)

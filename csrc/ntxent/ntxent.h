@@ -28,8 +28,9 @@ namespace ntxent {
 // Same clamp as torch.nn.functional.normalize's default eps.
 constexpr double kNormEps = 1e-12;
 
-// Row and key tile sizes of the CPU kernel. 64 query rows x 256 keys keeps a float32 score tile
-// (64 KiB) plus its gradient in L2 while the two tile GEMMs stay large enough for BLAS to be efficient.
+// Tile sizes of the CPU kernel: a task owns kCpuRowBlock output rows (queries in the forward and dq
+// pass, keys in the dk pass) and streams the other side in tiles of kCpuKeyBlock rows. A 64 x 256 float32
+// tile (64 KiB) stays in L2 while the tile GEMMs keep an inner dimension of D or 256 for BLAS.
 constexpr int64_t kCpuRowBlock = 64;
 constexpr int64_t kCpuKeyBlock = 256;
 

@@ -253,8 +253,7 @@ at::Tensor grad_pass(const Normalized& q, const Normalized& k, bool transposed, 
                      const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
   const at::Tensor& own = transposed ? k.hat : q.hat;
   const at::Tensor& other = transposed ? q.hat : k.hat;
-  const int64_t block = transposed ? kCpuKeyBlock : kCpuRowBlock;
-  const int64_t tile = transposed ? kCpuRowBlock : kCpuKeyBlock;
+  const int64_t block = kCpuRowBlock, tile = kCpuKeyBlock;
   at::Tensor grad = at::zeros_like(own);
   const int64_t n_own = own.size(0), n_other = other.size(0);
   at::parallel_for(0, ceil_div(n_own, block), 1, [&](int64_t b_begin, int64_t b_end) {

@@ -1,0 +1,300 @@
+// CUDA kernels of the fused augmentation op. Every block owns one TILE x TILE output tile of one sample
+// (grid.x = samples x tiles) and recomputes rather than stores: the color pipeline is cheap next to a
+// round trip through global memory, so the op reads the uint8 sources and writes the outputs, nothing else
+// of image size.
+//   luma_partials: only for samples with jitter; geometry + the jitter ops before contrast, summing the
+//                  luma of the tile (deterministic: one partial per tile, no atomics);
+//   luma_means:    one thread per sample sums its partials in a fixed order (contrast's mean);
+//   augment_main:  geometry + all color ops per pixel; without blur it finishes and writes at once; with
+//                  blur it fills a haloed tile in shared memory (reflect padding), blurs it horizontally
+//                  then vertically, and finishes and writes.
+// The per-pixel math is csrc/augment/augment.h, the same helpers the CPU kernel runs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "augment/augment.h"
+#include "augment/augment_checks.h"
+
+namespace simclr_ext {
+namespace augment {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Per-launch constants, passed by value.
+struct Launch {
+  int channels, out_h, out_w, radius, tile, tiles_x;
+  int64_t tiles;  // tiles per sample
+  bool src_cl;
+  float threshold;
+  float mean[3], inv_std[3];
+  int64_t out_sb, out_sc, out_sy, out_sx;
+};
+
+template <typename T>
+__device__ __forceinline__ Source<T> source_of(const T* src, const int64_t* offsets, const int64_t* shapes,
+                                               int64_t b, const Launch& L) {
+  const int64_t h = shapes[2 * b], w = shapes[2 * b + 1];
+  Source<T> s;
+  s.base = src + offsets[b];
+  s.h = static_cast<int>(h);
+  s.w = static_cast<int>(w);
+  s.sc = L.src_cl ? 1 : h * w;
+  s.sy = L.src_cl ? w * L.channels : w;
+  s.sx = L.src_cl ? L.channels : 1;
+  return s;
+}
+
+// Sum over the block; the result is valid in thread 0. blockDim.x == kThreads.
+__device__ __forceinline__ float block_sum(float x, float* shared32) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared32[warp] = x;
+  __syncthreads();
+  x = 0.f;
+  if (warp == 0) {
+    x = lane < kThreads / 32 ? shared32[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  }
+  return x;
+}
+
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads) luma_partials_kernel(const T* __restrict__ src,
+                                                                   const int64_t* __restrict__ offsets,
+                                                                   const int64_t* __restrict__ shapes,
+                                                                   const float* __restrict__ params,
+                                                                   float* __restrict__ partials, Launch L) {
+  __shared__ float shared32[32];
+  const int64_t b = blockIdx.x / L.tiles, t = blockIdx.x % L.tiles;
+  const View v = load_view(params + b * kNumParams);
+  if (!v.jitter) return;  // uniform over the block: no contrast, no mean needed
+  const Source<T> s = source_of(src, offsets, shapes, b, L);
+  const int y0 = static_cast<int>(t / L.tiles_x) * L.tile, x0 = static_cast<int>(t % L.tiles_x) * L.tile;
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
+    const int y = y0 + i / L.tile, x = x0 + i % L.tile;
+    if (y >= L.out_h || x >= L.out_w) continue;
+    float p[3];
+    sample_geometry(s, v, x, y, L.out_w, L.out_h, C, p);
+    color_before_contrast(p, C, v);
+    sum += luma(p, C);
+  }
+  sum = block_sum(sum, shared32);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+__global__ void luma_means_kernel(const float* __restrict__ partials, const float* __restrict__ params,
+                                  float* __restrict__ means, int64_t batch, Launch L) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  if (params[b * kNumParams + kJitter] == 0.f) {
+    means[b] = 0.f;
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t t = 0; t < L.tiles; ++t) sum += partials[b * L.tiles + t];
+  means[b] = static_cast<float>(sum / (static_cast<double>(L.out_h) * L.out_w));
+}
+
+template <int C, typename O>
+__device__ __forceinline__ void write_pixel(O* out, const Launch& L, int64_t b, int y, int x, const float* p,
+                                            bool solarize) {
+  O* o = out + b * L.out_sb + static_cast<int64_t>(y) * L.out_sy + static_cast<int64_t>(x) * L.out_sx;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    o[c * L.out_sc] = static_cast<O>(finish(p[c], solarize, L.threshold, L.mean[c], L.inv_std[c]));
+  }
+}
+
+template <int C, typename T>
+__device__ __forceinline__ void colored_pixel(const Source<T>& s, const View& v, const Launch& L, float mean, int x,
+                                              int y, float* p) {
+  sample_geometry(s, v, x, y, L.out_w, L.out_h, C, p);
+  color_before_contrast(p, C, v);
+  color_from_contrast(p, C, v, mean);
+}
+
+template <typename T, typename O, int C>
+__global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restrict__ src,
+                                                                  const int64_t* __restrict__ offsets,
+                                                                  const int64_t* __restrict__ shapes,
+                                                                  const float* __restrict__ params,
+                                                                  const float* __restrict__ means,
+                                                                  O* __restrict__ out, Launch L) {
+  extern __shared__ float smem[];
+  const int64_t b = blockIdx.x / L.tiles, t = blockIdx.x % L.tiles;
+  const View v = load_view(params + b * kNumParams);
+  const Source<T> s = source_of(src, offsets, shapes, b, L);
+  const float mean = v.jitter ? means[b] : 0.f;
+  const int y0 = static_cast<int>(t / L.tiles_x) * L.tile, x0 = static_cast<int>(t % L.tiles_x) * L.tile;
+
+  if (!v.blur) {
+    for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
+      const int y = y0 + i / L.tile, x = x0 + i % L.tile;
+      if (y >= L.out_h || x >= L.out_w) continue;
+      float p[3];
+      colored_pixel<C>(s, v, L, mean, x, y, p);
+      write_pixel<C>(out, L, b, y, x, p, v.solarize);
+    }
+    return;
+  }
+
+  const int r = L.radius, k = 2 * r + 1, ext = L.tile + 2 * r;
+  float* w = smem;                                    // k weights, then their sum
+  float* tin = smem + (kMaxBlurKernel + 1);           // C x ext x ext colored pixels (haloed tile)
+  float* th = tin + static_cast<int64_t>(C) * ext * ext;  // C x ext x tile after the horizontal pass
+  for (int i = threadIdx.x; i < k; i += kThreads) w[i] = gauss_tap(i - r, v.sigma);
+  // Halo pixels past the last output row/column + r are never read; clamping keeps reflect() in range.
+  for (int i = threadIdx.x; i < ext * ext; i += kThreads) {
+    const int ly = i / ext, lx = i % ext;
+    const int gy = reflect(min(y0 - r + ly, L.out_h - 1 + r), L.out_h);
+    const int gx = reflect(min(x0 - r + lx, L.out_w - 1 + r), L.out_w);
+    float p[3];
+    colored_pixel<C>(s, v, L, mean, gx, gy, p);
+    for (int c = 0; c < C; ++c) tin[(c * ext + ly) * ext + lx] = p[c];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int i = 0; i < k; ++i) total += w[i];
+    w[kMaxBlurKernel] = total;
+  }
+  __syncthreads();
+  const float inv_total = 1.f / w[kMaxBlurKernel];
+  for (int i = threadIdx.x; i < k; i += kThreads) w[i] *= inv_total;
+  __syncthreads();
+  for (int i = threadIdx.x; i < ext * L.tile; i += kThreads) {
+    const int ly = i / L.tile, lx = i % L.tile;
+    for (int c = 0; c < C; ++c) {
+      const float* row = tin + (c * ext + ly) * ext + lx;
+      float acc = 0.f;
+      for (int j = 0; j < k; ++j) acc += w[j] * row[j];
+      th[(c * ext + ly) * L.tile + lx] = acc;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
+    const int ly = i / L.tile, lx = i % L.tile;
+    const int y = y0 + ly, x = x0 + lx;
+    if (y >= L.out_h || x >= L.out_w) continue;
+    float p[3];
+    for (int c = 0; c < C; ++c) {
+      const float* col = th + (c * ext + ly) * L.tile + lx;
+      float acc = 0.f;
+      for (int j = 0; j < k; ++j) acc += w[j] * col[j * L.tile];
+      p[c] = acc;
+    }
+    write_pixel<C>(out, L, b, y, x, p, v.solarize);
+  }
+}
+
+size_t blur_smem_bytes(int channels, int tile, int radius) {
+  const size_t ext = static_cast<size_t>(tile) + 2 * radius;
+  return sizeof(float) * (kMaxBlurKernel + 1 + channels * ext * ext + channels * ext * tile);
+}
+
+template <typename T, typename O, int C>
+void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes, const at::Tensor& params,
+            const Launch& L, int64_t batch, size_t smem, at::Tensor& out, cudaStream_t stream) {
+  const int64_t blocks = batch * L.tiles;
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "augment: too many tiles (", blocks, ") for one launch");
+  const T* s = src.data_ptr<T>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* shp = shapes.data_ptr<int64_t>();
+  const float* prm = params.data_ptr<float>();
+  at::Tensor partials = at::empty({blocks}, params.options());
+  at::Tensor means = at::empty({batch}, params.options());
+  luma_partials_kernel<T, C><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s, off, shp, prm,
+                                                                                  partials.data_ptr<float>(), L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  luma_means_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(
+      partials.data_ptr<float>(), prm, means.data_ptr<float>(), batch, L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto kernel = augment_main_kernel<T, O, C>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(s, off, shp, prm, means.data_ptr<float>(),
+                                                                     out.data_ptr<O>(), L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
+                        const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
+                        int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
+                        c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
+  const Config cfg = check_args(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
+                                solarize_threshold, mean, std, out_dtype);
+  check_values(offsets.data_ptr<int64_t>(), shapes.data_ptr<int64_t>(), params.data_ptr<float>(), cfg, src.numel());
+  const c10::cuda::CUDAGuard guard(src.device());
+  at::Tensor out = at::empty({cfg.batch, channels, out_h, out_w}, src.options().dtype(out_dtype),
+                             out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (cfg.batch == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(src.device().index()).stream();
+
+  // The largest tile whose blur working set fits the device's opt-in shared memory.
+  int device_smem = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, src.device().index()));
+  int tile = 32;
+  while (tile > 8 && blur_smem_bytes(cfg.channels, tile, cfg.radius) > static_cast<size_t>(device_smem)) tile /= 2;
+  const size_t smem = blur_smem_bytes(cfg.channels, tile, cfg.radius);
+  TORCH_CHECK(smem <= static_cast<size_t>(device_smem), "augment: blur_kernel ", blur_kernel,
+              " needs ", smem, " bytes of shared memory per block, the device allows ", device_smem);
+
+  Launch L;
+  L.channels = cfg.channels;
+  L.out_h = cfg.out_h;
+  L.out_w = cfg.out_w;
+  L.radius = cfg.radius;
+  L.tile = tile;
+  L.tiles_x = (cfg.out_w + tile - 1) / tile;
+  L.tiles = static_cast<int64_t>(L.tiles_x) * ((cfg.out_h + tile - 1) / tile);
+  L.src_cl = src_channels_last;
+  L.threshold = cfg.threshold;
+  for (int c = 0; c < 3; ++c) {
+    L.mean[c] = cfg.mean[c];
+    L.inv_std[c] = cfg.inv_std[c];
+  }
+  const int64_t hw = static_cast<int64_t>(cfg.out_h) * cfg.out_w;
+  L.out_sb = hw * cfg.channels;
+  L.out_sc = out_channels_last ? 1 : hw;
+  L.out_sy = out_channels_last ? static_cast<int64_t>(cfg.out_w) * cfg.channels : cfg.out_w;
+  L.out_sx = out_channels_last ? cfg.channels : 1;
+
+  const at::Tensor d_offsets = offsets.to(src.device());
+  const at::Tensor d_shapes = shapes.to(src.device());
+  const at::Tensor d_params = params.to(src.device());
+  const bool u8 = src.scalar_type() == at::kByte;
+  const bool rgb = cfg.channels == 3;
+  // 2 source types x 3 output types x 2 channel counts: the channel loops unroll and stay in registers.
+#define SIMCLR_AUGMENT_LAUNCH(O)                                                                         \
+  do {                                                                                                   \
+    if (u8 && rgb) launch<uint8_t, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream); \
+    else if (u8) launch<uint8_t, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);   \
+    else if (rgb) launch<float, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);    \
+    else launch<float, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);             \
+  } while (0)
+  if (out_dtype == at::kFloat) {
+    SIMCLR_AUGMENT_LAUNCH(float);
+  } else if (out_dtype == at::kHalf) {
+    SIMCLR_AUGMENT_LAUNCH(c10::Half);
+  } else {
+    SIMCLR_AUGMENT_LAUNCH(c10::BFloat16);
+  }
+#undef SIMCLR_AUGMENT_LAUNCH
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(simclr_ext, CUDA, m) { m.impl("augment", &augment_cuda); }
+
+}  // namespace augment
+}  // namespace simclr_ext

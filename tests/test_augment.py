@@ -1,0 +1,237 @@
+"""Parity of the fused augmentation op with simclr_reference.augment (torchvision v2, float64), on CPU and
+CUDA, for every op alone and all together, every output dtype, both layouts and ragged batches.
+
+Tolerances. The reference runs in float64 except adjust_hue (torchvision converts to float32 for it); the
+op computes in float32. Its error comes from float32 rounding of the bilinear weights and products (~1e-7
+relative), the HSV round trip (a few float32 ulps of values in [0, 1], amplified by the division by the
+channel range near gray pixels), the contrast mean (float32 vs float64 sum) and the blur's 2 x k-term
+float32 accumulations. Measured worst cases over 40 random batches with every op on are 1.3e-5 (max) and
+1.9e-7 (mean) on [0, 1] values; normalization divides by std >= 0.2 (x5). F32_MAX = 5e-5 and F32_MEAN = 2e-6
+on [0, 1] values leave a ~4x / ~10x margin and still catch any real mistake (one wrong pixel, tap, weight or
+rounding step is >= 1e-3). For float16 /
+bfloat16 outputs the op may be at most 2x as far from the float64 reference as the reference itself rounded
+to that dtype (the flash-attention criterion), plus the float32 allowance.
+"""
+import pytest
+import torch
+
+import simclr_reference
+from simclr_ext import AugmentParams, SimCLRAugment, augment
+from simclr_ext.augment import default_blur_kernel
+
+F32_MAX = 5e-5
+F32_MEAN = 2e-6
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA GPU")])
+DEVICES = ["cpu", CUDA]
+
+
+def _images(b, c, h, w, seed, dtype=torch.uint8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8)
+    assert x.float().std() > 10  # never constant
+    return x if dtype == torch.uint8 else x.to(dtype) / 255
+
+
+def assert_close_to_reference(out, ref, scale=1.0):
+    """out: the op's view (any dtype); ref: float64 reference; scale: 1 / min(std) when normalized."""
+    assert out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    err = (out.double().cpu() - ref).abs()
+    max_tol, mean_tol = F32_MAX * scale, F32_MEAN * scale
+    if out.dtype != torch.float32:
+        plain = (ref.to(out.dtype).double() - ref).abs()
+        max_tol += 2 * plain.max().item()
+        mean_tol += 2 * plain.mean().item()
+    assert err.max().item() <= max_tol, f"max error {err.max().item():.3g} > {max_tol:.3g}"
+    assert err.mean().item() <= mean_tol, f"mean error {err.mean().item():.3g} > {mean_tol:.3g}"
+
+
+def _check(images, aug, params, device, **kw):
+    """Run the op on `device` and compare with the reference on CPU in float64."""
+    dev_images = [im.to(device) for im in images] if isinstance(images, list) else images.to(device)
+    out = augment(dev_images, params, out_dtype=aug.out_dtype, mean=aug.mean, std=aug.std,
+                  solarize_threshold=aug.solarize_threshold, memory_format=aug.memory_format, **kw)
+    assert out.device.type == device and out.dtype == aug.out_dtype
+    ref_images = images if not kw.get("layout") == "NHWC" else images.permute(0, 3, 1, 2)
+    ref = simclr_reference.augment(ref_images, params, mean=aug.mean, std=aug.std,
+                                   solarize_threshold=aug.solarize_threshold)
+    scale = 1.0 if aug.std is None else 1.0 / min(aug.std)
+    assert_close_to_reference(out, ref, scale)
+    return out
+
+
+# Every op alone: the crop is the whole image resized to itself (an exact identity) unless the op is the
+# crop; the jitter ops are isolated by setting the other three factors to their identities.
+NOTHING = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+               mean=None, std=None)
+ALONE = {
+    "crop": dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+    "crop_upscale": dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), size=40),
+    "flip": dict(flip_p=1.0),
+    "rotate": dict(rotation_degrees=180.0),
+    "brightness": dict(jitter_p=1.0),
+    "contrast": dict(jitter_p=1.0),
+    "saturation": dict(jitter_p=1.0),
+    "hue": dict(jitter_p=1.0),
+    "grayscale": dict(grayscale_p=1.0),
+    "blur": dict(blur_p=1.0, blur_kernel=5),
+    "solarize": dict(solarize_p=1.0),
+    "normalize": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+}
+IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", sorted(ALONE))
+def test_each_op_alone_matches_reference(op, device):
+    images = _images(6, 3, 24, 24, seed=sorted(ALONE).index(op))
+    kw = dict(NOTHING, size=24)
+    kw.update(ALONE[op])
+    aug = SimCLRAugment(**kw)
+    params = aug.sample(images, torch.Generator().manual_seed(1))
+    if op in IDENTITY:
+        for name, ident in IDENTITY.items():
+            if name != op:
+                getattr(params, name).fill_(ident)
+    out = _check(images, aug, params, device)
+    if op not in ("crop", "crop_upscale"):  # the op really changed the image
+        assert (out.float().cpu() - images.float() / 255).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_full_pipeline_matches_reference(out_dtype, device):
+    images = _images(8, 3, 40, 36, seed=3)
+    aug = SimCLRAugment(size=(28, 32), rotation_degrees=25.0, solarize_p=0.3, out_dtype=out_dtype)
+    params = aug.sample(images, torch.Generator().manual_seed(7))
+    _check(images, aug, params, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_branch_together(device):
+    """All ops on for every sample, with odd sizes and the imagenet blur kernel rule."""
+    images = _images(5, 3, 37, 53, seed=4)
+    aug = SimCLRAugment(size=(31, 29), flip_p=1.0, rotation_degrees=40.0, jitter_p=1.0, grayscale_p=1.0,
+                        blur_p=1.0, solarize_p=1.0, blur_kernel=7)
+    _check(images, aug, aug.sample(images, torch.Generator().manual_seed(2)), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nhwc_and_channels_last_inputs(device):
+    images = _images(6, 3, 30, 34, seed=5)
+    aug = SimCLRAugment(size=24, rotation_degrees=10.0, blur_kernel=5)
+    params = aug.sample(images, torch.Generator().manual_seed(3))
+    nchw = _check(images, aug, params, device)
+    nhwc = _check(images.permute(0, 2, 3, 1).contiguous(), aug, params, device, layout="NHWC")
+    torch.testing.assert_close(nhwc, nchw, rtol=0, atol=0)
+    cl = augment(images.to(device).contiguous(memory_format=torch.channels_last), params, mean=aug.mean, std=aug.std)
+    torch.testing.assert_close(cl, nchw, rtol=0, atol=0)
+    sub = images[:, :, ::2, 1::2]  # neither contiguous nor channels_last: copied once
+    sub_params = aug.sample(sub, torch.Generator().manual_seed(4))
+    strided = augment(images.to(device)[:, :, ::2, 1::2], sub_params, mean=aug.mean, std=aug.std)
+    ref = simclr_reference.augment(sub, sub_params, mean=aug.mean, std=aug.std)
+    assert_close_to_reference(strided, ref, 1 / min(aug.std))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_output(device):
+    images = _images(4, 3, 26, 26, seed=6)
+    aug = SimCLRAugment(size=20, blur_kernel=3, memory_format=torch.channels_last)
+    params = aug.sample(images, torch.Generator().manual_seed(5))
+    out = _check(images, aug, params, device)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ragged_list_of_sizes(device):
+    g = torch.Generator().manual_seed(8)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+              for h, w in [(17, 40), (64, 23), (32, 32), (9, 11), (50, 71)]]
+    aug = SimCLRAugment(size=16, rotation_degrees=20.0, blur_kernel=5)
+    params = aug.sample(images, torch.Generator().manual_seed(6))
+    assert params.height.max() > 16 and params.height.min() <= 11
+    _check(images, aug, params, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_float_inputs(dtype, device):
+    images = _images(4, 3, 28, 28, seed=9, dtype=torch.float64).to(dtype)
+    aug = SimCLRAugment(size=20, rotation_degrees=15.0, blur_kernel=3)
+    params = aug.sample(images, torch.Generator().manual_seed(9))
+    # The reference sees exactly the float32 values the op reads (float64 input is rounded to float32).
+    out = augment(images.to(device), params, mean=aug.mean, std=aug.std)
+    ref = simclr_reference.augment(images.float(), params, mean=aug.mean, std=aug.std)
+    assert_close_to_reference(out, ref, 1 / min(aug.std))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preset", ["mnist", "cifar10", "stl10"])
+def test_presets_match_reference(preset, device):
+    c = 1 if preset == "mnist" else 3
+    aug = SimCLRAugment.preset(preset, size=16 if preset != "stl10" else 24, jitter_p=1.0)
+    images = _images(6, c, 30, 30, seed=10)
+    _check(images, aug, aug.sample(images, torch.Generator().manual_seed(10)), device)
+
+
+def test_presets_follow_the_paper():
+    im = SimCLRAugment.preset("imagenet")
+    assert im.size == (224, 224) and im.blur_kernel == 23 and im.blur_p == 0.5 and im.jitter_p == 0.8
+    assert im.scale == (0.08, 1.0) and im.grayscale_p == 0.2 and im.flip_p == 0.5 and im.hue_strength == 0.2
+    cifar = SimCLRAugment.preset("cifar10")
+    assert cifar.size == (32, 32) and cifar.blur_p == 0.0
+    assert SimCLRAugment.preset("stl10").size == (96, 96)
+    digits = SimCLRAugment.preset("digits", size=32)
+    assert digits.size == (32, 32) and digits.flip_p == 0 and digits.rotation_degrees > 0
+    assert digits.hue_strength == 0 and len(digits.mean) == 1
+    assert default_blur_kernel((96, 96)) == 9 and default_blur_kernel((32, 32)) == 3
+
+
+def test_two_views_are_reproducible_from_a_seed():
+    images = _images(4, 3, 32, 32, seed=11)
+    aug = SimCLRAugment.preset("cifar10", blur_p=0.5)
+    v1, v2 = aug(images, generator=torch.Generator().manual_seed(0))
+    w1, w2 = aug(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(v1, w1) and torch.equal(v2, w2)
+    assert not torch.equal(v1, v2)
+    u1, _ = aug(images, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(u1, v1)
+    assert v1.shape == (4, 3, 32, 32) and v1.dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_seed_same_views_on_cpu_and_cuda():
+    images = _images(6, 3, 48, 48, seed=12)
+    aug = SimCLRAugment(size=32, rotation_degrees=30.0, solarize_p=0.5, blur_kernel=5)
+    c1, c2 = aug(images, generator=torch.Generator().manual_seed(3))
+    g1, g2 = aug(images.cuda(), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(g1.cpu(), c1, rtol=0, atol=F32_MAX / min(aug.std))
+    torch.testing.assert_close(g2.cpu(), c2, rtol=0, atol=F32_MAX / min(aug.std))
+    again, _ = aug(images.cuda(), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, g1)  # deterministic: no atomics in the contrast mean
+
+
+def test_opcheck():
+    images = _images(3, 3, 20, 20, seed=13)
+    aug = SimCLRAugment(size=12, blur_kernel=3, rotation_degrees=10.0)
+    p = aug.sample(images, torch.Generator().manual_seed(0))
+    src = images.reshape(-1)
+    offsets = torch.arange(3, dtype=torch.int64) * 1200
+    shapes = torch.tensor([[20, 20]] * 3, dtype=torch.int64)
+    for out_dtype, cl in [(torch.float32, False), (torch.bfloat16, True)]:
+        args = (src, offsets, shapes, p.packed(), 3, False, 12, 12, 3, 0.5, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25],
+                out_dtype, cl)
+        torch.library.opcheck(torch.ops.simclr_ext.augment.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_params_dataclass():
+    images = _images(3, 3, 20, 20, seed=14)
+    p = SimCLRAugment(size=8, blur_kernel=3).sample(images, torch.Generator().manual_seed(0))
+    assert isinstance(p, AugmentParams) and len(p) == 3
+    assert p.packed().shape == (3, 19) and p.packed().dtype == torch.float32
+    assert p.order.shape == (3, 4) and sorted(p.order[0].tolist()) == [0, 1, 2, 3]
+    assert set(p.to_list()[0]) >= {"top", "flip", "order", "sigma"}
