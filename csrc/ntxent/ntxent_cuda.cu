@@ -677,13 +677,32 @@ at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim
   return xhat;
 }
 
-// q and k as one tensor (SimCLR's q = k = cat(z1, z2)) are normalized once.
+// The op's tensors made contiguous once; q and k stay one tensor when they are one (SimCLR's
+// q = k = cat(z1, z2)), so that they are also normalized once.
+struct ContiguousInputs {
+  at::Tensor q, k, q_labels, k_labels;
+};
+
+ContiguousInputs contiguous_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
+                                   const at::Tensor& k_labels) {
+  const at::Tensor qc = q.contiguous();
+  return {qc, k.is_same(q) ? qc : k.contiguous(), q_labels.contiguous(), k_labels.contiguous()};
+}
+
+// The launch plan of a call and the normalized copies of q and k it streams.
+struct Normalized {
+  CudaPlan plan;
+  at::Tensor qhat, khat;
+};
+
 template <typename T>
-std::pair<at::Tensor, at::Tensor> normalized_pair(const at::Tensor& q, const at::Tensor& k, const CudaPlan& plan,
-                                                  cudaStream_t stream) {
-  at::Tensor qhat = normalized_copy<T>(q, plan.rows_q, plan.dim, plan.norm_grid_q, stream);
-  if (k.is_same(q)) return {qhat, qhat};
-  return {qhat, normalized_copy<T>(k, plan.rows_k, plan.dim, plan.norm_grid_k, stream)};
+Normalized normalize_inputs(const ContiguousInputs& in, cudaStream_t stream) {
+  const CudaPlan plan =
+      make_cuda_plan(in.q.size(0), in.k.size(0), in.q.size(1), sizeof(T), sizeof(acc_of<T>), sm_count(in.q));
+  const at::Tensor qhat = normalized_copy<T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, stream);
+  const at::Tensor khat =
+      in.k.is_same(in.q) ? qhat : normalized_copy<T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, stream);
+  return {plan, qhat, khat};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -695,7 +714,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_i
   check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int64_t m = q_in.size(0), l = k_in.size(0), d = q_in.size(1);
+  const int64_t m = q_in.size(0), l = k_in.size(0);
   const auto acc = acc_dtype(q_in);
   at::Tensor loss = at::empty({m}, q_in.options().dtype(acc));
   at::Tensor lse = at::empty({m}, q_in.options().dtype(acc));
@@ -707,18 +726,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_i
     npos.zero_();
     return {loss, lse, npos};
   }
-  const at::Tensor q = q_in.contiguous();
-  const at::Tensor k = k_in.is_same(q_in) ? q : k_in.contiguous();
-  const at::Tensor q_labels = q_labels_in.contiguous();
-  const at::Tensor k_labels = k_labels_in.contiguous();
+  const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
+  const at::Tensor& q = in.q;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_storage(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_of<T>;
-    const CudaPlan plan = make_cuda_plan(m, l, d, sizeof(T), sizeof(acc_t), sm_count(q));
-    at::Tensor qhat, khat;
-    std::tie(qhat, khat) = normalized_pair<T>(q, k, plan, stream);
+    const Normalized nz = normalize_inputs<T>(in, stream);
+    const CudaPlan& plan = nz.plan;
     const int64_t splits = plan.splits_fwd;
     const at::Tensor part = at::empty({3, splits, m}, q.options().dtype(acc));
     const at::Tensor part_count = at::empty({splits, m}, q.options().dtype(at::kInt));
@@ -729,10 +745,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_i
       auto kernel = forward_kernel<T, kTC>;
       set_smem(kernel, plan.smem_fwd, q);
       const dim3 grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(splits));
-      kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(ptr<const T>(qhat), ptr<const T>(khat),
-                                                            ptr<const int64_t>(q_labels), ptr<const int64_t>(k_labels),
-                                                            m, l, plan.dim, static_cast<acc_t>(1.0 / temperature),
-                                                            self_offset, parts);
+      kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat),
+                                                            ptr<const int64_t>(in.q_labels),
+                                                            ptr<const int64_t>(in.k_labels), m, l, plan.dim,
+                                                            static_cast<acc_t>(1.0 / temperature), self_offset, parts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     constexpr int kMergeThreads = 256;
@@ -752,8 +768,9 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t m = q_in.size(0), l = k_in.size(0), d = q_in.size(1);
-  const at::Tensor q = q_in.contiguous();
-  const at::Tensor k = k_in.is_same(q_in) ? q : k_in.contiguous();
+  const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
   at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
   if (m == 0 || l == 0) {
@@ -765,16 +782,13 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
   const at::Tensor g = grad_loss.to(acc).contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor npos = npos_in.contiguous();
-  const at::Tensor q_labels = q_labels_in.contiguous();
-  const at::Tensor k_labels = k_labels_in.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_storage(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = acc_of<T>;
-    const CudaPlan plan = make_cuda_plan(m, l, d, sizeof(T), sizeof(acc_t), sm_count(q));
-    at::Tensor qhat, khat;
-    std::tie(qhat, khat) = normalized_pair<T>(q, k, plan, stream);
+    const Normalized nz = normalize_inputs<T>(in, stream);
+    const CudaPlan& plan = nz.plan;
     // One slice of partial sums per split of the streamed tiles; normalize_backward adds them up.
     const at::Tensor dqhat = at::empty({plan.splits_dq, plan.rows_q, plan.dim}, q.options().dtype(acc));
     const at::Tensor dkhat = at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
@@ -782,33 +796,32 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     const at::Tensor grad_bound = g.abs().amax().mul(1.0 / temperature);  // on the stream: no sync
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
-      auto dq_kernel = grad_kernel<T, kTC, true>;
-      set_smem(dq_kernel, plan.smem_bwd, q);
-      const dim3 dq_grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(plan.out_chunks),
-                         static_cast<unsigned>(plan.splits_dq));
-      dq_kernel<<<dq_grid, kCudaThreads, plan.smem_bwd, stream>>>(
-          ptr<const T>(qhat), ptr<const T>(khat), ptr<const int64_t>(q_labels), ptr<const int64_t>(k_labels), m, l,
-          plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), ptr<const acc_t>(grad_bound),
-          inv_t, self_offset, ptr<acc_t>(dqhat));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto dk_kernel = grad_kernel<T, kTC, false>;
-      set_smem(dk_kernel, plan.smem_bwd, q);
-      const dim3 dk_grid(static_cast<unsigned>(plan.grid_k), static_cast<unsigned>(plan.out_chunks),
-                         static_cast<unsigned>(plan.splits_dk));
-      dk_kernel<<<dk_grid, kCudaThreads, plan.smem_bwd, stream>>>(
-          ptr<const T>(khat), ptr<const T>(qhat), ptr<const int64_t>(k_labels), ptr<const int64_t>(q_labels), l, m,
-          plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), ptr<const acc_t>(grad_bound),
-          inv_t, self_offset, ptr<acc_t>(dkhat));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // One pass: dhat of the own rows (queries: dQ, keys: dK) from the other side's tiles.
+      auto pass = [&](auto own_is_query, const at::Tensor& own_hat, const at::Tensor& other_hat,
+                      const at::Tensor& own_labels, const at::Tensor& other_labels, int64_t own_n, int64_t other_n,
+                      int64_t grid, int64_t splits, const at::Tensor& dhat) {
+        auto kernel = grad_kernel<T, kTC, decltype(own_is_query)::value>;
+        set_smem(kernel, plan.smem_bwd, q);
+        const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(plan.out_chunks),
+                          static_cast<unsigned>(splits));
+        kernel<<<blocks, kCudaThreads, plan.smem_bwd, stream>>>(
+            ptr<const T>(own_hat), ptr<const T>(other_hat), ptr<const int64_t>(own_labels),
+            ptr<const int64_t>(other_labels), own_n, other_n, plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g),
+            ptr<const int>(npos), ptr<const acc_t>(grad_bound), inv_t, self_offset, ptr<acc_t>(dhat));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      pass(std::true_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q, plan.splits_dq, dqhat);
+      pass(std::false_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k, plan.splits_dk, dkhat);
     });
-    normalize_backward_kernel<T><<<static_cast<unsigned>(plan.norm_grid_q), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
-        ptr<const T>(q), ptr<const acc_t>(dqhat), m, d, plan.dim, plan.splits_dq, plan.rows_q * plan.dim,
-        ptr<T>(grad_q));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    normalize_backward_kernel<T><<<static_cast<unsigned>(plan.norm_grid_k), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
-        ptr<const T>(k), ptr<const acc_t>(dkhat), l, d, plan.dim, plan.splits_dk, plan.rows_k * plan.dim,
-        ptr<T>(grad_k));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Back through the normalization, summing the split slices: grad = (dxhat - xhat <xhat, dxhat>) / |x|.
+    auto norm_backward = [&](const at::Tensor& x, const at::Tensor& dxhat, int64_t n, int64_t grid, int64_t splits,
+                             int64_t rows_padded, const at::Tensor& grad) {
+      normalize_backward_kernel<T><<<static_cast<unsigned>(grid), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
+          ptr<const T>(x), ptr<const acc_t>(dxhat), n, d, plan.dim, splits, rows_padded * plan.dim, ptr<T>(grad));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q);
+    norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k);
   });
   return {grad_q, grad_k};
 }
