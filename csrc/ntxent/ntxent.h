@@ -130,11 +130,31 @@ SIMCLR_HD acc_t row_loss(acc_t lse, acc_t positive_sum, int64_t num_positives) {
   return num_positives > 0 ? lse - positive_sum / acc_t(num_positives) : acc_t(0);
 }
 
+// The logit c / t, as a rounded product that is never fused with a following subtraction (the CPU
+// build uses -ffp-contract=off; CUDA's default contraction is avoided with __fmul_rn). The backward
+// then recomputes exactly the forward's logits: where a row's softmax is exactly 1 (its only key is
+// its positive) the gradient cancels to exactly 0, as in the reference.
+SIMCLR_HD float logit(float c, float inv_temperature) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(c, inv_temperature);
+#else
+  return c * inv_temperature;
+#endif
+}
+
+SIMCLR_HD double logit(double c, double inv_temperature) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(c, inv_temperature);
+#else
+  return c * inv_temperature;
+#endif
+}
+
 // dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.
 template <typename acc_t>
 SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive,
                             acc_t inv_num_positives) {
-  const acc_t p = fast_exp(c * inv_temperature - lse);
+  const acc_t p = fast_exp(logit(c, inv_temperature) - lse);
   return g * inv_temperature * (p - (positive ? inv_num_positives : acc_t(0)));
 }
 

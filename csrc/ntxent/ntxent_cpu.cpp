@@ -134,7 +134,7 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
                    acc_t inv_t, RowState<acc_t>& st) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] *= inv_t;
+  for (int64_t j = 0; j < n; ++j) row[j] = logit(row[j], inv_t);
   const bool self_here = self >= key0 && self < key0 + n;
   if (self_here) row[self - key0] = neg_inf;
   if (any_label(k_labels, n, label)) {
@@ -214,7 +214,7 @@ SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, 
     const acc_t lse = rg.lse[row], g = rg.g[row];
     acc_t* t = tile + i * nk;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(t[j] * inv_t - lse);
+    for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(logit(t[j], inv_t) - lse);
     if (any_label(k_labels + k0, nk, label)) {
       const acc_t pos = g * rg.inv_num_positives[row];
       for (int64_t j = 0; j < nk; ++j) {

@@ -427,7 +427,7 @@ __global__ void __launch_bounds__(kCudaThreads)
       const int col = strip_col(lane, c);
       const int64_t j = col0 + col;
       const bool ok = row_ok && j < l && j != self_key(i, self_offset);
-      const acc_t s = srow[col] * inv_t;
+      const acc_t s = logit(srow[col], inv_t);
       v[c] = ok ? s : neg_inf;
       if (ok) {
         vmax = fmax(vmax, s);  // NaN scores are skipped here and poison the sum below
