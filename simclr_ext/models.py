@@ -98,19 +98,22 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)
 
 
-def build_encoder(arch: str, in_channels: int, width: int = 32, cifar_stem: bool = True) -> nn.Module:
+def build_encoder(arch: str, in_channels: int, width: int = 32, cifar_stem: bool = True, pool: int = 2) -> nn.Module:
+    """`pool` is the small CNN's output grid (1: global average pooling); the ResNets ignore it."""
     if arch == "small_cnn":
-        return SmallCNN(in_channels, width)
+        return SmallCNN(in_channels, width, pool=pool)
     if arch in ARCHS:
         return resnet_encoder(arch, in_channels, cifar_stem)
     raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
 
 
 def build_model(arch: str = "resnet18", in_channels: int = 3, width: int = 32, cifar_stem: bool = True,
-                head: str = "simclr", proj_dim: int = 128, hidden_dim: Optional[int] = None) -> SimCLRModel:
-    """Encoder + projection head. head: "simclr" (2 layers) or "simclrv2" (3 layers)."""
+                head: str = "simclr", proj_dim: int = 128, hidden_dim: Optional[int] = None,
+                pool: int = 2) -> SimCLRModel:
+    """Encoder + projection head. head: "simclr" (2 layers) or "simclrv2" (3 layers); `pool`: the small
+    CNN's output grid."""
     heads = {"simclr": 2, "simclrv2": 3}
     if head not in heads:
         raise ValueError(f"head must be one of {sorted(heads)}, got {head!r}")
-    encoder = build_encoder(arch, in_channels, width, cifar_stem)
+    encoder = build_encoder(arch, in_channels, width, cifar_stem, pool)
     return SimCLRModel(encoder, ProjectionHead(encoder.feature_dim, hidden_dim, proj_dim, heads[head]))
