@@ -35,7 +35,7 @@ __all__ = ["PretrainConfig", "Trainer", "pretrain", "NonFiniteLossError", "load_
 CHECKPOINT = "last.pt"
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields a resumed run must share with its checkpoint: anything that changes the sequence of losses.
-_RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "pool", "cifar_stem", "head", "proj_dim",
+_RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "pool", "final_relu", "cifar_stem", "head", "proj_dim",
                  "hidden_dim", "epochs", "batch_size", "optimizer", "lr", "lr_scaling", "weight_decay", "momentum",
                  "warmup_epochs", "temperature", "precision", "accum_steps", "seed")
 
@@ -81,6 +81,7 @@ class PretrainConfig:
     arch: Optional[str] = None
     width: Optional[int] = None
     pool: Optional[int] = None           # small CNN: output grid side (1 = global average pooling)
+    final_relu: Optional[bool] = None    # small CNN: a ReLU after the last conv-BN (the features' sign)
     cifar_stem: Optional[bool] = None
     head: str = "simclr"
     proj_dim: int = 128
@@ -132,6 +133,8 @@ class PretrainConfig:
             raise ValueError(f"augment must be one of {list(AUGMENT_PRESETS)}, got {c.augment!r}")
         if c.pool is None:
             c.pool = 2
+        if c.final_relu is None:
+            c.final_relu = True
         if c.pool < 1:
             raise ValueError(f"pool must be >= 1, got {c.pool}")
         if c.threads is not None and c.threads < 1:
@@ -169,7 +172,7 @@ def save_checkpoint_atomic(state: dict, path: str) -> None:
 def _fresh_model(cfg: PretrainConfig, channels: int) -> nn.Module:
     """The model at its (seeded) initialization; also the random-init baseline of the evaluation."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.arch, channels, cfg.width, cfg.cifar_stem, cfg.head, cfg.proj_dim, cfg.hidden_dim, cfg.pool)
+    return build_model(cfg.arch, channels, cfg.width, cfg.cifar_stem, cfg.head, cfg.proj_dim, cfg.hidden_dim, cfg.pool, cfg.final_relu)
 
 
 def _init_distributed(device: str) -> None:
@@ -516,14 +519,16 @@ def load_pretrained(checkpoint: str, device: Optional[str] = None):
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{checkpoint!r} is not a simclr_ext pretraining checkpoint")
     cfg = PretrainConfig(**state["config"])
-    if cfg.pool is None:  # checkpoints written before the field existed used the 2x2 grid
+    if cfg.pool is None:  # checkpoints written before these fields existed: the 2x2 grid, final ReLU
         cfg.pool = 2
+    if cfg.final_relu is None:
+        cfg.final_relu = True
     if device is not None:
         cfg.device = device
     elif not torch.cuda.is_available():
         cfg.device = "cpu"
     channels = 1 if cfg.dataset in ("digits", "mnist") else 3
-    model = build_model(cfg.arch, channels, cfg.width, cfg.cifar_stem, cfg.head, cfg.proj_dim, cfg.hidden_dim, cfg.pool)
+    model = build_model(cfg.arch, channels, cfg.width, cfg.cifar_stem, cfg.head, cfg.proj_dim, cfg.hidden_dim, cfg.pool, cfg.final_relu)
     model.load_state_dict(state["model"])
     return model.to(cfg.device).eval(), cfg
 

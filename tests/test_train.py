@@ -189,7 +189,12 @@ def test_bad_augment_or_pool_names_the_argument(tmp_path, kw, match):
         Trainer(_config(tmp_path, **kw))
 
 
-def test_pool_sets_the_small_cnn_output_grid(tmp_path):
-    trainer = Trainer(_config(tmp_path, pool=1))
+def test_pool_and_final_relu_shape_the_small_cnn(tmp_path):
+    from torch import nn
+
+    trainer = Trainer(_config(tmp_path, pool=1, final_relu=False))
     assert trainer.model.encoder.feature_dim == 4 * 4
-    assert Trainer(_config(tmp_path, pool=2)).model.encoder.feature_dim == 4 * 4 * 4
+    assert isinstance(trainer.model.encoder.features[-1], nn.BatchNorm2d)
+    trainer = Trainer(_config(tmp_path, pool=2, final_relu=True))
+    assert trainer.model.encoder.feature_dim == 4 * 4 * 4
+    assert isinstance(trainer.model.encoder.features[-1], nn.ReLU)
