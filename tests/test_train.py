@@ -148,10 +148,12 @@ def test_bf16_and_accumulation_train(tmp_path):
 
 def test_recipes_fill_unset_fields():
     small = PretrainConfig().resolved()
-    assert (small.arch, small.optimizer, small.width, small.threads) == ("small_cnn", "adamw", 16, 1)
+    assert (small.arch, small.optimizer, small.width, small.threads) == ("small_cnn", "adamw", 32, 1)
+    assert (small.pool, small.final_relu, small.augment) == (1, False, None)  # augment: the dataset's preset
     paper = PretrainConfig(dataset="cifar10", lr=1.0).resolved()
     assert (paper.arch, paper.optimizer, paper.lr, paper.lr_scaling, paper.cifar_stem) == ("resnet18", "lars", 1.0, "linear", True)
     assert PretrainConfig(dataset="stl10").resolved().cifar_stem is False
+    assert (paper.pool, paper.final_relu) == (2, True)  # the ResNets ignore them; filled for the checkpoint
 
 
 def test_loss_decreases(tmp_path):
