@@ -21,7 +21,7 @@ _HELP = {
     "image_size": "side of the model input (default: the dataset's)",
     "augment": "SimCLRAugment preset: digits, mnist, cifar10, stl10 or imagenet (default: the dataset's, with its recipe's overrides)",
     "pool": "small CNN: side of the pooled output grid (1: global average pooling)",
-    "final_relu": "small CNN: ReLU after the last conv-BN (false: centred features, better for kNN)",
+    "final_relu": "small CNN: ReLU after the last conv-BN (false: centred features, better for kNN; default: the dataset's recipe)",
     "arch": "small_cnn, resnet18, resnet34 or resnet50",
     "width": "channels of the small CNN's first stage",
     "batch_size": "global batch (split across ranks under torchrun)",
