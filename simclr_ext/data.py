@@ -1,23 +1,26 @@
-"""Datasets as uint8 image batches, the evaluation transform, and the two-view augmentation.
+"""Datasets as uint8 image batches and the evaluation transform.
 
 Every dataset is split three ways: `pretrain` (unlabelled images for SimCLR), `train` (labelled images
-for the probes) and `test` (held out). Images travel as uint8 (B, C, H, W) batches; the augmentation
-is one callable `aug(images_uint8_BCHW, generator) -> (v1, v2)` made by `make_augment`, so the fused
-kernels of simclr_ext.augment can replace the per-image torchvision version in one place.
+for the probes) and `test` (held out). Images travel as uint8 (B, C, H, W) batches; the two views for
+pretraining come from the fused `simclr_ext.SimCLRAugment` (the trainer builds it from the dataset's
+preset name, `DataSplits.augment`, and the dataset's mean/std).
 """
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "DataNotFoundError", "ImageSet", "DataSplits", "AugmentSpec", "load_dataset",
-           "make_augment", "augment_spec", "eval_transform", "digits_splits"]
+__all__ = ["DATASETS", "DEFAULT_AUGMENT", "DataNotFoundError", "ImageSet", "DataSplits", "load_dataset", "eval_transform",
+           "digits_splits"]
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+# The SimCLRAugment preset of each dataset (DataSplits.augment).
+DEFAULT_AUGMENT = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar10",
+                   "stl10": "stl10", "imagefolder": "imagenet"}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -60,7 +63,7 @@ class DataSplits:
     image_size: int           # side of the model's input
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
-    augment: str              # name of the default augmentation preset
+    augment: str              # the SimCLRAugment preset of the dataset ("digits", "mnist", "cifar10", ...)
 
 
 def digits_splits(seed: int = 0, test_fraction: float = 0.3) -> DataSplits:
@@ -107,16 +110,16 @@ def _torchvision_splits(name: str, root: str, download: bool) -> DataSplits:
         pretrain = ImageSet(torch.cat([as_set["train"].images, as_set["unlabeled"].images]),
                             torch.cat([as_set["train"].labels, as_set["unlabeled"].labels]))
         return DataSplits(name, pretrain, as_set["train"], as_set["test"], 10, 3, 96,
-                          (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), "imagenet")
+                          (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), "stl10")
     tr = _torchvision_set(name, root, download, train=True)
     te = _torchvision_set(name, root, download, train=False)
     train = ImageSet(_hwc_to_chw(tr.data), torch.as_tensor(tr.targets))
     test = ImageSet(_hwc_to_chw(te.data), torch.as_tensor(te.targets))
     if name == "mnist":
-        return DataSplits(name, train, train, test, 10, 1, 28, (0.1307,), (0.3081,), "digits")
+        return DataSplits(name, train, train, test, 10, 1, 28, (0.1307,), (0.3081,), "mnist")
     classes = 10 if name == "cifar10" else 100
     return DataSplits(name, train, train, test, classes, 3, 32,
-                      (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar")
+                      (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar10")
 
 
 class _FolderImages(torch.utils.data.Dataset):
@@ -187,172 +190,3 @@ def eval_transform(images: torch.Tensor, size: int, mean: Sequence[float], std: 
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
-
-
-@dataclass
-class AugmentSpec:
-    """Parameters of one SimCLR view distribution (SimCLR appendix A, plus rotation for digits)."""
-    size: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    crop_scale: Tuple[float, float] = (0.08, 1.0)
-    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    rotation: float = 0.0            # max |angle| in degrees
-    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
-
-
-def augment_spec(preset: str, size: int, mean, std) -> AugmentSpec:
-    """Presets: "cifar" (SimCLR CIFAR: no blur, jitter strength 0.5), "imagenet" (jitter strength 1,
-    blur p=0.5), "digits" (grey digits: moderate crops, small rotations, no flip, mild contrast)."""
-    if preset == "cifar":
-        return AugmentSpec(size, tuple(mean), tuple(std))
-    if preset == "imagenet":
-        return AugmentSpec(size, tuple(mean), tuple(std), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)
-    if preset == "digits":
-        return AugmentSpec(size, tuple(mean), tuple(std), crop_scale=(0.5, 1.0), crop_ratio=(0.8, 1.25),
-                           flip_p=0.0, rotation=15.0, jitter=(0.4, 0.4, 0.0, 0.0), jitter_p=0.8, gray_p=0.0)
-    raise ValueError(f"augmentation preset must be 'cifar', 'imagenet' or 'digits', got {preset!r}")
-
-
-def _crop_boxes(b: int, h: int, w: int, spec: AugmentSpec, g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop boxes (top, left, height, width) as float (b, 4), sampled like torchvision:
-    up to 10 tries of (area, log-ratio) per image, the first that fits wins, else the whole image."""
-    tries = 10
-    area = h * w * torch.empty(b, tries).uniform_(*spec.crop_scale, generator=g)
-    log_r = torch.empty(b, tries).uniform_(math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), generator=g)
-    cw = torch.sqrt(area * torch.exp(log_r)).round()
-    ch = torch.sqrt(area / torch.exp(log_r)).round()
-    ok = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
-    first = ok.float().argmax(1, keepdim=True)
-    found = ok.any(1)
-    bh = torch.where(found, ch.gather(1, first).squeeze(1), torch.full((b,), float(h)))
-    bw = torch.where(found, cw.gather(1, first).squeeze(1), torch.full((b,), float(w)))
-    u = torch.rand(b, 2, generator=g)
-    top = torch.floor(u[:, 0] * (h - bh + 1))
-    left = torch.floor(u[:, 1] * (w - bw + 1))
-    return torch.stack([top, left, bh, bw], 1)
-
-
-def _geometry(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, angle_deg: torch.Tensor, size: int):
-    """Resized crop (bilinear, sampling clamped to the box like crop-then-resize), horizontal flip, then
-    rotation about the centre with zero fill (torchvision's sign: positive is counter-clockwise), all
-    batched with grid_sample."""
-    b, _, h, w = x.shape
-    top, left, bh, bw = boxes.unbind(1)
-    steps = torch.arange(size, dtype=torch.float32) + 0.5
-
-    def axis(start, length, extent):
-        # pixel-centre source coordinates of resize(align_corners=False), kept inside the box
-        src = start[:, None] + (steps[None, :] * length[:, None] / size - 0.5)
-        src = torch.minimum(torch.maximum(src, start[:, None]), (start + length - 1)[:, None])
-        return (src + 0.5) / extent * 2 - 1
-
-    gx, gy = axis(left, bw, w), axis(top, bh, h)
-    gx = torch.where(flip[:, None], gx.flip(1), gx)
-    grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], -1)
-    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    if bool((angle_deg != 0).any()):
-        a = torch.deg2rad(angle_deg)
-        cos, sin = torch.cos(a), torch.sin(a)
-        # the inverse map of the rotation, in normalized coordinates of the square output
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(a)], 1),
-                             torch.stack([sin, cos, torch.zeros_like(a)], 1)], 1)
-        rgrid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], size, size], align_corners=False)
-        out = F.grid_sample(out, rgrid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-def _jitter(x: torch.Tensor, spec: AugmentSpec, apply: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """ColorJitter with torchvision's factor ranges (1 +- s; hue +- s) in a random order per image.
-    Saturation and hue need colour, so grey images get brightness and contrast only."""
-    b = x.shape[0]
-    u = torch.rand(b, 4, generator=g) * 2 - 1
-    order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)
-    colour = x.shape[1] == 3
-    for r in range(4):
-        for k in range(4):
-            s = spec.jitter[k]
-            sel = apply & (order[:, r] == k)
-            if s == 0 or (k >= 2 and not colour) or not bool(sel.any()):
-                continue
-            f = (1 + s * u[:, k]).clamp_min(0).view(b, 1, 1, 1)
-            if k == 0:
-                y = x * f
-            elif k == 1:
-                y = (x - _grey(x).mean((1, 2, 3), keepdim=True)) * f + _grey(x).mean((1, 2, 3), keepdim=True)
-            elif k == 2:
-                y = (x - _grey(x)) * f + _grey(x)
-            else:
-                y = _shift_hue(x, s * u[:, 3])
-            x = torch.where(sel.view(b, 1, 1, 1), y.clamp(0, 1), x)
-    return x
-
-
-def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of RGB images in [0, 1] by shift[i] turns (HSV round trip, like adjust_hue)."""
-    r, g_, b_ = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(maxc == r, (g_ - b_) / safe, torch.where(maxc == g_, 2 + (b_ - r) / safe, 4 + (r - g_) / safe))
-    h = torch.where(delta > 0, h / 6 % 1.0, torch.zeros_like(h))
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h.unsqueeze(1) * 6) % 6
-    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1)))
-
-
-def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (reflect padding, as torchvision)."""
-    b, c, h, w = x.shape
-    t = torch.arange(kernel, dtype=x.dtype) - (kernel - 1) / 2
-    k1 = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    k1 = (k1 / k1.sum(1, keepdim=True)).repeat_interleave(c, 0)          # (b * c, kernel)
-    y = F.pad(x.reshape(1, b * c, h, w), [kernel // 2] * 4, mode="reflect")
-    y = F.conv2d(y, k1.view(b * c, 1, 1, kernel), groups=b * c)
-    y = F.conv2d(y, k1.view(b * c, 1, kernel, 1), groups=b * c)
-    return y.view(b, c, h, w)
-
-
-def _one_view(images: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of every image, computed batched on float [0, 1] pixels."""
-    b, c, h, w = images.shape
-    boxes = _crop_boxes(b, h, w, spec, g)
-    flip = torch.rand(b, generator=g) < spec.flip_p
-    angle = torch.empty(b).uniform_(-spec.rotation, spec.rotation, generator=g)
-    do_jitter = torch.rand(b, generator=g) < spec.jitter_p
-    x = _geometry(images.float() / 255.0, boxes, flip, angle, spec.size)
-    x = _jitter(x, spec, do_jitter, g)
-    gray = torch.rand(b, generator=g) < spec.gray_p
-    if c == 3:
-        x = torch.where(gray.view(b, 1, 1, 1), _grey(x).expand_as(x), x)
-    blur = torch.rand(b, generator=g) < spec.blur_p
-    sigma = torch.empty(b).uniform_(*spec.blur_sigma, generator=g)
-    if bool(blur.any()):
-        x = torch.where(blur.view(b, 1, 1, 1), _blur(x, sigma, max(3, int(0.1 * spec.size) // 2 * 2 + 1)), x)
-    m = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    s = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
-def make_augment(spec: AugmentSpec) -> Callable[[torch.Tensor, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]:
-    """The two-view augmentation: aug(images uint8 (B, C, H, W), generator) -> (v1, v2), float32
-    (B, C, size, size) normalized views, reproducible from the generator's state. Batched PyTorch ops
-    (grid_sample for crop + flip, then rotation); this is the one place to swap in the fused
-    simclr_ext.SimCLRAugment."""
-    def aug(images: torch.Tensor, generator: torch.Generator):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        return _one_view(images, spec, generator), _one_view(images, spec, generator)
-    return aug

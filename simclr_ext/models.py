@@ -18,9 +18,12 @@ class SmallCNN(nn.Module):
     """Three conv-BN-ReLU stages of width w, 2w, 4w (`convs_per_stage` convs each, 3x3), 2x2 max-pool
     after the first two, then average pooling to a `pool` x `pool` grid, flattened: enough for 8x8 to
     32x32 grey digits and cheap on a CPU. Keeping a coarse grid instead of global pooling keeps where
-    the strokes are, which is most of what tells digits apart. `feature_dim` = 4 * width * pool**2."""
+    the strokes are, which is most of what tells digits apart. `feature_dim` = 4 * width * pool**2.
+    `final_relu=False` drops the ReLU after the last conv-BN: the features are then pooled BN outputs,
+    centred rather than all non-negative, which is what cosine similarity (the kNN probe) separates best."""
 
-    def __init__(self, in_channels: int = 1, width: int = 32, convs_per_stage: int = 1, pool: int = 2):
+    def __init__(self, in_channels: int = 1, width: int = 32, convs_per_stage: int = 1, pool: int = 2,
+                 final_relu: bool = True):
         super().__init__()
         if min(in_channels, width, convs_per_stage, pool) < 1:
             raise ValueError(f"in_channels, width, convs_per_stage and pool must be >= 1, got {in_channels}, "
@@ -33,6 +36,8 @@ class SmallCNN(nn.Module):
                 prev = c
             if i < len(chans) - 1:
                 layers.append(nn.MaxPool2d(2))
+        if not final_relu:
+            layers.pop()
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.feature_dim = chans[-1] * pool * pool
@@ -98,19 +103,24 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)
 
 
-def build_encoder(arch: str, in_channels: int, width: int = 32, cifar_stem: bool = True) -> nn.Module:
+def build_encoder(arch: str, in_channels: int, width: int = 32, cifar_stem: bool = True, pool: int = 2,
+                  final_relu: bool = True) -> nn.Module:
+    """`pool` (output grid, 1: global average pooling) and `final_relu` shape the small CNN; the ResNets
+    ignore them."""
     if arch == "small_cnn":
-        return SmallCNN(in_channels, width)
+        return SmallCNN(in_channels, width, pool=pool, final_relu=final_relu)
     if arch in ARCHS:
         return resnet_encoder(arch, in_channels, cifar_stem)
     raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
 
 
 def build_model(arch: str = "resnet18", in_channels: int = 3, width: int = 32, cifar_stem: bool = True,
-                head: str = "simclr", proj_dim: int = 128, hidden_dim: Optional[int] = None) -> SimCLRModel:
-    """Encoder + projection head. head: "simclr" (2 layers) or "simclrv2" (3 layers)."""
+                head: str = "simclr", proj_dim: int = 128, hidden_dim: Optional[int] = None,
+                pool: int = 2, final_relu: bool = True) -> SimCLRModel:
+    """Encoder + projection head. head: "simclr" (2 layers) or "simclrv2" (3 layers); `pool`: the small
+    CNN's output grid, `final_relu`: whether its features pass a last ReLU."""
     heads = {"simclr": 2, "simclrv2": 3}
     if head not in heads:
         raise ValueError(f"head must be one of {sorted(heads)}, got {head!r}")
-    encoder = build_encoder(arch, in_channels, width, cifar_stem)
+    encoder = build_encoder(arch, in_channels, width, cifar_stem, pool, final_relu)
     return SimCLRModel(encoder, ProjectionHead(encoder.feature_dim, hidden_dim, proj_dim, heads[head]))

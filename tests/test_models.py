@@ -14,6 +14,22 @@ def test_small_cnn_shapes(size):
     assert SmallCNN(1, 8, convs_per_stage=2, pool=1)(torch.randn(2, 1, size, size)).shape == (2, 32)
 
 
+def test_small_cnn_final_relu_switch():
+    torch.manual_seed(0)
+    with_relu = SmallCNN(1, 4, pool=1)
+    torch.manual_seed(0)
+    without = SmallCNN(1, 4, pool=1, final_relu=False)
+    assert with_relu.state_dict().keys() == without.state_dict().keys()  # same parameters, one ReLU less
+    assert isinstance(with_relu.features[-1], nn.ReLU) and isinstance(without.features[-1], nn.BatchNorm2d)
+    x = torch.randn(16, 1, 16, 16)
+    h, g = with_relu.train()(x), without.train()(x)
+    assert (h >= 0).all() and (g < 0).any()  # pooled BN outputs are centred, not clipped at 0
+    # training-mode BN: the pooled features average to ~0 over the batch per channel
+    assert g.mean(0).abs().max() < 1e-4
+    m = build_model("small_cnn", 1, 4, pool=1, final_relu=False, proj_dim=8)
+    assert isinstance(m.encoder.features[-1], nn.BatchNorm2d)
+
+
 def test_resnet18_cifar_stem():
     net = resnet_encoder("resnet18", in_channels=3, cifar_stem=True)
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)

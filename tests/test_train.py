@@ -148,10 +148,12 @@ def test_bf16_and_accumulation_train(tmp_path):
 
 def test_recipes_fill_unset_fields():
     small = PretrainConfig().resolved()
-    assert (small.arch, small.optimizer, small.width, small.threads) == ("small_cnn", "adamw", 16, 1)
+    assert (small.arch, small.optimizer, small.width, small.threads) == ("small_cnn", "adamw", 32, 1)
+    assert (small.pool, small.final_relu, small.augment) == (1, False, None)  # augment: the dataset's preset
     paper = PretrainConfig(dataset="cifar10", lr=1.0).resolved()
     assert (paper.arch, paper.optimizer, paper.lr, paper.lr_scaling, paper.cifar_stem) == ("resnet18", "lars", 1.0, "linear", True)
     assert PretrainConfig(dataset="stl10").resolved().cifar_stem is False
+    assert (paper.pool, paper.final_relu) == (2, True)  # the ResNets ignore them; filled for the checkpoint
 
 
 def test_loss_decreases(tmp_path):
@@ -159,3 +161,42 @@ def test_loss_decreases(tmp_path):
     trainer.run()
     first, last = trainer.history[0]["loss"], trainer.history[-1]["loss"]
     assert last < first - 0.05
+
+
+def test_trainer_augments_with_the_fused_simclr_augment(tmp_path):
+    from simclr_ext import SimCLRAugment
+    from simclr_ext.train import AUGMENT_RECIPES
+
+    trainer = Trainer(_config(tmp_path))
+    aug = trainer.aug
+    assert isinstance(aug, SimCLRAugment)
+    assert aug.size == (16, 16) and aug.mean == (0.3,) and aug.std == (0.38,)  # the digits split's statistics
+    recipe = AUGMENT_RECIPES["digits"]
+    assert aug.scale == tuple(recipe["scale"]) and aug.rotation_degrees == recipe["rotation_degrees"]
+    assert aug.flip_p == 0 and aug.hue_strength == 0 and aug.blur_p == 0 and aug.grayscale_p == 0
+    images = trainer.splits.pretrain.images[:8]
+    v1, v2 = aug(images, generator=torch.Generator().manual_seed(1))
+    w1, w2 = aug(images, generator=torch.Generator().manual_seed(1))
+    assert v1.shape == (8, 1, 16, 16) and v1.dtype == torch.float32
+    assert torch.equal(v1, w1) and torch.equal(v2, w2) and not torch.equal(v1, v2)
+    # another preset is taken as it is (no digits overrides), still with the dataset's statistics
+    plain = Trainer(_config(tmp_path, augment="mnist")).aug
+    assert plain.scale == SimCLRAugment.preset("mnist").scale and plain.mean == (0.3,) and plain.size == (16, 16)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(augment="cifar"), "augment must be one of"),
+                                      (dict(pool=0), "pool must be >= 1")])
+def test_bad_augment_or_pool_names_the_argument(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(_config(tmp_path, **kw))
+
+
+def test_pool_and_final_relu_shape_the_small_cnn(tmp_path):
+    from torch import nn
+
+    trainer = Trainer(_config(tmp_path, pool=1, final_relu=False))
+    assert trainer.model.encoder.feature_dim == 4 * 4
+    assert isinstance(trainer.model.encoder.features[-1], nn.BatchNorm2d)
+    trainer = Trainer(_config(tmp_path, pool=2, final_relu=True))
+    assert trainer.model.encoder.feature_dim == 4 * 4 * 4
+    assert isinstance(trainer.model.encoder.features[-1], nn.ReLU)

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import simclr_ext
-from simclr_ext.data import augment_spec, load_dataset, make_augment
+from simclr_ext.data import load_dataset
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 digits = load_dataset("digits")                       # uint8 (N, 1, 8, 8) images, no download
-augment = make_augment(augment_spec("digits", 16, digits.mean, digits.std))
+augment = simclr_ext.SimCLRAugment.preset("digits", size=16, mean=digits.mean, std=digits.std)  # fused, both views
 encoder = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -23,8 +23,8 @@ generator = torch.Generator().manual_seed(0)
 for epoch in range(5):
     order = torch.randperm(len(digits.pretrain), generator=generator)
     for start in range(0, len(order) - 255, 256):
-        v1, v2 = augment(digits.pretrain.images[order[start:start + 256]], generator)
-        z1, z2 = model(torch.cat([v1, v2]).to(device)).chunk(2)
+        v1, v2 = augment(digits.pretrain.images[order[start:start + 256]].to(device), generator=generator)
+        z1, z2 = model(torch.cat([v1, v2])).chunk(2)
         loss = criterion(z1, z2)
         optimizer.zero_grad()
         loss.backward()
