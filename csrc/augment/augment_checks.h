@@ -119,5 +119,16 @@ inline void check_values(const int64_t* offsets, const int64_t* shapes, const fl
   }
 }
 
+// Every check of the op, in the order each backend must run them before touching the data.
+inline Config check_inputs(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
+                           const at::Tensor& params, int64_t channels, int64_t out_h, int64_t out_w,
+                           int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
+                           c10::ArrayRef<double> std, at::ScalarType out_dtype) {
+  const Config cfg = check_args(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
+                                solarize_threshold, mean, std, out_dtype);
+  check_values(offsets.data_ptr<int64_t>(), shapes.data_ptr<int64_t>(), params.data_ptr<float>(), cfg, src.numel());
+  return cfg;
+}
+
 }  // namespace augment
 }  // namespace simclr_ext

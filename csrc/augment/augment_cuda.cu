@@ -230,9 +230,8 @@ at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const 
                         const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
                         int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
                         c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
-  const Config cfg = check_args(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
-                                solarize_threshold, mean, std, out_dtype);
-  check_values(offsets.data_ptr<int64_t>(), shapes.data_ptr<int64_t>(), params.data_ptr<float>(), cfg, src.numel());
+  const Config cfg = check_inputs(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
+                                  solarize_threshold, mean, std, out_dtype);
   const c10::cuda::CUDAGuard guard(src.device());
   at::Tensor out = at::empty({cfg.batch, channels, out_h, out_w}, src.options().dtype(out_dtype),
                              out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);

@@ -352,6 +352,25 @@ struct GradAccumulator<T, false> {
 // Kernels
 // ------------------------------------------------------------------------------------------------
 
+// Sum over the 32 lanes of a warp; every lane gets the total.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// |x[row]|^2 of a row of length d, one warp per row (every lane gets it).
+template <typename T>
+__device__ __forceinline__ acc_of<T> row_sum_squares(const T* __restrict__ x, int64_t row, int64_t d, int lane) {
+  acc_of<T> ss = acc_of<T>(0);
+  for (int64_t c = lane; c < d; c += 32) {
+    const acc_of<T> v = to_acc(x[row * d + c]);
+    ss = fma(v, v, ss);
+  }
+  return warp_sum(ss);
+}
+
 // xhat[row] = x[row] / max(|x[row]|, eps) into a zero-padded rows_padded x dim buffer; one warp per row.
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
@@ -364,14 +383,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   const bool real = row < n;
   acc_t norm = acc_t(1);
   if (real) {
-    acc_t ss = acc_t(0);
-    for (int64_t c = lane; c < d; c += 32) {
-      const acc_t v = to_acc(x[row * d + c]);
-      ss = fma(v, v, ss);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    norm = clamped_norm(ss);
+    norm = clamped_norm(row_sum_squares(x, row, d, lane));
   }
   for (int64_t c = lane; c < dim; c += 32) {
     const acc_t v = (real && c < d) ? to_acc(x[row * d + c]) / norm : acc_t(0);
@@ -583,21 +595,14 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
   if (row >= n) return;
-  acc_t ss = acc_t(0);
-  for (int64_t c = lane; c < d; c += 32) {
-    const acc_t v = to_acc(x[row * d + c]);
-    ss = fma(v, v, ss);
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const acc_t ss = row_sum_squares(x, row, d, lane);
   const acc_t norm = clamped_norm(ss);
   const bool clamped = norm_clamped(ss);
   acc_t dot = acc_t(0);  // <xhat, dxhat>
   for (int64_t c = lane; c < d; c += 32) {
     dot = fma(to_acc(x[row * d + c]) / norm, split_sum(dxhat, row * dim + c, splits, slice), dot);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  dot = warp_sum(dot);
   for (int64_t c = lane; c < d; c += 32) {
     const acc_t g = split_sum(dxhat, row * dim + c, splits, slice);
     const acc_t v = clamped ? g / norm : (g - to_acc(x[row * d + c]) / norm * dot) / norm;
