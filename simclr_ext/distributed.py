@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "gather_pairs"]
+__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "gather_pairs", "all_gather_no_grad"]
 
 
 def is_distributed() -> bool:
@@ -83,3 +83,13 @@ def gather_pairs(z1: torch.Tensor, z2: torch.Tensor):
     world = keys.shape[0] // (2 * n)
     k_labels = (ids.repeat(2).unsqueeze(0) + n * torch.arange(world, device=z1.device).unsqueeze(1)).reshape(-1)
     return q, keys, (ids + rank * n).repeat(2), k_labels, rank * 2 * n
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """x: (R, ...) on every rank -> (world * R, ...) in rank order, without gradient (labels, ids).
+    Identity outside torch.distributed."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_info()[1])]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)
