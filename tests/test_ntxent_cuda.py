@@ -16,7 +16,12 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-_op = torch.ops.simclr_ext.ntxent
+
+
+def _op(*args):
+    """The forward op's (loss, lse, npos); its fourth output (kept probabilities) is CPU-only."""
+    return torch.ops.simclr_ext.ntxent(*args)[:3]
+
 
 # (dtype, allow_tf32): every precision path of the kernels. float32 runs both the exact FFMA path and TF32.
 PATHS = [
