@@ -557,7 +557,8 @@ __global__ void __launch_bounds__(kCudaThreads)
   static_assert(kOwnIsQuery || !kSymmetric, "the symmetric pass owns query rows");
   // Factors of the own row for the symmetric pass (ntxent.h's RowFactors: g includes 1/t; a row without
   // positives has g = 0 and lse = +inf, so its terms vanish without a branch).
-  const RowFactors<acc_t> own_f = kSymmetric && own_ok ? row_factors(grad[a], lse[a], npos[a], inv_t, weight != nullptr ? weight[a] : acc_t(1))
+  const acc_t own_w = own_ok && weight != nullptr ? weight[a] : acc_t(1);  // DCLW's weight of the positive term
+  const RowFactors<acc_t> own_f = kSymmetric && own_ok ? row_factors(grad[a], lse[a], npos[a], inv_t, own_w)
                                                         : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
   // |dL/dcos| <= max |g| / t (grad_bound), twice that for H = dS + dS^T: the products run on
   // dL/dcos / scale, of magnitude < 2.
@@ -576,7 +577,8 @@ __global__ void __launch_bounds__(kCudaThreads)
         const int64_t b = col0 + c;
         sm.lab[c] = b < other_n ? other_labels[b] : 0;
         if (kSymmetric) {
-          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[b], lse[b], npos[b], inv_t, weight != nullptr ? weight[b] : acc_t(1))
+          const acc_t w = b < other_n && weight != nullptr ? weight[b] : acc_t(1);
+          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[b], lse[b], npos[b], inv_t, w)
                                                   : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
           meta_g[c] = f.g;
           meta_lse[c] = f.lse;
