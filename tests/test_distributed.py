@@ -139,6 +139,15 @@ def _gather_worker(rank, port, out_dir):
                                       "g_ref": (a2.grad, b2.grad), "bank": mine.bank.clone(),
                                       "bank_ref": theirs.memory_bank.bank.clone(), "ptr": int(mine.bank_ptr),
                                       "ptr_ref": int(theirs.memory_bank.bank_ptr), "z2": b.detach()})
+        # No bank: lightly 1.6's gathered NT-Xent (its GatherLayer sums gradients across ranks, as ours does).
+        a, b = (torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        a2, b2 = (x.detach().clone().requires_grad_() for x in (a, b))
+        ours = simclr_ext.NTXentLoss(temperature=0.2, gather_distributed=True)(a, b)
+        ref_loss = lightly_loss.NTXentLoss(temperature=0.2, gather_distributed=True)(a2, b2)
+        ours.backward()
+        ref_loss.backward()
+        out["lightly_gather"] = {"ours": ours.detach(), "theirs": ref_loss.detach(), "g": (a.grad, b.grad),
+                                 "g_ref": (a2.grad, b2.grad)}
         out["capacity"] = dict(sd._CAPACITY)
     finally:
         torch.save(out, os.path.join(out_dir, f"gather{rank}.pt"))
@@ -158,6 +167,11 @@ def test_gather_collectives_shape_checks_and_distributed_bank(tmp_path):
         # one: each rank has seen one of the shapes before): the same ValueError on every rank.
         assert "every rank must hold the same batch size" in r["mismatch"]
         assert "rank 0: rows=6, D=5, dtype=torch.float32; rank 1: rows=8, D=5" in r["mismatch"], r["mismatch"]
+    for r in ranks:
+        got = r["lightly_gather"]
+        torch.testing.assert_close(got["ours"], got["theirs"], rtol=1e-12, atol=1e-12)
+        for x, y in zip(got["g"], got["g_ref"]):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     for step in range(3):
         per_rank = [r["bank_steps"][step] for r in ranks]
         for got in per_rank:
