@@ -38,6 +38,8 @@ _HEADER = 3  # int64: rows, elements per row, dtype
 _HEADER_BYTES = 8 * _HEADER
 # Agreed payload bytes per rank, per (process group, world size, call site); grows, never shrinks.
 _CAPACITY: Dict[tuple, int] = {}
+# The groups those keys name, held so that a later group (after destroy_process_group) never reuses an id.
+_GROUPS: Dict[int, object] = {}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -62,7 +64,9 @@ def _gather_rows(x: torch.Tensor, site: str) -> torch.Tensor:
     One collective per call; the first call of a call site adds one fixed-size gather of the headers alone
     (the payload size is not agreed yet), and a batch larger than every earlier one gathers again."""
     world = world_info()[1]
-    key = (id(dist.group.WORLD), world, site)
+    group = dist.group.WORLD
+    _GROUPS[id(group)] = group
+    key = (id(group), world, site)
     x = x.contiguous()
     header = _header(x)
     payload = x.reshape(-1).view(torch.uint8)

@@ -172,8 +172,8 @@ class NTXentLoss(nn.Module):
     """NT-Xent (SimCLR) loss as a module: `NTXentLoss(temperature=0.5)(z1, z2)`.
 
     Drop-in for lightly's `NTXentLoss(temperature, memory_bank_size, gather_distributed)` (lightly 1.6):
-    the same values and gradients, with or without a memory bank, and the same state_dict keys (none), so
-    a model that held lightly's loss loads strictly.
+    the same values and gradients, with or without a memory bank, and a model that held lightly's loss
+    loads strictly (see the state_dict note below).
 
     Args:
         temperature: tau (> 0), default 0.5.
