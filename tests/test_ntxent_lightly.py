@@ -208,6 +208,30 @@ def test_autocast_mixed_dtypes(bank, gen):
     assert simclr_ext.nt_xent(a, b).item() == simclr_ext.nt_xent(a.double(), b).item()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["bank_only", "batch_and_bank"])
+def test_memory_bank_follows_cuda_inputs(mode, gen):
+    """A module left on the CPU moves its bank to the inputs' device once, and computes what it computes
+    on the CPU (the fused CUDA op for batch_and_bank)."""
+    on_cpu = simclr_ext.NTXentLoss(temperature=0.2, memory_bank_size=(12, 6), memory_bank_mode=mode)
+    fed_cuda = simclr_ext.NTXentLoss(temperature=0.2, memory_bank_size=(12, 6), memory_bank_mode=mode)
+    fed_cuda.bank.copy_(on_cpu.bank)
+    for step in range(3):
+        z1, z2 = _pair(5, 6, gen)
+        cpu_loss = on_cpu(z1, z2)
+        a, b = z1.detach().cuda().requires_grad_(), z2.detach().cuda().requires_grad_()
+        gpu_loss = fed_cuda(a, b)
+        assert fed_cuda.bank.is_cuda and fed_cuda.bank_ptr.is_cuda
+        torch.testing.assert_close(gpu_loss.cpu(), cpu_loss.detach(), rtol=1e-5, atol=1e-5)
+        g_cpu = torch.autograd.grad(cpu_loss, (z1, z2))
+        g_gpu = torch.autograd.grad(gpu_loss, (a, b))
+        for x, y in zip(g_gpu, g_cpu):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fed_cuda.bank.cpu(), on_cpu.bank, rtol=1e-6, atol=1e-6)
+        assert int(fed_cuda.bank_ptr) == int(on_cpu.bank_ptr)
+
+
 def test_bank_argument_errors(gen):
     for bad in [-1, (4096,), (4, 0), (-2, 8), "4096", 2.5, True, (4, 2, 1)]:
         with pytest.raises(ValueError, match=r"memory_bank_size must be an int >= 0 or a \(size, dim\) tuple"):

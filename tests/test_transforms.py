@@ -62,6 +62,17 @@ def test_two_worker_dataloader_gives_the_batch_ops_views(gen):
     assert not torch.equal(got0, got1)
 
 
+def _many_threads(worker_id):
+    torch.set_num_threads(3)
+
+
+def test_one_thread_even_when_a_worker_init_fn_raised_it(gen):
+    base = int(torch.randint(0, 2**30, (), generator=gen))
+    loader = DataLoader(_Images(SimCLRTransform(**LIGHTLY_ARGS), base, n=4), batch_size=2, num_workers=2,
+                        worker_init_fn=_many_threads)
+    assert torch.cat([batch[2] for batch in loader]).tolist() == [1] * 4
+
+
 def test_compose_structures_and_input_types(gen):
     t = SimCLRTransform(**LIGHTLY_ARGS)
     x = torch.randint(0, 256, (3, 17, 26), generator=gen, dtype=torch.uint8)
