@@ -236,7 +236,9 @@ class NTXentLoss(nn.Module):
     def extra_repr(self):
         bank = ""
         if self.memory_bank_size:
-            size = self.memory_bank_size if self.memory_bank_dim is None else (self.memory_bank_size, self.memory_bank_dim)
+            size = self.memory_bank_size
+            if self.memory_bank_dim is not None:
+                size = (size, self.memory_bank_dim)
             bank = (f", memory_bank_size={size}, "
                     f"memory_bank_mode={self.memory_bank_mode!r}")
         return (f"temperature={self.temperature}{bank}, gather_distributed={self.gather_distributed}, "

@@ -72,8 +72,8 @@ def test_auto_layout_refuses_ambiguous_shapes(gen):
 def test_wrong_channel_count_names_the_dimension_it_read(gen):
     aug = _aug()
     rgba = _uint8((2, 4, 24, 24), gen)
-    with pytest.raises(ValueError, match=r"got shape \(2, 4, 24, 24\): neither dim 1 \(4, NCHW\) nor dim 3 \(24, NHWC\) "
-                                         r"is 1 or 3; for RGBA images drop the alpha channel"):
+    with pytest.raises(ValueError, match=r"got shape \(2, 4, 24, 24\): neither dim 1 \(4, NCHW\) nor dim 3 "
+                                         r"\(24, NHWC\) is 1 or 3; for RGBA images drop the alpha channel"):
         aug(rgba, generator=gen)
     with pytest.raises(ValueError, match=r"neither dim 1 \(24, NCHW\) nor dim 3 \(4, NHWC\)"):
         aug(rgba.permute(0, 2, 3, 1), generator=gen)

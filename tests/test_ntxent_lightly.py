@@ -68,9 +68,9 @@ def test_memory_bank_is_the_float64_reference(gen):
             continue
         # Row by row: each row's keys are its own positive and the bank, nothing else of the batch.
         bank_labels = torch.full((size,), -1)
-        expected = sum(ref.contrastive_loss(z1[i:i + 1], torch.cat([z2[i:i + 1], bank]), torch.zeros(1, dtype=torch.long),
-                                            torch.cat([torch.zeros(1, dtype=torch.long), bank_labels]), 0.3)
-                       for i in range(n)) / n
+        zero = torch.zeros(1, dtype=torch.long)
+        expected = sum(ref.contrastive_loss(z1[i:i + 1], torch.cat([z2[i:i + 1], bank]), zero,
+                                            torch.cat([zero, bank_labels]), 0.3) for i in range(n)) / n
         assert abs(loss.item() - expected.item()) < 1e-12, f"step {step}"
         for g, g_ref in zip(torch.autograd.grad(loss, (z1, z2)), torch.autograd.grad(expected, (z1, z2))):
             torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
@@ -106,7 +106,8 @@ def test_batch_and_bank_mode(gen):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
         # lightly's ring: the batch at the pointer, the rest dropped at the end, the pointer back to 0.
         take = min(n, size - ptr)
-        torch.testing.assert_close(module.bank[ptr:ptr + take], torch.nn.functional.normalize(z2.detach(), dim=1)[:take].float())
+        written = torch.nn.functional.normalize(z2.detach(), dim=1)[:take].float()
+        torch.testing.assert_close(module.bank[ptr:ptr + take], written)
         assert int(module.bank_ptr) == (0 if ptr + n >= size else ptr + n)
     assert simclr_ext.NTXentLoss(memory_bank_size=(4, 2), memory_bank_mode="batch_and_bank")(
         *_pair(3, 2, gen), ).shape == ()
@@ -193,8 +194,9 @@ def test_autocast_mixed_dtypes(bank, gen):
     assert loss.dtype == torch.float32
     if bank:
         zero, negatives = torch.zeros(1, dtype=torch.long), torch.full((16,), -1)
-        expected = sum(ref.contrastive_loss(z1[i:i + 1].double(), torch.cat([z2[i:i + 1].double(), frozen_bank.double()]),
-                                            zero, torch.cat([zero, negatives]), 0.5) for i in range(10)) / 10
+        keys = [torch.cat([z2[i:i + 1].double(), frozen_bank.double()]) for i in range(10)]
+        expected = sum(ref.contrastive_loss(z1[i:i + 1].double(), keys[i], zero, torch.cat([zero, negatives]), 0.5)
+                       for i in range(10)) / 10
     else:
         expected = ref.nt_xent(z1.double(), z2.double(), 0.5)
         assert abs(loss.item() - theirs.item()) < 0.05, "lightly computes its logits in bfloat16 under autocast"
