@@ -35,7 +35,8 @@
 # the ncu report (the device returns at most 8 files). The archive is rewritten after every step, so a
 # run killed from outside still returns what it had.
 #
-# Environment: GPU_CHECK_BUDGET_S (540), GPU_CHECK_STEPS (all, or a comma list such as pytest,memcheck:
+# Environment: GPU_CHECK_REV (the commit, for the summary: the device's copy has no .git),
+# GPU_CHECK_BUDGET_S (540), GPU_CHECK_STEPS (all, or a comma list such as pytest,memcheck:
 # `build` is added when another step needs it), GPU_CHECK_LOGDIR (/tmp/gpu_check), OUT (./gpu_out),
 # PYTHON (python3). For tests of this script only: GPU_CHECK_TIME_SCALE scales every time (budget,
 # floors, wishes); GPU_CHECK_FAKE_DIR holds executables named after steps that replace their commands.
@@ -259,8 +260,11 @@ step_build() {
   if [ "${WILL[build]}" = 0 ]; then record build SKIPPED 0 0 "not asked for (GPU_CHECK_STEPS)"; return; fi
   c=$(cap build)
   probe_tools & probe_pid=$!
-  local cuda=1 arch=9.0 jobs=16
+  local cuda=1 arch=9.0 jobs=16 nvcc
   if [ "$MODE" = dry ]; then cuda=${GPU_CHECK_DRY_CUDA:-0}; jobs=2; fi
+  if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ]; then  # setup.py looks there, torch on PATH
+    nvcc=$(find_tool nvcc); [ -n "$nvcc" ] && export CUDA_HOME=${nvcc%/bin/nvcc}
+  fi
   # --split-compile: nvcc optimizes the many kernel instantiations of one .cu file on several threads.
   run build "$c" "$log" env SIMCLR_EXT_CUDA="$cuda" TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" SIMCLR_EXT_WERROR=0 \
     SIMCLR_EXT_PTXAS_VERBOSE=1 NVCC_APPEND_FLAGS="--split-compile=8" "$PY" setup.py build_ext --inplace
@@ -354,6 +358,7 @@ test_status() {
     [ "$RC" -eq 99 ] && first_failure "$log"
     grep -vE "^skipped" "$tests" | tail -n +2 | head -n 30
     grep -E "^skipped" "$tests"
+    grep -E "^ERROR " "$log" | head -n 5  # collection errors: no record names them
     if [ "$RC" -ne 99 ] && { [ "$status" = FAILED ] || [ "$status" = TIMEOUT ]; }; then
       echo "log end:"; first_failure "$log" | tail -n 12
     fi
@@ -466,14 +471,12 @@ step_ncu() {
 }
 
 # ---------------------------------------------------------------------------------------- summary
-summary() {
-  local f=$LOGDIR/summary.txt
+summary() {  # the first failures, then the table: the device's reply holds the end of the output
+  local f=$LOGDIR/summary.txt rev
+  rev=${GPU_CHECK_REV:-$(git rev-parse --short HEAD 2>/dev/null)}
   {
-    echo
-    echo "gpu_check summary: $(date -u '+%Y-%m-%d %H:%M') UTC | $CARD | driver $DRIVER | torch ${TORCH_V:--} | git $(git rev-parse --short HEAD 2>/dev/null) | $(elapsed)s of ${BUDGET_S}s | mode $MODE"
-    printf '%-11s %-11s %6s %6s  %s\n' step status secs cap note
-    awk -F'\t' '{ printf "%-11s %-11s %5ss %5ss  %s\n", $1, $2, $3, $4, $5 }' "$STEPS_TSV"
     local bad; bad=$(awk -F'\t' '$2 ~ /FAILED|TIMEOUT|WARN/ { print $1 }' "$STEPS_TSV")
+    [ -n "$bad" ] && echo && echo "first failure of each step that did not pass:"
     for n in $bad; do
       echo
       echo "--- $n: $(awk -F'\t' -v n="$n" '$1 == n { print $2 }' "$STEPS_TSV" | tail -n 1) (logs in gpu_check.tar.gz: $(basename "$LOGDIR")/$n*)"
@@ -481,6 +484,9 @@ summary() {
     done
     if [ -f "$LOGDIR/ncu_summary.txt" ]; then echo; echo "--- ncu"; tail -n +2 "$LOGDIR/ncu_summary.txt" | head -n 12; fi
     echo
+    echo "gpu_check summary: $(date -u '+%Y-%m-%d %H:%M') UTC | $CARD | driver $DRIVER | torch ${TORCH_V:--} | rev ${rev:-unknown} | $(elapsed)s of ${BUDGET_S}s | mode $MODE"
+    printf '%-11s %-11s %6s %6s  %s\n' step status secs cap note
+    awk -F'\t' '{ printf "%-11s %-11s %5ss %5ss  %s\n", $1, $2, $3, $4, $5 }' "$STEPS_TSV"
     echo "result: $(awk -F'\t' '$2 ~ /FAILED|TIMEOUT/ { n++ } END { print (n ? n " step(s) FAILED or TIMED OUT" : "no step failed") }' "$STEPS_TSV")"
   } >"$f"
   cp "$f" "$OUT/summary.txt"

@@ -261,7 +261,7 @@ def test_whole_run_reports_every_failure_and_stays_in_budget(tmp_path):
     out, logs = tmp_path / "out", tmp_path / "gpu_check"
     scale, budget = 0.1, 54
     env = dict(os.environ, OUT=str(out), GPU_CHECK_LOGDIR=str(logs), GPU_CHECK_FAKE_DIR=str(fakes),
-               GPU_CHECK_TIME_SCALE=str(scale), NCU_CSV=NCU_CSV, PYTHONDONTWRITEBYTECODE="1")
+               GPU_CHECK_TIME_SCALE=str(scale), GPU_CHECK_REV="abc1234", NCU_CSV=NCU_CSV, PYTHONDONTWRITEBYTECODE="1")
     t0 = time.time()
     run = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], capture_output=True, text=True, env=env,
                          timeout=300)
@@ -276,7 +276,8 @@ def test_whole_run_reports_every_failure_and_stays_in_budget(tmp_path):
     assert rows["env"] == "ok" and rows["build"] == "ok" and rows["probe"] == "ok"
     assert rows["pytest"] == "FAILED" and rows["memcheck"] == "FAILED" and rows["racecheck"] == "TIMEOUT"
     assert rows["bench_loss"] == "ok" and rows["bench_aug"] == "FAILED" and rows["ncu"] in ("ok", "SKIPPED")
-    assert "NVIDIA H200 | driver 580.159.04 | torch 2.11.0+cu130" in summary
+    assert "NVIDIA H200 | driver 580.159.04 | torch 2.11.0+cu130 | rev abc1234" in summary
+    assert summary.rstrip().splitlines()[-1] == "result: 4 step(s) FAILED or TIMED OUT"  # the table ends it
     # the first failure of each step, readable without the archive
     assert "2 passed, 1 failed, 1 hung" in summary  # the rerun after the crash ran the rest
     assert "FAILED tests/t.py::bad[bf16]: AssertionError: max error 0.3" in summary
@@ -285,7 +286,6 @@ def test_whole_run_reports_every_failure_and_stays_in_budget(tmp_path):
     assert "killed at its cap after 6s" in summary
     assert "RuntimeError: CUDA error: an illegal memory access was encountered" in summary
     assert "bf16 2N=16384 D=128 fwd+bwd: fused 1.500 ms, speedup_vs_torch 5.50" in summary
-    assert "result: 4 step(s) FAILED or TIMED OUT" in summary
     # two files come back: the summary and one archive with every log
     assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "summary.txt"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
