@@ -250,29 +250,69 @@ FAKES = {
 }
 
 
+needs_shell = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                 reason="needs bash and timeout")
+
+
+def _run_script(tmp_path, fakes, scale=0.1):
+    """gpu_check.sh with `fakes` (step or tool name -> bash body) standing in for the GPU machine."""
+    folder = tmp_path / "fakes"
+    folder.mkdir()
+    for name, body in fakes.items():
+        (folder / name).write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body) + "\n")
+        (folder / name).chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECK_LOGDIR=str(tmp_path / "gpu_check"),
+               GPU_CHECK_FAKE_DIR=str(folder), GPU_CHECK_TIME_SCALE=str(scale), GPU_CHECK_REV="abc1234",
+               NCU_CSV=NCU_CSV, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _rows(summary):
+    return {ln.split()[0]: ln.split()[1] for ln in summary.splitlines()
+            if ln.split() and ln.split()[0] in ("env", "wheels", "build", "probe", "pytest", "memcheck", "racecheck",
+                                                "bench_loss", "bench_aug", "ncu")}
+
+
+@needs_shell
+def test_a_build_error_in_our_sources_is_shown_and_skips_what_needs_the_build(tmp_path):
+    fakes = dict(FAKES, build="""echo 'csrc/ntxent/ntxent_cuda.cu(12): error: identifier "foo" is undefined'; exit 1""")
+    run = _run_script(tmp_path, fakes)
+    assert run.returncode == 1
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    rows = _rows(summary)
+    assert rows["build"] == "FAILED" and rows["probe"] == "ok"
+    assert all(rows[n] == "SKIPPED" for n in ("pytest", "memcheck", "racecheck", "bench_loss", "bench_aug", "ncu"))
+    assert 'ntxent_cuda.cu(12): error: identifier "foo" is undefined' in summary
+    assert run.stdout.count("--- build (") == 1  # an error in our sources: no second try
+
+
+@needs_shell
+def test_a_build_that_fails_outside_our_sources_is_retried_without_split_compile(tmp_path):
+    fakes = dict(FAKES, build="""printf '%s\\n' "$@" | grep -q '^NVCC_APPEND_FLAGS=--split-compile' &&
+                                 { echo "nvcc fatal   : Unknown option '--split-compile'"; exit 1; }
+                                 echo ok""", racecheck=FAKES["compute-sanitizer"], pytest="exit 0",
+                 memcheck="exit 0")
+    run = _run_script(tmp_path, fakes)
+    assert run.stdout.count("--- build (") == 2
+    rows = _rows((tmp_path / "out" / "summary.txt").read_text())
+    assert rows["build"] == "ok"
+    assert rows["pytest"] == "FAILED" and rows["memcheck"] == "FAILED"  # exit 0 but no test ran: not a pass
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+@needs_shell
 def test_whole_run_reports_every_failure_and_stays_in_budget(tmp_path):
-    fakes = tmp_path / "fakes"
-    fakes.mkdir()
-    for name, body in FAKES.items():
-        (fakes / name).write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body) + "\n")
-        (fakes / name).chmod(0o755)
     out, logs = tmp_path / "out", tmp_path / "gpu_check"
-    scale, budget = 0.1, 54
-    env = dict(os.environ, OUT=str(out), GPU_CHECK_LOGDIR=str(logs), GPU_CHECK_FAKE_DIR=str(fakes),
-               GPU_CHECK_TIME_SCALE=str(scale), GPU_CHECK_REV="abc1234", NCU_CSV=NCU_CSV, PYTHONDONTWRITEBYTECODE="1")
+    budget = 54  # 540 s scaled by 0.1
     t0 = time.time()
-    run = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = _run_script(tmp_path, FAKES)
     took = time.time() - t0
     assert run.returncode == 1, run.stdout + run.stderr
     assert took < budget + 15 + 10, f"ran {took:.0f} s on a {budget} s budget"
     summary = (out / "summary.txt").read_text()
     assert run.stdout.rstrip().endswith(summary.rstrip())  # the summary prints last
-    rows = {ln.split()[0]: ln.split()[1] for ln in summary.splitlines()
-            if ln.split() and ln.split()[0] in ("env", "wheels", "build", "probe", "pytest", "memcheck", "racecheck",
-                                                "bench_loss", "bench_aug", "ncu")}
+    rows = _rows(summary)
     assert rows["env"] == "ok" and rows["build"] == "ok" and rows["probe"] == "ok"
     assert rows["pytest"] == "FAILED" and rows["memcheck"] == "FAILED" and rows["racecheck"] == "TIMEOUT"
     assert rows["bench_loss"] == "ok" and rows["bench_aug"] == "FAILED" and rows["ncu"] in ("ok", "SKIPPED")
