@@ -407,7 +407,7 @@ step_bench_loss() {
   needs bench_loss || return
   local c log=$LOGDIR/bench_loss.log dir=$LOGDIR/bench_loss; c=$(cap bench_loss)
   local script=benchmarks/bench_ntxent_cuda.py
-  if [ "$MODE" = dry ]; then check_flags bench_loss "$c" "$script" --out --sizes --dims --dtypes --max-seconds; return; fi
+  if [ "$MODE" = dry ]; then check_flags bench_loss "$c" "$script" --out --sizes --dims --dtypes --max-seconds bf16 fp32; return; fi
   # it writes its files only at the end: leave room for start-up and the configuration that is running
   local margin=$(( c / 3 )); [ $margin -lt "$(s 25)" ] && margin=$(s 25)
   local maxs=$(( c - margin ))
@@ -421,14 +421,16 @@ step_bench_aug() {
   needs bench_aug || return
   local c log=$LOGDIR/bench_aug.log dir=$LOGDIR/bench_augment; c=$(cap bench_aug)
   local script=benchmarks/bench_augment.py
-  if [ "$MODE" = dry ]; then check_flags bench_aug "$c" "$script" --device --out --repeats --cases --providers --note; return; fi
+  if [ "$MODE" = dry ]; then check_flags bench_aug "$c" "$script" --device --out --repeats --cases --providers --note cuda 224x224 32x32 \
+    fused tv2 kornia; return; fi
   local reps=5; [ "$c" -lt "$(s 80)" ] && reps=3
   run bench_aug "$c" "$log" "$PY" $script --device cuda --out "$dir" --repeats $reps --cases 224x224,32x32 \
     --providers fused,tv2,kornia --note "gpu_check.sh on $CARD, driver $DRIVER"
   bench_status bench_aug "$c" "$log" augment "$dir"
 }
 
-# check_flags NAME CAP SCRIPT FLAG...: dry run of a benchmark: its --help must list every flag we pass.
+# check_flags NAME CAP SCRIPT WORD...: dry run of a benchmark: its --help must name every flag we pass
+# and every value we pass that it lists (dtypes, cases, providers).
 check_flags() {
   local name=$1 c=$2 script=$3 log=$LOGDIR/$1.log missing=()
   shift 3

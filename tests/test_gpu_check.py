@@ -337,3 +337,25 @@ def test_whole_run_reports_every_failure_and_stays_in_budget(tmp_path):
     caps = {ln.split("\t")[0]: int(ln.split("\t")[3]) for ln in (logs / "steps.tsv").read_text().splitlines()}
     assert 12 <= caps["build"] < 30  # its wish (30) cut: the later floors (27) are set aside
     assert caps["pytest"] == 15 and caps["racecheck"] == 6  # their wishes: enough was left
+
+
+@pytest.mark.slow
+@needs_shell
+def test_dry_run_checks_the_sanitizer_selections_and_the_benchmark_flags(tmp_path):
+    """What the GPU run depends on in other files: the sanitized test ids still exist, and the benchmark
+    scripts still take the flags and values the script passes. The build is stood in for (CPU build)."""
+    folder = tmp_path / "fakes"
+    folder.mkdir()
+    for name, body in {"build": "echo built", "build_info": "echo False -"}.items():
+        (folder / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECK_LOGDIR=str(tmp_path / "gpu_check"),
+               GPU_CHECK_FAKE_DIR=str(folder), GPU_CHECK_DRY_RUN="1", PYTHONDONTWRITEBYTECODE="1",
+               GPU_CHECK_STEPS="memcheck,racecheck,bench_loss,bench_aug,ncu")
+    run = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert run.returncode == 0, summary
+    rows = _rows(summary)
+    assert all(rows[n] == "DRY" for n in ("build", "memcheck", "racecheck", "bench_loss", "bench_aug", "ncu")), summary
+    assert len(re.findall(r"selection collects [1-9]\d* tests", summary)) == 2, summary
