@@ -98,18 +98,33 @@ struct Scratch {
   const float* live_weights(const Config& cfg) const { return weights.data() + (cfg.radius - blur_r); }
 };
 
-// Finish (solarize, normalize) n values of channel c and write them as output row y, channel c; the
-// contiguous case is a plain vectorizable loop.
+// Finish (solarize, normalize) n values and store them at o[i * sx]. Its own multiversioned function with
+// the solarize flag as a template argument, so the contiguous float32 case is one vector loop of a
+// subtract, a multiply and a store (the output write is part of the last pass over each row).
+template <bool kSolarize, typename O>
+inline void finish_values(const float* x, int n, float thr, float m, float is, O* o, int64_t sx) {
+  if (sx == 1) {
+    for (int i = 0; i < n; ++i) o[i] = static_cast<O>(finish(x[i], kSolarize, thr, m, is));
+  } else {
+    for (int i = 0; i < n; ++i) o[i * sx] = static_cast<O>(finish(x[i], kSolarize, thr, m, is));
+  }
+}
+
+template <typename O>
+SIMCLR_ROW_KERNEL void write_values(const float* x, int n, bool solarize, float thr, float m, float is, O* o,
+                                    int64_t sx) {
+  if (solarize) {
+    finish_values<true>(x, n, thr, m, is, o, sx);
+  } else {
+    finish_values<false>(x, n, thr, m, is, o, sx);
+  }
+}
+
+// Output row y, channel c, from n finished-color values.
 template <typename O>
 inline void write_row(O* out, const OutLayout& lay, int c, int y, const float* x, int n, const View& v,
                       const Config& cfg) {
-  O* o = out + c * lay.sc + y * lay.sy;
-  const float thr = cfg.threshold, m = cfg.mean[c], is = cfg.inv_std[c];
-  if (lay.sx == 1) {
-    for (int i = 0; i < n; ++i) o[i] = static_cast<O>(finish(x[i], v.solarize, thr, m, is));
-  } else {
-    for (int i = 0; i < n; ++i) o[i * lay.sx] = static_cast<O>(finish(x[i], v.solarize, thr, m, is));
-  }
+  write_values(x, n, v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c], out + c * lay.sc + y * lay.sy, lay.sx);
 }
 
 // The color ops run a row at a time over planar channels, one op per loop (the op is loop-invariant), so
@@ -131,33 +146,37 @@ SIMCLR_ROW_KERNEL void hue_row(float* __restrict r, float* __restrict g, float* 
   }
 }
 
-SIMCLR_ROW_KERNEL void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
+// One loop per op, the factor in a local and the planes __restrict: a store cannot alias the factor, so
+// each op is a single vector loop over the row.
+SIMCLR_ROW_KERNEL void brightness_row(float* __restrict x, int n, float f) {
+  for (int i = 0; i < n; ++i) x[i] = clamp01(x[i] * f);
+}
+
+// clamp01(f * x + (1 - f) * mean), the loop-invariant second term computed once (the same float value).
+SIMCLR_ROW_KERNEL void contrast_row(float* __restrict x, int n, float f, float offset) {
+  for (int i = 0; i < n; ++i) x[i] = clamp01(f * x[i] + offset);
+}
+
+SIMCLR_ROW_KERNEL void saturation_row(float* __restrict r, float* __restrict g, float* __restrict b, int n, float f) {
+  const float f1 = 1.f - f;
+  for (int i = 0; i < n; ++i) {
+    const float l = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
+    r[i] = clamp01(f * r[i] + f1 * l);
+    g[i] = clamp01(f * g[i] + f1 * l);
+    b[i] = clamp01(f * b[i] + f1 * l);
+  }
+}
+
+inline void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
   switch (op) {
     case kOpBrightness:
-      for (int c = 0; c < C; ++c) {
-        float* x = row.ch[c];
-        for (int i = 0; i < row.n; ++i) x[i] = clamp01(x[i] * v.brightness);
-      }
+      for (int c = 0; c < C; ++c) brightness_row(row.ch[c], row.n, v.brightness);
       break;
     case kOpContrast:
-      for (int c = 0; c < C; ++c) {
-        float* x = row.ch[c];
-        for (int i = 0; i < row.n; ++i) x[i] = clamp01(v.contrast * x[i] + (1.f - v.contrast) * mean);
-      }
+      for (int c = 0; c < C; ++c) contrast_row(row.ch[c], row.n, v.contrast, (1.f - v.contrast) * mean);
       break;
     case kOpSaturation:
-      if (C == 3) {
-        float* r = row.ch[0];
-        float* g = row.ch[1];
-        float* b = row.ch[2];
-        const float f = v.saturation;
-        for (int i = 0; i < row.n; ++i) {
-          const float l = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
-          r[i] = clamp01(f * r[i] + (1.f - f) * l);
-          g[i] = clamp01(f * g[i] + (1.f - f) * l);
-          b[i] = clamp01(f * b[i] + (1.f - f) * l);
-        }
-      }
+      if (C == 3) saturation_row(row.ch[0], row.ch[1], row.ch[2], row.n, v.saturation);
       break;
     default:
       if (C == 3 && v.hue != 0.f) hue_row(row.ch[0], row.ch[1], row.ch[2], row.n, v.hue);  // as apply_jitter_op
@@ -173,13 +192,34 @@ SIMCLR_ROW_KERNEL void gray_row(const Row& row, int C) {
   for (int i = 0; i < row.n; ++i) r[i] = g[i] = b[i] = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
 }
 
-SIMCLR_ROW_KERNEL float luma_row_sum(const Row& row, int C) {
-  float sum = 0.f;
+// 16 floats as one GCC vector (one 512-bit register in the AVX-512 clone, two or four narrower ones in
+// the others), loadable from any float address.
+typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));
+
+// Sum of the row's luma (the contrast mean's numerator) in 16 fixed lanes, element i in lane i % 16, then
+// the lanes and the tail in a fixed order: a serial float sum would be one dependent add per pixel, and
+// this order does not depend on the ISA or the thread count.
+SIMCLR_ROW_KERNEL double luma_row_sum(const Row& row, int C) {
+  constexpr int L = 16;
+  const int n = row.n;
+  const float* r = row.ch[0];
+  const float* g = row.ch[C == 3 ? 1 : 0];
+  const float* b = row.ch[C == 3 ? 2 : 0];
+  Lanes acc = {};
+  float tail = 0.f;
+  int i = 0;
   if (C == 3) {
-    for (int i = 0; i < row.n; ++i) sum += kGrayR * row.ch[0][i] + kGrayG * row.ch[1][i] + kGrayB * row.ch[2][i];
+    for (; i + L <= n; i += L) {
+      acc += kGrayR * *reinterpret_cast<const Lanes*>(r + i) + kGrayG * *reinterpret_cast<const Lanes*>(g + i) +
+             kGrayB * *reinterpret_cast<const Lanes*>(b + i);
+    }
+    for (; i < n; ++i) tail += kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
   } else {
-    for (int i = 0; i < row.n; ++i) sum += row.ch[0][i];
+    for (; i + L <= n; i += L) acc += *reinterpret_cast<const Lanes*>(r + i);
+    for (; i < n; ++i) tail += r[i];
   }
+  double sum = tail;
+  for (int j = 0; j < L; ++j) sum += acc[j];
   return sum;
 }
 
@@ -306,25 +346,22 @@ inline int blur_weights(const View& v, const Config& cfg, Scratch& s) {
 // reads: the same row shifted by t (horizontal) or the reflected row y + t - r (vertical). Outputs go in
 // chunks whose accumulators stay in vector registers across all taps: one load per tap and
 // input, one store per output, instead of a load and a store of the output per tap.
-// (GCC vector extensions: one 512-bit register per BlurVec in the AVX-512 clone, two or four narrower ones
-// in the others.)
-typedef float BlurVec __attribute__((vector_size(64), aligned(4), may_alias));  // 16 floats, unaligned loads
 
 // NV vectors of outputs starting at x: NV independent accumulators hide the add latency.
 template <int NV>
 inline void sym_taps_chunk(const float* const* p, const float* w, int r, int x, float* o) {
-  BlurVec a[NV];
-  for (int j = 0; j < NV; ++j) a[j] = w[r] * reinterpret_cast<const BlurVec*>(p[r] + x)[j];
+  Lanes a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = w[r] * reinterpret_cast<const Lanes*>(p[r] + x)[j];
   for (int t = 0; t < r; ++t) {
-    const BlurVec* lo = reinterpret_cast<const BlurVec*>(p[t] + x);
-    const BlurVec* hi = reinterpret_cast<const BlurVec*>(p[2 * r - t] + x);
+    const Lanes* lo = reinterpret_cast<const Lanes*>(p[t] + x);
+    const Lanes* hi = reinterpret_cast<const Lanes*>(p[2 * r - t] + x);
     for (int j = 0; j < NV; ++j) a[j] += w[t] * (lo[j] + hi[j]);
   }
-  for (int j = 0; j < NV; ++j) reinterpret_cast<BlurVec*>(o + x)[j] = a[j];
+  for (int j = 0; j < NV; ++j) reinterpret_cast<Lanes*>(o + x)[j] = a[j];
 }
 
 SIMCLR_ROW_KERNEL void sym_taps_row(const float* const* p, const float* w, int r, int n, float* o) {
-  constexpr int V = 16;  // floats per BlurVec
+  constexpr int V = 16;  // floats per Lanes
   int x = 0;
   for (; x + 4 * V <= n; x += 4 * V) sym_taps_chunk<4>(p, w, r, x, o);
   for (; x + V <= n; x += V) sym_taps_chunk<1>(p, w, r, x, o);
