@@ -122,7 +122,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_case(name, device, threads, repeats, providers):
+def bench_case(name, device, threads, repeats, providers, deadline=None):
+    """Interleaved repeats of every provider on one case; after the first repeat, stops early once
+    time.perf_counter() passes `deadline` (each row records how many repeats it has)."""
     src, out, b_cpu, b_cuda = CASES[name]
     batch = b_cuda if device == "cuda" else b_cpu
     g = torch.Generator().manual_seed(1)
@@ -135,7 +137,9 @@ def bench_case(name, device, threads, repeats, providers):
     for p, fn in fns.items():  # warm-up (kernel caches, lazy imports, PIL conversion)
         fn(images if p == "tv1_pil" else dev_images)
         _sync(device)
-    for _ in range(repeats):
+    for rep in range(repeats):
+        if rep > 0 and deadline is not None and time.perf_counter() > deadline:
+            break
         for p, fn in fns.items():
             x = images if p == "tv1_pil" else dev_images
             _sync(device)
@@ -147,6 +151,7 @@ def bench_case(name, device, threads, repeats, providers):
     for p in providers:
         med = statistics.median(times[p])
         rows.append(dict(case=name, device=device, threads=threads, provider=p, batch=batch, median_s=med,
+                         repeats=len(times[p]),
                          images_per_s=batch / med, runs=[round(t, 6) for t in times[p]]))
     fused = next(r for r in rows if r["provider"] == "fused")
     for r in rows:
@@ -298,7 +303,7 @@ def to_markdown(rows, device, note, meta, unavailable=(), profile=None):
              "kornia: float32 batch (uint8 -> float conversion timed); threads = torch.set_num_threads",
              f"- note: {note}", ""]
     for p, why in unavailable:
-        lines.append(f"- {p}: unavailable ({why})")
+        lines.append(f"- {p}: {why}")
     if unavailable:
         lines.append("")
     lines += ["| case | threads | provider | batch | median s | images/s | fused speedup |",
@@ -330,6 +335,9 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     ap.add_argument("--providers", default="fused,tv2,tv1_pil,kornia")
     ap.add_argument("--note", default="", help="free text for the results file (e.g. machine shared)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="time budget: after each case's first repeat, stop repeating once it is spent, and skip "
+                         "the cases not started (they are listed in the results); results are written either way")
     ap.add_argument("--profile", action="store_true",
                     help="also time the fused op per stage (CPU only, 1 thread, the 224x224 case)")
     ap.add_argument("--profile-repeats", type=int, default=9)
@@ -347,7 +355,7 @@ def main(argv=None):
     for p, module in (("kornia", "kornia"), ("tv1_pil", "PIL"), ("tv2", "torchvision")):
         if p in providers and not _have(module):
             print(f"{p}: {module} is not installed: reported as unavailable", file=sys.stderr)
-            unavailable.append((p, f"{module} is not installed"))
+            unavailable.append((p, f"unavailable: {module} is not installed"))
             providers.remove(p)
     if args.device == "cuda" and "tv1_pil" in providers:
         providers.remove("tv1_pil")  # PIL runs on the CPU only
@@ -358,16 +366,21 @@ def main(argv=None):
                 device_name=device_name(args.device), machine=machine(args.device), git_sha=git_sha(),
                 load_before=load_average())
     print(f"{meta['device_name']} | git {meta['git_sha']} | load average {meta['load_before']}", flush=True)
+    deadline = None if args.max_seconds is None else time.perf_counter() + args.max_seconds
     rows = []
     for t in threads:
         torch.set_num_threads(t)
         for case in args.cases.split(","):
-            for r in bench_case(case, args.device, t, args.repeats, providers):
+            if deadline is not None and time.perf_counter() > deadline:
+                print(f"{case} threads={t}: skipped (--max-seconds {args.max_seconds} spent)", flush=True)
+                unavailable.append((f"{case} threads={t}", f"skipped: --max-seconds {args.max_seconds} spent"))
+                continue
+            for r in bench_case(case, args.device, t, args.repeats, providers, deadline):
                 rows.append(r)
                 print(f"{r['case']:>8} threads={t} {r['provider']:>8}: {r['images_per_s']:10.1f} images/s "
                       f"(median {r['median_s']:.4f} s, fused {r['fused_speedup']:.2f}x)", flush=True)
     profile = None
-    if args.profile and args.device == "cpu":
+    if args.profile and args.device == "cpu" and (deadline is None or time.perf_counter() < deadline):
         profile = profile_stages("224x224", args.profile_repeats)
         print(profile_markdown(profile), flush=True)
     meta["load_after"] = load_average()
