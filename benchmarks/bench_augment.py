@@ -134,6 +134,7 @@ def bench_case(name, device, threads, repeats, providers, deadline=None):
     for p in providers:
         fns[p] = globals()["make_" + p](out, device)
     times = {p: [] for p in providers}
+    cpu = {p: [] for p in providers}  # process CPU time: what a loaded, shared machine inflates least
     for p, fn in fns.items():  # warm-up (kernel caches, lazy imports, PIL conversion)
         fn(images if p == "tv1_pil" else dev_images)
         _sync(device)
@@ -143,19 +144,21 @@ def bench_case(name, device, threads, repeats, providers, deadline=None):
         for p, fn in fns.items():
             x = images if p == "tv1_pil" else dev_images
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(x)
             _sync(device)
             times[p].append(time.perf_counter() - t0)
+            cpu[p].append(time.process_time() - c0)
     rows = []
     for p in providers:
         med = statistics.median(times[p])
         rows.append(dict(case=name, device=device, threads=threads, provider=p, batch=batch, median_s=med,
-                         repeats=len(times[p]),
+                         repeats=len(times[p]), cpu_s=statistics.median(cpu[p]),
                          images_per_s=batch / med, runs=[round(t, 6) for t in times[p]]))
     fused = next(r for r in rows if r["provider"] == "fused")
     for r in rows:
         r["fused_speedup"] = fused["images_per_s"] / r["images_per_s"]
+        r["fused_speedup_cpu"] = r["cpu_s"] / fused["cpu_s"] if fused["cpu_s"] > 0 else float("nan")
     if device == "cuda":
         fused.update(traffic_model(batch, src, out, fused["median_s"]))
     return rows
@@ -306,11 +309,15 @@ def to_markdown(rows, device, note, meta, unavailable=(), profile=None):
         lines.append(f"- {p}: {why}")
     if unavailable:
         lines.append("")
-    lines += ["| case | threads | provider | batch | median s | images/s | fused speedup |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["- cpu s: median process CPU time of the same runs (all threads together); on a loaded machine "
+              "its ratio (fused speedup, CPU) is the steadier one at 1 thread, the wall-clock one the real one "
+              "on a quiet machine", "",
+              "| case | threads | provider | batch | median s | images/s | fused speedup | cpu s | fused speedup, CPU |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['threads']} | {r['provider']} | {r['batch']} | {r['median_s']:.4f} | "
-                     f"{r['images_per_s']:.1f} | {r['fused_speedup']:.2f}x |")
+                     f"{r['images_per_s']:.1f} | {r['fused_speedup']:.2f}x | {r['cpu_s']:.4f} | "
+                     f"{r['fused_speedup_cpu']:.2f}x |")
     traffic = [r for r in rows if "bytes_model" in r]
     if traffic:
         lines += ["", "Fused op global-memory traffic (model, two views): bytes vs the minimum "
@@ -378,7 +385,8 @@ def main(argv=None):
             for r in bench_case(case, args.device, t, args.repeats, providers, deadline):
                 rows.append(r)
                 print(f"{r['case']:>8} threads={t} {r['provider']:>8}: {r['images_per_s']:10.1f} images/s "
-                      f"(median {r['median_s']:.4f} s, fused {r['fused_speedup']:.2f}x)", flush=True)
+                      f"(median {r['median_s']:.4f} s, fused {r['fused_speedup']:.2f}x; CPU {r['cpu_s']:.4f} s, "
+                      f"fused {r['fused_speedup_cpu']:.2f}x)", flush=True)
     profile = None
     if args.profile and args.device == "cpu" and (deadline is None or time.perf_counter() < deadline):
         profile = profile_stages("224x224", args.profile_repeats)

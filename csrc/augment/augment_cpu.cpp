@@ -7,6 +7,10 @@
 //   3. the vertical half of the Gaussian blur, which solarizes, normalizes and writes the output.
 // Whichever of passes 1 and 2 finishes a row's colors also writes it out (no blur) or blurs it
 // horizontally while it is in L1 (blur). Without jitter, pass 1 finishes every row.
+// Every step is a loop over a contiguous row of one plane, multiversioned for AVX-512 / AVX2 / baseline:
+// bilinear rows by explicit gathers, one loop per color op, the blur with its accumulators in registers
+// over the taps that carry weight, normalize fused with the output store. Each output element goes
+// through the same operations in the same order whatever the ISA and the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
