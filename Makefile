@@ -30,7 +30,7 @@ demo: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ntxent_cpu.py --write
-	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2
+	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2 --profile
 
 clean:
 	rm -rf build *.egg-info simclr_ext/*.so .pytest_cache
