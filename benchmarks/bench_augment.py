@@ -100,7 +100,9 @@ def make_kornia(out, device):
              K.ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.8), K.RandomGrayscale(p=0.2)]
     if kw["blur_p"] > 0:
         steps.append(K.RandomGaussianBlur((kw["kernel"], kw["kernel"]), (0.1, 2.0), p=0.5))
-    steps.append(K.Normalize(torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])))
+    # mean / std on the device: kornia keeps them as plain attributes that .to(device) does not move
+    steps.append(K.Normalize(torch.tensor([0.485, 0.456, 0.406], device=device),
+                             torch.tensor([0.229, 0.224, 0.225], device=device)))
     seq = K.AugmentationSequential(*steps).to(device)
 
     def run(x):
