@@ -30,7 +30,7 @@ demo: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ntxent_cpu.py --write
-	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2
+	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2 --profile
 
 # Wheels the GPU machine lacks (kornia + kornia_rs for Python 3.12), into the git-ignored .whl/ that a
 # device call carries (README, "GPU check"); checked against the device's package list.
