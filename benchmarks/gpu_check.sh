@@ -421,11 +421,13 @@ step_bench_aug() {
   needs bench_aug || return
   local c log=$LOGDIR/bench_aug.log dir=$LOGDIR/bench_augment; c=$(cap bench_aug)
   local script=benchmarks/bench_augment.py
-  if [ "$MODE" = dry ]; then check_flags bench_aug "$c" "$script" --device --out --repeats --cases --providers --note cuda 224x224 32x32 \
+  if [ "$MODE" = dry ]; then check_flags bench_aug "$c" "$script" --device --out --repeats --cases --providers --note --max-seconds cuda 224x224 32x32 \
     fused tv2 kornia; return; fi
   local reps=5; [ "$c" -lt "$(s 80)" ] && reps=3
+  # it stops repeating and skips cases not started once --max-seconds is spent, and still writes results
+  local maxs=$(( c - c / 4 ))
   run bench_aug "$c" "$log" "$PY" $script --device cuda --out "$dir" --repeats $reps --cases 224x224,32x32 \
-    --providers fused,tv2,kornia --note "gpu_check.sh on $CARD, driver $DRIVER"
+    --providers fused,tv2,kornia --max-seconds "$maxs" --note "gpu_check.sh on $CARD, driver $DRIVER"
   bench_status bench_aug "$c" "$log" augment "$dir"
 }
 
