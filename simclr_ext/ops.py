@@ -6,7 +6,8 @@ from . import _C  # noqa: F401  (loads the shared library, which registers the o
 
 _ops = torch.ops.simclr_ext
 
-__all__ = ["ntxent_forward", "ntxent_backward", "tf32_enabled", "set_tf32", "resolve_tf32"]
+__all__ = ["ntxent_forward", "ntxent_backward", "ntxent_path_counts", "reset_ntxent_path_counts", "tf32_enabled",
+           "set_tf32", "resolve_tf32"]
 
 # None: follow PyTorch's float32 matmul precision; True / False: simclr_ext's own override (set_tf32).
 _TF32_OVERRIDE = None
@@ -66,14 +67,47 @@ def tf32_enabled() -> bool:
     return resolve_tf32(None)
 
 
+# Below this many score-matrix entries (M * L), a CPU forward that will be differentiated keeps the
+# softmax probabilities for the backward, which then multiplies them once instead of recomputing the
+# score tiles and their exps (two GEMM passes in all instead of three). 2048 x 2048 (16 MiB of float32):
+# measured on the CPU (1 thread, D = 128, benchmarks/results/ntxent_cpu_*.md), keeping is faster at
+# 2N = 256 ... 2048 and no faster at 2N = 4096, where the recomputed path is within a few percent; beyond
+# it the matrix would cost memory for nothing. Far below the issue's memory rule (2N = 16384 never keeps).
+_KEEP_PROBS_MAX_ELEMENTS = 2048 * 2048
+
+
+def _keep_probs(q, k):
+    return (q.device.type == "cpu" and q.shape[0] * k.shape[0] <= _KEEP_PROBS_MAX_ELEMENTS
+            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+
+
 def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32):
     """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h)."""
-    return _ops.ntxent.default(q, k, q_labels, k_labels, float(temperature), int(self_offset), bool(allow_tf32))
+    loss, lse, npos, _ = _ops.ntxent.default(q, k, q_labels, k_labels, float(temperature), int(self_offset),
+                                             bool(allow_tf32), _keep_probs(q, k))
+    return loss, lse, npos
 
 
-def ntxent_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32):
+def ntxent_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
+                    probs=None):
     return _ops._ntxent_backward.default(grad_loss, q, k, q_labels, k_labels, lse, npos,
-                                          float(temperature), int(self_offset), bool(allow_tf32))
+                                          float(temperature), int(self_offset), bool(allow_tf32), probs)
+
+
+def ntxent_path_counts():
+    """How many calls took each code path of the contrastive kernels since the last reset, as a dict
+    {"cpu_forward_streamed": n, "cpu_backward_symmetric": n, ...} (csrc/ntxent/ntxent_paths.h). For tests
+    and debugging: which backward a call ran (symmetric or general, recomputed or from kept probabilities)."""
+    counts = {}
+    for item in _ops._ntxent_path_counts.default().split(";"):
+        name, value = item.split("=")
+        counts[name] = int(value)
+    return counts
+
+
+def reset_ntxent_path_counts():
+    """Sets every counter of `ntxent_path_counts` to 0."""
+    _ops._ntxent_reset_path_counts.default()
 
 
 def _acc_dtype(dtype):
@@ -81,38 +115,23 @@ def _acc_dtype(dtype):
 
 
 @torch.library.register_fake("simclr_ext::ntxent")
-def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32):
+def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs=False):
     m = q.shape[0]
     acc = _acc_dtype(q.dtype)
-    return (q.new_empty((m,), dtype=acc), q.new_empty((m,), dtype=acc), q.new_empty((m,), dtype=torch.int32))
+    probs_shape = (m, k.shape[0]) if keep_probs and q.device.type == "cpu" else (0, 0)
+    return (q.new_empty((m,), dtype=acc), q.new_empty((m,), dtype=acc), q.new_empty((m,), dtype=torch.int32),
+            q.new_empty(probs_shape, dtype=acc))
 
 
 @torch.library.register_fake("simclr_ext::_ntxent_backward")
-def _ntxent_backward_fake(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32):
+def _ntxent_backward_fake(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
+                          probs=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, q_labels, k_labels, temperature, self_offset, allow_tf32 = inputs
-    _, lse, npos = output
-    ctx.save_for_backward(q, k, q_labels, k_labels, lse, npos)
-    ctx.temperature = temperature
-    ctx.self_offset = self_offset
-    ctx.allow_tf32 = allow_tf32
-
-
-def _backward(ctx, grad_loss, grad_lse, grad_npos):
-    q, k, q_labels, k_labels, lse, npos = ctx.saved_tensors
-    if grad_loss is None:
-        return None, None, None, None, None, None, None
-    grad_q, grad_k = _ops._ntxent_backward.default(
-        grad_loss, q, k, q_labels, k_labels, lse, npos, ctx.temperature, ctx.self_offset, ctx.allow_tf32)
-    return (grad_q if ctx.needs_input_grad[0] else None, grad_k if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None)
-
-
-torch.library.register_autograd("simclr_ext::ntxent", _backward, setup_context=_setup_context)
+# Autograd of simclr_ext::ntxent is registered in C++ (csrc/ntxent/ntxent_autograd.cpp): a Python
+# registration cost tens of microseconds per step, a large share of a small batch's loss on the CPU.
 
 
 def _no_double_backward(ctx, grad_q, grad_k):

@@ -107,7 +107,7 @@ def test_op_checks_its_arguments_directly():
 def test_backward_op_checks_saved_tensors():
     q = torch.randn(4, 3)
     labels = torch.arange(4)
-    loss, lse, npos = ops.ntxent(q, q, labels, labels, 0.5, 0, True)
+    loss, lse, npos, _ = ops.ntxent(q, q, labels, labels, 0.5, 0, True)
     with pytest.raises(RuntimeError, match=r"grad_loss must have shape \[4\]"):
         ops._ntxent_backward(loss[:3], q, q, labels, labels, lse, npos, 0.5, 0, True)
     with pytest.raises(RuntimeError, match=r"lse must be Float"):
@@ -119,8 +119,8 @@ def test_backward_op_checks_saved_tensors():
 def test_op_empty_inputs_return_early():
     q = torch.randn(0, 3)
     k = torch.randn(5, 3)
-    loss, lse, npos = ops.ntxent(q, k, torch.arange(0), torch.arange(5), 0.5, -1, True)
+    loss, lse, npos, _ = ops.ntxent(q, k, torch.arange(0), torch.arange(5), 0.5, -1, True)
     assert loss.shape == (0,) and lse.shape == (0,) and npos.shape == (0,)
     # No keys at all: every row has an empty denominator (lse = -inf) and no positive (loss 0).
-    loss, lse, npos = ops.ntxent(k, q, torch.arange(5), torch.arange(0), 0.5, -1, True)
+    loss, lse, npos, _ = ops.ntxent(k, q, torch.arange(5), torch.arange(0), 0.5, -1, True)
     assert torch.equal(loss, torch.zeros(5)) and torch.isneginf(lse).all() and torch.equal(npos, torch.zeros(5, dtype=torch.int32))

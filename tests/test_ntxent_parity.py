@@ -203,3 +203,16 @@ def test_no_double_backward(gen):
     (g,) = torch.autograd.grad(simclr_ext.nt_xent(z1, z2), z1, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(g.sum(), z1)
+
+
+@pytest.mark.parametrize("n,d", [(1, 3), (17, 9), (64, 128)])
+def test_plain_baseline_is_nt_xent(n, d, gen):
+    """simclr_reference.nt_xent_plain (the benchmarks' baseline, F.cross_entropy on the masked logits) is
+    the same loss as the oracle, value and gradients, in float64."""
+    z1 = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    plain = ref.nt_xent_plain(z1, z2, 0.3)
+    oracle = ref.nt_xent(z1, z2, 0.3)
+    torch.testing.assert_close(plain, oracle, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(plain, (z1, z2)), torch.autograd.grad(oracle, (z1, z2))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -150,6 +150,52 @@ SIMCLR_HD double logit(double c, double inv_temperature) {
 #endif
 }
 
+// Per-row factors of the backward, one struct per row so that a new per-row quantity (a weight on the
+// positive term, a learned temperature's running mean) is one more field here:
+//   g       dL/dc scale of the row: incoming gradient / temperature; 0 for a row without positives
+//           (its loss is the constant 0, so its gradient must not flow)
+//   lse     the row's log-sum-exp from the forward; +inf for a row without positives, so that its
+//           softmax terms below are exactly 0 (no inf * 0 even where the forward's lse is -inf)
+//   inv_np  1 / |P(i)|, 0 for a row without positives
+template <typename acc_t>
+struct RowFactors {
+  acc_t g;
+  acc_t lse;
+  acc_t inv_np;
+};
+
+template <typename acc_t>
+SIMCLR_HD RowFactors<acc_t> row_factors(acc_t grad, acc_t lse, int64_t num_positives, acc_t inv_temperature) {
+  if (num_positives <= 0) return {acc_t(0), std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+  return {grad * inv_temperature, lse, acc_t(1) / acc_t(num_positives)};
+}
+
+// dL/dc_ij of row i from its softmax probability p_ij (kept from the forward or recomputed).
+template <typename acc_t>
+SIMCLR_HD acc_t prob_grad(acc_t p, const RowFactors<acc_t>& f, bool positive) {
+  return f.g * p - (positive ? f.g * f.inv_np : acc_t(0));
+}
+
+// The symmetric case (queries are the keys, identical labels, self_offset 0): S is symmetric and the
+// coefficient of zhat_j in dL/dzhat_i is H_ij = dS_ij + dS_ji, both from the one cosine c = c_ij = c_ji:
+//   H_ij = g_i exp(s - lse_i) + g_j exp(s - lse_j) - [j in P(i)] (g_i / |P(i)| + g_j / |P(j)|)
+// (j in P(i) iff i in P(j) here). The softmax part and the positive part are separate helpers so that the
+// CPU kernel can vectorize the first over a tile row and apply the second to the few positives.
+template <typename acc_t>
+SIMCLR_HD acc_t symmetric_softmax_part(acc_t s, const RowFactors<acc_t>& fi, acc_t g_j, acc_t lse_j) {
+  return fi.g * fast_exp(s - fi.lse) + g_j * fast_exp(s - lse_j);
+}
+template <typename acc_t>
+SIMCLR_HD acc_t symmetric_positive_part(const RowFactors<acc_t>& fi, const RowFactors<acc_t>& fj) {
+  return fi.g * fi.inv_np + fj.g * fj.inv_np;
+}
+template <typename acc_t>
+SIMCLR_HD acc_t symmetric_cosine_grad(acc_t c, acc_t inv_temperature, const RowFactors<acc_t>& fi,
+                                      const RowFactors<acc_t>& fj, bool positive) {
+  const acc_t h = symmetric_softmax_part(logit(c, inv_temperature), fi, fj.g, fj.lse);
+  return positive ? h - symmetric_positive_part(fi, fj) : h;
+}
+
 // dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.
 template <typename acc_t>
 SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive,

@@ -65,5 +65,29 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
   }
 }
 
+// One tensor passed twice (SimCLR's q = k = cat(z1, z2)). Identity, not equal memory: k = q.detach() (MoCo
+// style) shares q's memory but only q's role may receive a gradient. Autograd hands saved inputs back as
+// the same tensors, so identity survives into the backward.
+inline bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return a.is_same(b); }
+
+// Whether the symmetric backward applies: the queries are the keys (same tensor, self_offset 0) and the
+// labels are one tensor, so that S is symmetric and j is a positive of i exactly when i is one of j.
+// Decided on identity, not values: no device sync, and it is what NT-Xent / SupCon callers pass.
+inline bool is_symmetric_case(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
+                              const at::Tensor& k_labels, int64_t self_offset) {
+  return self_offset == 0 && same_tensor(q, k) && same_tensor(q_labels, k_labels);
+}
+
+// The softmax probabilities the forward keeps for the backward: empty (not kept), or (M, L) contiguous
+// in the accumulation dtype.
+inline void check_probs(const at::Tensor& probs, const at::Tensor& q, const at::Tensor& k) {
+  if (!probs.defined() || probs.numel() == 0) return;
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == q.size(0) && probs.size(1) == k.size(0) &&
+                  probs.scalar_type() == acc && probs.is_contiguous() && probs.device() == q.device(),
+              "probs must be empty or the forward's contiguous ", acc, " (M, L) = [", q.size(0), ", ", k.size(0),
+              "] on ", q.device(), ", got ", probs.scalar_type(), " ", probs.sizes(), " on ", probs.device());
+}
+
 }  // namespace ntxent
 }  // namespace simclr_ext

@@ -1,24 +1,38 @@
 // CPU forward and backward of the contrastive op (math in ntxent.h).
 //
-// Query rows are processed in blocks of kCpuRowBlock against key tiles of kCpuKeyBlock: each tile of
-// cosines comes from one BLAS product of the normalized rows and is consumed at once (online
-// log-sum-exp forward, gradient products backward), so the M x L matrix never exists. Extra memory is
-// the normalized copies of q and k, their gradients, and one tile per thread.
+// Forward, streamed: query rows are processed in blocks of kCpuRowBlock against key tiles of kCpuKeyBlock;
+// each tile of cosines comes from one BLAS product of the normalized rows and is consumed at once (online
+// log-sum-exp), so the M x L matrix never exists. Extra memory is the normalized copies of q and k, their
+// gradients, and one tile per thread.
+// Forward, kept (small problems, when the caller asks for it: keep_probs): each row block's full row of
+// cosines is written straight into an M x L buffer of softmax probabilities, which the op returns and the
+// backward reads instead of recomputing scores and exps. simclr_ext/ops.py asks for it only below a size
+// limit (see _KEEP_PROBS_MAX_ELEMENTS there for how it was chosen).
 //
-// Backward runs two passes (dq over query blocks, dk over key blocks), each recomputing its tiles from
-// the saved log-sum-exp: every output row is owned by exactly one task, so the result is deterministic
-// whatever the thread count, and no per-thread copy of dk is needed.
+// Backward, in every case each output row is owned by exactly one task, which accumulates it in a fixed
+// order: the result is deterministic whatever the thread count, and no per-thread copy of dk is needed.
+//   symmetric (q is k, same labels, self_offset 0): S is symmetric, dL/dzhat = (dS + dS^T) zhat: one pass
+//       over row blocks, each tile recomputed once (or read from the kept probabilities) into
+//       H = dS + dS^T and multiplied once: three GEMM passes in all (two with kept probabilities).
+//   general: a dq pass over query blocks and a dk pass over key blocks, each recomputing its tiles from
+//       the saved log-sum-exp (or reading the kept probabilities).
+// Which path ran is counted (ntxent_paths.h) so that tests can assert it.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <optional>
+#include <string>
 #include <limits>
 #include <vector>
 
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_checks.h"
+#include "ntxent/ntxent_paths.h"
 
 namespace simclr_ext {
 namespace ntxent {
@@ -48,11 +62,6 @@ void normalize_rows(const at::Tensor& x, at::Tensor& hat, at::Tensor& norms) {
       divisor[r] = norm_clamped(sum_squares) ? -norm : norm;
     }
   });
-}
-
-// SimCLR passes one tensor as both queries and keys: normalize it once.
-bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_same(b) || (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides());
 }
 
 struct Normalized {
@@ -95,9 +104,42 @@ at::Tensor normalization_backward(const Normalized& n, const at::Tensor& dhat, a
   return dz;
 }
 
-// A (rows x cols) tile view into a per-thread buffer: contiguous, so BLAS writes it directly.
-at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+// Row-major products of raw buffers through at::mm_out on borrowed views (at::from_blob: no allocation,
+// no copy). The kernels hold plain pointers so that the per-element loops stay free of tensor
+// indexing; only the products go through ATen (and BLAS).
+template <typename acc_t>
+at::Tensor view(const acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Accumulates into c (beta = 1) or overwrites it (beta = 0).
+template <typename acc_t>
+void product(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+// C (rows x cols, ldc) = A (rows x d, lda) B^T (B: cols x d, ldb).
+template <typename acc_t>
+void gemm_abt(int64_t rows, int64_t cols, int64_t d, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+              acc_t* c, int64_t ldc) {
+  product<acc_t>(view(c, rows, cols, ldc), view(a, rows, d, lda), view(b, cols, d, ldb).t(), false);
+}
+// C (rows x d, ldc) (+)= A (rows x k, lda) B (k x d, ldb).
+template <typename acc_t>
+void gemm_ab(int64_t rows, int64_t d, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+             bool accumulate, acc_t* c, int64_t ldc) {
+  product<acc_t>(view(c, rows, d, ldc), view(a, rows, k, lda), view(b, k, d, ldb), accumulate);
+}
+// C (rows x d, ldc) (+)= A^T (A: k x rows, lda) B (k x d, ldb).
+template <typename acc_t>
+void gemm_atb(int64_t rows, int64_t d, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+              bool accumulate, acc_t* c, int64_t ldc) {
+  product<acc_t>(view(c, rows, d, ldc), view(a, k, rows, lda).t(), view(b, k, d, ldb), accumulate);
 }
 
 // Per-row results of the forward for one query row.
@@ -107,6 +149,13 @@ struct RowState {
   acc_t positive_sum = 0;
   int64_t num_positives = 0;
 };
+
+template <typename acc_t>
+void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos) {
+  lse[row] = st.lse.value();
+  loss[row] = row_loss(lse[row], st.positive_sum, st.num_positives);
+  npos[row] = static_cast<int32_t>(st.num_positives);
+}
 
 // The hot loops below are written as plain passes over contiguous arrays (no per-element branches,
 // labels or indices) so that the compiler vectorizes them; the few positives and the single self
@@ -127,16 +176,15 @@ SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t 
   return hits > 0;
 }
 
-// Folds one row of a cosine tile (keys [key0, key0 + n)) into the row's running state. Overwrites
-// `row` with logits (self entry: -inf).
+// Turns one row of cosines (keys [key0, key0 + n)) into logits in place (self entry: -inf), adds its
+// positives to the row's state and returns the row's maximum logit (NaN skipped; -inf when none).
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label, const int64_t* k_labels,
-                   acc_t inv_t, RowState<acc_t>& st) {
+SIMCLR_HOT_LOOP acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
+                                 const int64_t* k_labels, acc_t inv_t, RowState<acc_t>& st) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = logit(row[j], inv_t);
-  const bool self_here = self >= key0 && self < key0 + n;
-  if (self_here) row[self - key0] = neg_inf;
+  if (self >= key0 && self < key0 + n) row[self - key0] = neg_inf;
   if (any_label(k_labels, n, label)) {
     for (int64_t j = 0; j < n; ++j) {
       if (k_labels[j] == label && key0 + j != self) {
@@ -148,11 +196,25 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
   acc_t block_max = neg_inf;
 #pragma omp simd reduction(max : block_max)
   for (int64_t j = 0; j < n; ++j) block_max = row[j] > block_max ? row[j] : block_max;
-  if (block_max == neg_inf) {
-    // Only the self key, or only NaN: NaN must still poison the row.
-    for (int64_t j = 0; j < n; ++j) {
-      if (row[j] != row[j]) st.lse.merge(row[j], row[j]);
-    }
+  return block_max;
+}
+
+// Only the self key, or only NaN: NaN must still poison the row.
+template <typename acc_t>
+void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (row[j] != row[j]) st.lse.merge(row[j], row[j]);
+  }
+}
+
+// Folds one row of a cosine tile (keys [key0, key0 + n)) into the row's running state. Overwrites
+// `row` with logits.
+template <typename acc_t>
+SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
+                                   const int64_t* k_labels, acc_t inv_t, RowState<acc_t>& st) {
+  const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, st);
+  if (block_max == -std::numeric_limits<acc_t>::infinity()) {
+    merge_nans(row, n, st);
     return;
   }
   // A NaN logit is skipped by the max above but makes block_sum NaN, so it still reaches the result.
@@ -162,163 +224,402 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
   st.lse.merge(block_max, block_sum);
 }
 
+// Turns a full row of cosines (all L keys) into the row's softmax probabilities in place (self entry: 0)
+// and its state. One exp per entry, as in the streamed forward; the backward then needs none.
 template <typename acc_t>
-void forward_kernel(const Normalized& q, const Normalized& k, const int64_t* q_labels, const int64_t* k_labels,
-                    acc_t inv_t, int64_t self_offset, acc_t* loss, acc_t* lse, int32_t* npos) {
-  const int64_t m = q.hat.size(0), l = k.hat.size(0);
-  const int64_t row_blocks = ceil_div(m, kCpuRowBlock);
-  at::parallel_for(0, row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
-    const at::Tensor buffer = at::empty({kCpuRowBlock * kCpuKeyBlock}, q.hat.options());
+SIMCLR_HOT_LOOP void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
+                               acc_t inv_t, RowState<acc_t>& st) {
+  const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, st);
+  if (row_max == -std::numeric_limits<acc_t>::infinity()) {
+    merge_nans(row, n, st);
+    for (int64_t j = 0; j < n; ++j) row[j] = row[j] != row[j] ? row[j] : acc_t(0);
+    return;
+  }
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t e = fast_exp(row[j] - row_max);
+    row[j] = e;
+    sum += e;
+  }
+  st.lse.merge(row_max, sum);
+  const acc_t inv_sum = acc_t(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv_sum;
+}
+
+// Forward inputs and outputs of one call (pointers into contiguous tensors).
+template <typename acc_t>
+struct ForwardArgs {
+  const acc_t* qhat;
+  const acc_t* khat;
+  int64_t m, l, d;
+  const int64_t* q_labels;
+  const int64_t* k_labels;
+  acc_t inv_t;
+  int64_t self_offset;
+  acc_t* loss;
+  acc_t* lse;
+  int32_t* npos;
+};
+
+template <typename acc_t>
+void forward_streamed(const ForwardArgs<acc_t>& a) {
+  at::parallel_for(0, ceil_div(a.m, kCpuRowBlock), 1, [&](int64_t rb_begin, int64_t rb_end) {
+    std::vector<acc_t> buffer(kCpuRowBlock * kCpuKeyBlock);
     std::vector<RowState<acc_t>> states(kCpuRowBlock);
     for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-      const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, m - r0);
+      const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
       std::fill(states.begin(), states.end(), RowState<acc_t>{});
-      const at::Tensor q_block = q.hat.narrow(0, r0, rows);
-      for (int64_t k0 = 0; k0 < l; k0 += kCpuKeyBlock) {
-        const int64_t keys = std::min(kCpuKeyBlock, l - k0);
-        at::Tensor tile = tile_view(buffer, rows, keys);
-        at::mm_out(tile, q_block, k.hat.narrow(0, k0, keys).t());
-        acc_t* cos = tile.data_ptr<acc_t>();
+      for (int64_t k0 = 0; k0 < a.l; k0 += kCpuKeyBlock) {
+        const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
+        // The backward recomputes this tile with exactly this call (same operands, shape and order).
+        gemm_abt(rows, keys, a.d, a.qhat + r0 * a.d, a.d, a.khat + k0 * a.d, a.d, buffer.data(), keys);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = r0 + i;
-          scan_tile_row(cos + i * keys, keys, k0, self_key(row, self_offset), q_labels[row], k_labels + k0, inv_t,
-                        states[i]);
+          scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
+                        a.k_labels + k0, a.inv_t, states[i]);
         }
       }
+      for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, a.loss, a.lse, a.npos);
+    }
+  });
+}
+
+// Each row block's cosines go straight into its rows of `probs` (M x L), then become probabilities.
+template <typename acc_t>
+void forward_kept(const ForwardArgs<acc_t>& a, acc_t* probs) {
+  at::parallel_for(0, ceil_div(a.m, kCpuRowBlock), 1, [&](int64_t rb_begin, int64_t rb_end) {
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
+      acc_t* block = probs + r0 * a.l;
+      gemm_abt(rows, a.l, a.d, a.qhat + r0 * a.d, a.d, a.khat, a.d, block, a.l);
       for (int64_t i = 0; i < rows; ++i) {
-        const RowState<acc_t>& st = states[i];
-        lse[r0 + i] = st.lse.value();
-        loss[r0 + i] = row_loss(lse[r0 + i], st.positive_sum, st.num_positives);
-        npos[r0 + i] = static_cast<int32_t>(st.num_positives);
+        const int64_t row = r0 + i;
+        RowState<acc_t> st;
+        probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t, st);
+        finish_row(st, row, a.loss, a.lse, a.npos);
       }
     }
   });
 }
 
-// Per-query quantities the gradient of a pair needs.
+// RowFactors (ntxent.h) of every query row, stored as arrays so that the hot loops read a tile's worth of
+// the other rows' factors contiguously.
 template <typename acc_t>
-struct RowGrad {
-  const acc_t* lse;
-  const acc_t* g;                  // incoming gradient / temperature, 0 for rows without positives
-  const acc_t* inv_num_positives;  // 1 / |P(i)|, 0 for rows without positives
-  const int64_t* labels;
+struct Factors {
+  std::vector<acc_t> g, lse, inv_np;
+
+  Factors(const at::Tensor& grad_loss, const at::Tensor& lse_in, const at::Tensor& npos_in, acc_t inv_t) {
+    const int64_t m = lse_in.size(0);
+    const at::Tensor gl = grad_loss.to(lse_in.scalar_type()).contiguous();
+    const at::Tensor ls = lse_in.contiguous(), np = npos_in.contiguous();
+    const acc_t* gp = gl.data_ptr<acc_t>();
+    const acc_t* lp = ls.data_ptr<acc_t>();
+    const int32_t* npp = np.data_ptr<int32_t>();
+    g.resize(m);
+    lse.resize(m);
+    inv_np.resize(m);
+    for (int64_t i = 0; i < m; ++i) {
+      const RowFactors<acc_t> f = row_factors(gp[i], lp[i], npp[i], inv_t);
+      g[i] = f.g;
+      lse[i] = f.lse;
+      inv_np[i] = f.inv_np;
+    }
+  }
+  RowFactors<acc_t> operator[](int64_t i) const { return {g[i], lse[i], inv_np[i]}; }
 };
 
-// Turns a (queries x keys) tile of cosines into dL/dcos in place (see cosine_grad in ntxent.h);
-// indices are global.
+// Backward inputs of one call.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const RowGrad<acc_t>& rg,
-                               const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
+struct BackwardArgs {
+  const acc_t* qhat;
+  const acc_t* khat;
+  int64_t m, l, d;
+  const int64_t* q_labels;
+  const int64_t* k_labels;
+  acc_t inv_t;
+  int64_t self_offset;
+  const Factors<acc_t>* f;  // of the query rows
+  const acc_t* probs;       // kept softmax probabilities (M x L), or null
+};
+
+// General case, recomputed: turns a (queries x keys) tile of cosines into dL/dcos in place; indices global.
+template <typename acc_t>
+SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t row = q0 + i, self = self_key(row, self_offset), label = rg.labels[row];
-    const acc_t lse = rg.lse[row], g = rg.g[row];
+    const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
+    const RowFactors<acc_t> fi = (*a.f)[row];
     acc_t* t = tile + i * nk;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) t[j] = g * fast_exp(logit(t[j], inv_t) - lse);
-    if (any_label(k_labels + k0, nk, label)) {
-      const acc_t pos = g * rg.inv_num_positives[row];
+    for (int64_t j = 0; j < nk; ++j) t[j] = prob_grad(fast_exp(logit(t[j], a.inv_t) - fi.lse), fi, false);
+    if (any_label(a.k_labels + k0, nk, label)) {
       for (int64_t j = 0; j < nk; ++j) {
-        if (k_labels[k0 + j] == label) t[j] -= pos;
+        if (a.k_labels[k0 + j] == label) t[j] -= fi.g * fi.inv_np;
       }
     }
     if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
   }
 }
 
-// dqhat (for_keys = false: blocks of queries, tiles of keys) or dkhat (for_keys = true: blocks of keys,
-// tiles of queries), accumulated block by block with one GEMM per tile. Tiles are always computed as
-// queries x keys, the forward's operand order, so the recomputed cosines are the forward's bit for bit
-// (a pair whose softmax is exactly 1 must cancel exactly against its positive term).
+// Symmetric case, recomputed: turns a tile of cosines (rows [r0, r0 + nr) x columns [c0, c0 + nc) of the
+// one matrix) into H = dS + dS^T in place.
 template <typename acc_t>
-at::Tensor grad_pass(const Normalized& q, const Normalized& k, bool for_keys, const RowGrad<acc_t>& rg,
-                     const int64_t* k_labels, acc_t inv_t, int64_t self_offset) {
-  const at::Tensor& own = for_keys ? k.hat : q.hat;
-  const at::Tensor& other = for_keys ? q.hat : k.hat;
-  const int64_t block = kCpuRowBlock, tile = kCpuKeyBlock;
-  at::Tensor grad = at::zeros_like(own);
-  const int64_t n_own = own.size(0), n_other = other.size(0);
-  at::parallel_for(0, ceil_div(n_own, block), 1, [&](int64_t b_begin, int64_t b_end) {
-    const at::Tensor buffer = at::empty({block * tile}, own.options());
+SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                                         const BackwardArgs<acc_t>& a) {
+  const Factors<acc_t>& f = *a.f;
+  const acc_t* g_col = f.g.data() + c0;
+  const acc_t* lse_col = f.lse.data() + c0;
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t row = r0 + i, label = a.q_labels[row];
+    const RowFactors<acc_t> fi = f[row];
+    acc_t* t = tile + i * nc;
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) t[j] = symmetric_softmax_part(logit(t[j], a.inv_t), fi, g_col[j], lse_col[j]);
+    if (any_label(a.q_labels + c0, nc, label)) {
+      for (int64_t j = 0; j < nc; ++j) {
+        if (a.q_labels[c0 + j] == label) t[j] -= symmetric_positive_part(fi, f[c0 + j]);
+      }
+    }
+    if (row >= c0 && row < c0 + nc) t[row - c0] = 0;  // the self pair: no term, positive or not
+  }
+}
+
+// Symmetric case, kept: rows [r0, r0 + nr) of H = dS + dS^T (all n columns) from the probabilities.
+template <typename acc_t>
+SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const BackwardArgs<acc_t>& a) {
+  const Factors<acc_t>& f = *a.f;
+  const int64_t n = a.m;
+  for (int64_t i = 0; i < nr; ++i) {
+    const acc_t gi = f.g[r0 + i];
+    const acc_t* p = a.probs + (r0 + i) * n;
+    acc_t* hr = h + i * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) hr[j] = gi * p[j];
+  }
+  // + g_j p_ji: read column-wise in chunks of 64 rows of P, which stay in L1 across the block's rows.
+  constexpr int64_t kChunk = 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t nj = std::min(kChunk, n - j0);
+    for (int64_t i = 0; i < nr; ++i) {
+      const acc_t* pc = a.probs + j0 * n + r0 + i;
+      acc_t* hr = h + i * n + j0;
+      for (int64_t j = 0; j < nj; ++j) hr[j] += f.g[j0 + j] * pc[j * n];
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t row = r0 + i, label = a.q_labels[row];
+    acc_t* hr = h + i * n;
+    if (any_label(a.q_labels, n, label)) {
+      const RowFactors<acc_t> fi = f[row];
+      for (int64_t j = 0; j < n; ++j) {
+        if (a.q_labels[j] == label) hr[j] -= symmetric_positive_part(fi, f[j]);
+      }
+    }
+    hr[row] = 0;
+  }
+}
+
+// General case, kept: rows [q0, q0 + nq) of dS (all L columns), for the dq pass.
+template <typename acc_t>
+SIMCLR_HOT_LOOP void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const BackwardArgs<acc_t>& a) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
+    const RowFactors<acc_t> fi = (*a.f)[row];
+    const acc_t* p = a.probs + row * a.l;
+    acc_t* o = out + i * a.l;
+#pragma omp simd
+    for (int64_t j = 0; j < a.l; ++j) o[j] = prob_grad(p[j], fi, false);
+    if (any_label(a.k_labels, a.l, label)) {
+      for (int64_t j = 0; j < a.l; ++j) {
+        if (a.k_labels[j] == label) o[j] -= fi.g * fi.inv_np;
+      }
+    }
+    if (self >= 0) o[self] = 0;
+  }
+}
+
+// General case, kept: columns [k0, k0 + nk) of dS, transposed (nk x M), for the dk pass.
+template <typename acc_t>
+void kept_key_rows(acc_t* out, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
+  for (int64_t i = 0; i < a.m; ++i) {
+    const int64_t self = self_key(i, a.self_offset), label = a.q_labels[i];
+    const RowFactors<acc_t> fi = (*a.f)[i];
+    const acc_t* p = a.probs + i * a.l + k0;
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t key = k0 + j;
+      out[j * a.m + i] = key == self ? acc_t(0) : prob_grad(p[j], fi, a.k_labels[key] == label);
+    }
+  }
+}
+
+// dzhat of the symmetric case: one pass over row blocks; each tile is recomputed once (or read from the
+// kept probabilities) into H and multiplied once.
+template <typename acc_t>
+void symmetric_pass(const BackwardArgs<acc_t>& a, acc_t* dz) {
+  const int64_t n = a.m, d = a.d;
+  at::parallel_for(0, ceil_div(n, kCpuRowBlock), 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> buffer(kCpuRowBlock * (a.probs ? n : kCpuKeyBlock));
     for (int64_t b = b_begin; b < b_end; ++b) {
-      const int64_t o0 = b * block, n_o = std::min(block, n_own - o0);
-      const at::Tensor own_block = own.narrow(0, o0, n_o);
-      at::Tensor grad_block = grad.narrow(0, o0, n_o);
-      for (int64_t t0 = 0; t0 < n_other; t0 += tile) {
-        const int64_t n_t = std::min(tile, n_other - t0);
-        const at::Tensor other_tile = other.narrow(0, t0, n_t);
+      const int64_t r0 = b * kCpuRowBlock, rows = std::min(kCpuRowBlock, n - r0);
+      if (a.probs) {
+        symmetric_kept_rows(buffer.data(), r0, rows, a);
+        gemm_ab(rows, d, n, buffer.data(), n, a.khat, d, false, dz + r0 * d, d);
+        continue;
+      }
+      for (int64_t c0 = 0; c0 < n; c0 += kCpuKeyBlock) {
+        const int64_t cols = std::min(kCpuKeyBlock, n - c0);
+        gemm_abt(rows, cols, d, a.qhat + r0 * d, d, a.khat + c0 * d, d, buffer.data(), cols);  // = the forward's
+        symmetric_tile_grad(buffer.data(), r0, rows, c0, cols, a);
+        gemm_ab(rows, d, cols, buffer.data(), cols, a.khat + c0 * d, d, c0 != 0, dz + r0 * d, d);
+      }
+    }
+  });
+}
+
+// dqhat (for_keys = false: blocks of queries, tiles of keys) or dkhat (for_keys = true: blocks of keys,
+// tiles of queries), one owner per output row. Recomputed tiles are always queries x keys, the forward's
+// operand order, so that the cosines are the forward's (a pair whose softmax is exactly 1 must cancel
+// exactly against its positive term).
+template <typename acc_t>
+void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
+  const int64_t n_own = for_keys ? a.l : a.m, n_other = for_keys ? a.m : a.l, d = a.d;
+  const acc_t* other = for_keys ? a.qhat : a.khat;
+  at::parallel_for(0, ceil_div(n_own, kCpuRowBlock), 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<acc_t> buffer(kCpuRowBlock * (a.probs ? n_other : kCpuKeyBlock));
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t o0 = b * kCpuRowBlock, n_o = std::min(kCpuRowBlock, n_own - o0);
+      acc_t* out = grad + o0 * d;
+      if (a.probs) {
         if (for_keys) {
-          at::Tensor cos = tile_view(buffer, n_t, n_o);
-          at::mm_out(cos, other_tile, own_block.t());
-          tile_grad(cos.data_ptr<acc_t>(), t0, n_t, o0, n_o, rg, k_labels, inv_t, self_offset);
-          grad_block.addmm_(cos.t(), other_tile);
+          kept_key_rows(buffer.data(), o0, n_o, a);
         } else {
-          at::Tensor cos = tile_view(buffer, n_o, n_t);
-          at::mm_out(cos, own_block, other_tile.t());
-          tile_grad(cos.data_ptr<acc_t>(), o0, n_o, t0, n_t, rg, k_labels, inv_t, self_offset);
-          grad_block.addmm_(cos, other_tile);
+          kept_query_rows(buffer.data(), o0, n_o, a);
+        }
+        gemm_ab(n_o, d, n_other, buffer.data(), n_other, other, d, false, out, d);
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < n_other; t0 += kCpuKeyBlock) {
+        const int64_t n_t = std::min(kCpuKeyBlock, n_other - t0);
+        const bool accumulate = t0 != 0;
+        if (for_keys) {
+          gemm_abt(n_t, n_o, d, a.qhat + t0 * d, d, a.khat + o0 * d, d, buffer.data(), n_o);
+          tile_grad(buffer.data(), t0, n_t, o0, n_o, a);
+          gemm_atb(n_o, d, n_t, buffer.data(), n_o, a.qhat + t0 * d, d, accumulate, out, d);
+        } else {
+          gemm_abt(n_o, n_t, d, a.qhat + o0 * d, d, a.khat + t0 * d, d, buffer.data(), n_t);
+          tile_grad(buffer.data(), o0, n_o, t0, n_t, a);
+          gemm_ab(n_o, d, n_t, buffer.data(), n_t, a.khat + t0 * d, d, accumulate, out, d);
         }
       }
     }
   });
-  return grad;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& q_labels,
-                                                                  const at::Tensor& k_labels, double temperature,
-                                                                  int64_t self_offset, bool allow_tf32) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
+    double temperature, int64_t self_offset, bool allow_tf32, bool keep_probs) {
   check_forward_args(q, k, q_labels, k_labels, temperature, self_offset);
-  const int64_t m = q.size(0);
+  const int64_t m = q.size(0), l = k.size(0);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor loss = at::empty({m}, q.options().dtype(acc));
   at::Tensor lse = at::empty({m}, q.options().dtype(acc));
   at::Tensor npos = at::empty({m}, q.options().dtype(at::kInt));
-  if (m == 0) return {loss, lse, npos};
+  at::Tensor probs = keep_probs ? at::empty({m, l}, q.options().dtype(acc)) : at::empty({0, 0}, q.options().dtype(acc));
+  if (m == 0) return {loss, lse, npos, probs};
+  count_path(keep_probs ? Path::kCpuForwardKept : Path::kCpuForwardStreamed);
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Normalized nq = normalize<scalar_t, acc_t>(q);
     const Normalized nk = same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
-    forward_kernel<acc_t>(nq, nk, ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
-                          self_offset, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>());
+    const ForwardArgs<acc_t> args{nq.hat.data_ptr<acc_t>(), nk.hat.data_ptr<acc_t>(), m, l, q.size(1),
+                                  ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
+                                  self_offset, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+                                  npos.data_ptr<int32_t>()};
+    if (keep_probs) {
+      forward_kept(args, probs.data_ptr<acc_t>());
+    } else {
+      forward_streamed(args);
+    }
   });
-  return {loss, lse, npos};
+  return {loss, lse, npos, probs};
 }
 
 std::tuple<at::Tensor, at::Tensor> ntxent_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& q_labels,
                                                        const at::Tensor& k_labels, const at::Tensor& lse,
                                                        const at::Tensor& npos, double temperature,
-                                                       int64_t self_offset, bool allow_tf32) {
+                                                       int64_t self_offset, bool allow_tf32,
+                                                       const std::optional<at::Tensor>& probs_in) {
   check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset);
-  const auto acc = acc_type(q.scalar_type());
-  if (q.size(0) == 0 || k.size(0) == 0) {
+  const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
+  check_probs(probs, q, k);
+  const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
+  if (m == 0 || l == 0) {
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options())};
   }
-  // Rows without positives have a constant loss of 0: their incoming gradient must not flow.
-  const at::Tensor has_pos = npos > 0;
-  const at::Tensor g =
-      at::where(has_pos, grad_loss.to(acc) / temperature, at::zeros({}, lse.options())).contiguous();
-  const at::Tensor inv_np = at::where(has_pos, npos.to(acc).reciprocal(), at::zeros({}, lse.options())).contiguous();
-  const at::Tensor lse_c = lse.contiguous(), ql = q_labels.contiguous(), kl = k_labels.contiguous();
+  const bool kept = probs.defined() && probs.numel() > 0;
+  const bool symmetric = is_symmetric_case(q, k, q_labels, k_labels, self_offset);
+  count_path(symmetric ? (kept ? Path::kCpuBackwardSymmetricKept : Path::kCpuBackwardSymmetric)
+                       : (kept ? Path::kCpuBackwardGeneralKept : Path::kCpuBackwardGeneral));
+  const auto acc = acc_type(q.scalar_type());
+  const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
   at::Tensor grad_q, grad_k;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Normalized nq = normalize<scalar_t, acc_t>(q);
-    const Normalized nk = same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
-    const RowGrad<acc_t> rg{lse_c.data_ptr<acc_t>(), g.data_ptr<acc_t>(), inv_np.data_ptr<acc_t>(),
-                            ql.data_ptr<int64_t>()};
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const int64_t* k_labels_ptr = kl.data_ptr<int64_t>();
-    const at::Tensor dq_hat = grad_pass<acc_t>(nq, nk, false, rg, k_labels_ptr, inv_t, self_offset);
+    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t);
+    const Normalized nq = normalize<scalar_t, acc_t>(q);
+    const Normalized nk = symmetric || same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
+    const BackwardArgs<acc_t> args{nq.hat.data_ptr<acc_t>(), nk.hat.data_ptr<acc_t>(), m, l, d,
+                                   ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), inv_t, self_offset, &factors,
+                                   kept ? probs.data_ptr<acc_t>() : nullptr};
+    at::Tensor dq_hat = at::empty({m, d}, q.options().dtype(acc));
+    if (symmetric) {
+      // The whole gradient of the one input comes back as grad_q; autograd adds grad_k (zero) to it.
+      symmetric_pass(args, dq_hat.data_ptr<acc_t>());
+      grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type());
+      grad_k = at::zeros(k.sizes(), k.options());
+      return;
+    }
+    general_pass(args, false, dq_hat.data_ptr<acc_t>());
     grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type());
-    const at::Tensor dk_hat = grad_pass<acc_t>(nq, nk, true, rg, k_labels_ptr, inv_t, self_offset);
+    at::Tensor dk_hat = at::empty({l, d}, q.options().dtype(acc));
+    general_pass(args, true, dk_hat.data_ptr<acc_t>());
     grad_k = normalization_backward<scalar_t, acc_t>(nk, dk_hat, k.scalar_type());
   });
   return {grad_q, grad_k};
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Path counters (ntxent_paths.h), shared with the CUDA backend.
+namespace {
+std::array<std::atomic<int64_t>, static_cast<size_t>(Path::kCount)> g_path_counts{};
+constexpr const char* kPathNames[] = {
+    "cpu_forward_streamed",  "cpu_forward_kept",   "cpu_backward_symmetric", "cpu_backward_symmetric_kept",
+    "cpu_backward_general",  "cpu_backward_general_kept", "cuda_forward",    "cuda_backward_symmetric",
+    "cuda_backward_general"};
+static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(Path::kCount),
+              "one name per path");
+}  // namespace
+
+void count_path(Path path) { g_path_counts[static_cast<size_t>(path)].fetch_add(1, std::memory_order_relaxed); }
+
+std::string path_counts() {
+  std::string out;
+  for (size_t i = 0; i < g_path_counts.size(); ++i) {
+    if (i) out += ";";
+    out += std::string(kPathNames[i]) + "=" + std::to_string(g_path_counts[i].load(std::memory_order_relaxed));
+  }
+  return out;
+}
+
+void reset_path_counts() {
+  for (auto& c : g_path_counts) c.store(0, std::memory_order_relaxed);
+}
 
 TORCH_LIBRARY_IMPL(simclr_ext, CPU, m) {
   m.impl("ntxent", &ntxent_forward_cpu);

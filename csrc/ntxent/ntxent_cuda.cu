@@ -9,6 +9,9 @@
 //               scores, form dL/dcos from the saved lse and accumulate dqhat = dC khat;
 //               dK pass: the same with keys as rows, dkhat = dC^T qhat. Every output element has one
 //               owner block and a fixed summation order: no atomics, bit-identical reruns.
+//               q is k (same labels tensor, self_offset 0): one symmetric pass instead, the dQ pass with
+//               dL/dcos = H = dS + dS^T (both from the one recomputed tile), dzhat = H zhat: three GEMM
+//               passes in all instead of five.
 //               norm backward: dz = (dzhat - zhat <zhat, dzhat>) / |z|, in the input dtype.
 // When the row tiles alone cannot fill the GPU (2N = 16384: 256 tiles), the streamed tiles are cut into
 // a few contiguous splits, one block each; partial results (the forward's per-row lse state, the
@@ -33,11 +36,13 @@
 #include <mma.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_checks.h"
+#include "ntxent/ntxent_paths.h"
 
 namespace simclr_ext {
 namespace ntxent {
@@ -490,8 +495,11 @@ __global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t sp
 
 // Backward: dhat[split blockIdx.z][own rows, output chunk blockIdx.y] = sum over the split's other rows
 // of dL/dcos x other_hat. kOwnIsQuery: own rows are queries (dQ pass), else keys (dK pass, other rows
-// are queries). dhat holds gridDim.z slices of own rows_padded x dim; normalize_backward sums them.
-template <typename T, bool kTensorCores, bool kOwnIsQuery>
+// are queries). kSymmetric (with kOwnIsQuery; q is k, one labels tensor, self_offset 0): both sides are
+// the same rows and dL/dcos is H = dS + dS^T (symmetric_cosine_grad, ntxent.h), so this one pass gives the
+// whole gradient: each tile is recomputed once and multiplied once. dhat holds gridDim.z slices of own
+// rows_padded x dim; normalize_backward sums them.
+template <typename T, bool kTensorCores, bool kOwnIsQuery, bool kSymmetric>
 __global__ void __launch_bounds__(kCudaThreads)
     grad_kernel(const T* __restrict__ own_hat, const T* __restrict__ other_hat, const int64_t* __restrict__ own_labels,
                 const int64_t* __restrict__ other_labels, int64_t own_n, int64_t other_n, int64_t dim,
@@ -530,8 +538,14 @@ __global__ void __launch_bounds__(kCudaThreads)
   acc_t* meta_g = sm.meta + kCudaTile;
   acc_t* meta_inv_np = sm.meta + 2 * kCudaTile;
 
-  // |dL/dcos| <= max |g| / t (grad_bound): the products run on dL/dcos / scale, of magnitude < 2.
-  const acc_t scale = pow2_scale(*grad_bound);
+  static_assert(kOwnIsQuery || !kSymmetric, "the symmetric pass owns query rows");
+  // Factors of the own row for the symmetric pass (ntxent.h's RowFactors: g includes 1/t; a row without
+  // positives has g = 0 and lse = +inf, so its terms vanish without a branch).
+  const RowFactors<acc_t> own_f = kSymmetric && own_ok ? row_factors(grad[a], lse[a], npos[a], inv_t)
+                                                        : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+  // |dL/dcos| <= max |g| / t (grad_bound), twice that for H = dS + dS^T: the products run on
+  // dL/dcos / scale, of magnitude < 2.
+  const acc_t scale = pow2_scale(*grad_bound * acc_t(kSymmetric ? 2 : 1));
   const acc_t inv_scale = acc_t(1) / scale;
   GradAccumulator<T, kTensorCores> acc;
   acc.zero();
@@ -545,7 +559,13 @@ __global__ void __launch_bounds__(kCudaThreads)
       for (int c = threadIdx.x; c < kCudaTile; c += kCudaThreads) {
         const int64_t b = col0 + c;
         sm.lab[c] = b < other_n ? other_labels[b] : 0;
-        if (!kOwnIsQuery) {
+        if (kSymmetric) {
+          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[b], lse[b], npos[b], inv_t)
+                                                  : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+          meta_g[c] = f.g;
+          meta_lse[c] = f.lse;
+          meta_inv_np[c] = f.inv_np;
+        } else if (!kOwnIsQuery) {
           const int np = b < other_n ? npos[b] : 0;
           meta_g[c] = np > 0 ? grad[b] : acc_t(0);
           meta_lse[c] = np > 0 ? lse[b] : acc_t(0);
@@ -563,7 +583,12 @@ __global__ void __launch_bounds__(kCudaThreads)
       const int64_t kj = kOwnIsQuery ? b : a;
       const acc_t g = kOwnIsQuery ? own_g : meta_g[col];
       acc_t dcos = acc_t(0);
-      if (own_ok && b < other_n && g != acc_t(0) && kj != self_key(qi, self_offset)) {
+      if (kSymmetric) {
+        if (own_ok && b < other_n && b != a) {
+          const RowFactors<acc_t> other_f{meta_g[col], meta_lse[col], meta_inv_np[col]};
+          dcos = symmetric_cosine_grad(srow[col], inv_t, own_f, other_f, sm.lab[col] == label);
+        }
+      } else if (own_ok && b < other_n && g != acc_t(0) && kj != self_key(qi, self_offset)) {
         dcos = cosine_grad(srow[col], inv_t, kOwnIsQuery ? own_lse : meta_lse[col], g, sm.lab[col] == label,
                            kOwnIsQuery ? own_inv_np : meta_inv_np[col]);
       }
@@ -712,10 +737,11 @@ Normalized normalize_inputs(const ContiguousInputs& in, cudaStream_t stream) {
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                           const at::Tensor& q_labels_in,
-                                                           const at::Tensor& k_labels_in, double temperature,
-                                                           int64_t self_offset, bool allow_tf32) {
+// keep_probs is a CPU-only optimization (small problems, where recomputing costs more than the memory):
+// the CUDA kernels always recompute, and the fourth output is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in, const at::Tensor& k_labels_in,
+    double temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/) {
   check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -724,13 +750,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_i
   at::Tensor loss = at::empty({m}, q_in.options().dtype(acc));
   at::Tensor lse = at::empty({m}, q_in.options().dtype(acc));
   at::Tensor npos = at::empty({m}, q_in.options().dtype(at::kInt));
-  if (m == 0) return {loss, lse, npos};
+  const at::Tensor probs = at::empty({0, 0}, q_in.options().dtype(acc));
+  if (m == 0) return {loss, lse, npos, probs};
   if (l == 0) {  // no keys: empty log-sum-exp, no positives
     loss.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
     npos.zero_();
-    return {loss, lse, npos};
+    return {loss, lse, npos, probs};
   }
+  count_path(Path::kCudaForward);
   const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
   const at::Tensor& q = in.q;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -761,15 +789,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(const at::Tensor& q_i
         parts, m, splits, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse, npos};
+  return {loss, lse, npos, probs};
 }
 
 std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& q_in,
                                                         const at::Tensor& k_in, const at::Tensor& q_labels_in,
                                                         const at::Tensor& k_labels_in, const at::Tensor& lse_in,
                                                         const at::Tensor& npos_in, double temperature,
-                                                        int64_t self_offset, bool allow_tf32) {
+                                                        int64_t self_offset, bool allow_tf32,
+                                                        const std::optional<at::Tensor>& probs) {
   check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset);
+  if (probs.has_value()) check_probs(*probs, q_in, k_in);  // never kept on CUDA: recomputed below
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t m = q_in.size(0), l = k_in.size(0), d = q_in.size(1);
@@ -783,6 +813,10 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     grad_k.zero_();
     return {grad_q, grad_k};
   }
+  // q is k (NT-Xent, multi-view, SupCon): one pass gives the whole gradient (H = dS + dS^T), returned as
+  // grad_q; grad_k is zero.
+  const bool symmetric = is_symmetric_case(q_in, k_in, q_labels_in, k_labels_in, self_offset);
+  count_path(symmetric ? Path::kCudaBackwardSymmetric : Path::kCudaBackwardGeneral);
   const auto acc = acc_dtype(q);
   const at::Tensor g = grad_loss.to(acc).contiguous();
   const at::Tensor lse = lse_in.contiguous();
@@ -796,16 +830,17 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     const CudaPlan& plan = nz.plan;
     // One slice of partial sums per split of the streamed tiles; normalize_backward adds them up.
     const at::Tensor dqhat = at::empty({plan.splits_dq, plan.rows_q, plan.dim}, q.options().dtype(acc));
-    const at::Tensor dkhat = at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
+    const at::Tensor dkhat =
+        symmetric ? at::Tensor() : at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     const at::Tensor grad_bound = g.abs().amax().mul(1.0 / temperature);  // on the stream: no sync
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       // One pass: dhat of the own rows (queries: dQ, keys: dK) from the other side's tiles.
-      auto pass = [&](auto own_is_query, const at::Tensor& own_hat, const at::Tensor& other_hat,
+      auto pass = [&](auto own_is_query, auto symmetric_pass, const at::Tensor& own_hat, const at::Tensor& other_hat,
                       const at::Tensor& own_labels, const at::Tensor& other_labels, int64_t own_n, int64_t other_n,
                       int64_t grid, int64_t splits, const at::Tensor& dhat) {
-        auto kernel = grad_kernel<T, kTC, decltype(own_is_query)::value>;
+        auto kernel = grad_kernel<T, kTC, decltype(own_is_query)::value, decltype(symmetric_pass)::value>;
         set_smem(kernel, plan.smem_bwd, q);
         const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(plan.out_chunks),
                           static_cast<unsigned>(splits));
@@ -815,8 +850,15 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
             ptr<const int>(npos), ptr<const acc_t>(grad_bound), inv_t, self_offset, ptr<acc_t>(dhat));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      pass(std::true_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q, plan.splits_dq, dqhat);
-      pass(std::false_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k, plan.splits_dk, dkhat);
+      if (symmetric) {
+        pass(std::true_type{}, std::true_type{}, nz.qhat, nz.qhat, in.q_labels, in.q_labels, m, m, plan.grid_q,
+             plan.splits_dq, dqhat);
+        return;
+      }
+      pass(std::true_type{}, std::false_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
+           plan.splits_dq, dqhat);
+      pass(std::false_type{}, std::false_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
+           plan.splits_dk, dkhat);
     });
     // Back through the normalization, summing the split slices: grad = (dxhat - xhat <xhat, dxhat>) / |x|.
     auto norm_backward = [&](const at::Tensor& x, const at::Tensor& dxhat, int64_t n, int64_t grid, int64_t splits,
@@ -826,7 +868,11 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q);
-    norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k);
+    if (symmetric) {
+      grad_k.zero_();
+    } else {
+      norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k);
+    }
   });
   return {grad_q, grad_k};
 }

@@ -1,8 +1,12 @@
-"""Pure-PyTorch reference implementations: the oracle for simclr_ext's parity tests and the baseline
-of its benchmarks. Deliberately naive (the full similarity matrix is built) and never imports simclr_ext.
-Everything runs in the dtype it is given, float64 included."""
+"""Pure-PyTorch reference implementations, never importing simclr_ext. Everything runs in the dtype it is
+given, float64 included.
+
+- `contrastive_loss`, `nt_xent`, `augment`: the oracle of simclr_ext's parity tests, deliberately naive
+  (the full similarity matrix is built, the general masked formulation).
+- `nt_xent_plain`: the baseline of simclr_ext's loss benchmarks, NT-Xent as users write it
+  (F.cross_entropy on the masked logits). Never compare speed against the oracle."""
 
 from .augment import augment
-from .loss import contrastive_loss, nt_xent
+from .loss import contrastive_loss, nt_xent, nt_xent_plain
 
-__all__ = ["augment", "contrastive_loss", "nt_xent"]
+__all__ = ["augment", "contrastive_loss", "nt_xent", "nt_xent_plain"]

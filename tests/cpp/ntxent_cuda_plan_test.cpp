@@ -263,12 +263,56 @@ static void check_clamped_norm() {
   CHECK(norm_clamped(0.0) && norm_clamped(1e-26) && !norm_clamped(1.0), "norm_clamped agrees with the clamp");
 }
 
+static void check_symmetric_grad() {
+  // The symmetric backward's H_ij (one recomputed cosine, both rows' factors) is dS_ij + dS_ji as the
+  // general passes compute them, for rows with and without positives, positive pairs or not.
+  const double inv_t = 1.0 / 0.07;
+  const double cs[] = {-0.9, -0.1, 0.0, 0.35, 0.999};
+  const double lse_gaps[] = {0.0, 0.7, 9.0};  // lse - s >= 0: a softmax probability in (0, 1]
+  const int nps[] = {0, 1, 3};
+  for (double c : cs) {
+    for (double gap_i : lse_gaps) {
+      for (double gap_j : lse_gaps) {
+        const double lse_i = logit(c, inv_t) + gap_i, lse_j = logit(c, inv_t) + gap_j;
+        for (int np_i : nps) {
+          for (int np_j : nps) {
+            for (bool pos : {false, true}) {
+              const double g_i = 0.37, g_j = -1.25;
+              const RowFactors<double> fi = row_factors(g_i, lse_i, np_i, inv_t);
+              const RowFactors<double> fj = row_factors(g_j, lse_j, np_j, inv_t);
+              const double h = symmetric_cosine_grad(c, inv_t, fi, fj, pos);
+              double want = 0;
+              if (np_i > 0) want += cosine_grad(c, inv_t, lse_i, g_i, pos, 1.0 / np_i);
+              if (np_j > 0) want += cosine_grad(c, inv_t, lse_j, g_j, pos, 1.0 / np_j);
+              CHECK(std::fabs(h - want) <= 1e-12 * (1 + std::fabs(want)), "H(c=%g, np %d %d, pos %d) = %.17g, want %.17g",
+                    c, np_i, np_j, (int)pos, h, want);
+              // |H| <= |g_i| / t + |g_j| / t: the bound the CUDA kernel's operand scaling uses (2 max |g| / t).
+              CHECK(std::fabs(h) <= (std::fabs(g_i) + std::fabs(g_j)) * inv_t * (1 + 1e-12), "H bound");
+            }
+          }
+        }
+      }
+    }
+  }
+  // A row without positives contributes exactly nothing, even where its forward lse is -inf (no keys).
+  const RowFactors<float> empty = row_factors(2.0f, -INFINITY, 0, 10.0f);
+  const RowFactors<float> other = row_factors(1.0f, 2.0f, 1, 10.0f);
+  const float h = symmetric_cosine_grad(0.5f, 10.0f, empty, other, false);
+  CHECK(h == cosine_grad(0.5f, 10.0f, 2.0f, 1.0f, false, 1.0f), "a row without positives adds exactly 0");
+  // A pair whose softmax is exactly 1 in both directions (two rows, each the other's only key and positive)
+  // cancels exactly: H = 0.
+  const float s = logit(0.25f, 2.0f);
+  const RowFactors<float> a = row_factors(0.3f, s, 1, 2.0f), b = row_factors(0.7f, s, 1, 2.0f);
+  CHECK(symmetric_cosine_grad(0.25f, 2.0f, a, b, true) == 0.0f, "exact cancellation");
+}
+
 int main() {
   check_clamped_norm();
   check_pow2_scale();
   check_maps();
   check_plans();
   check_online_lse();
+  check_symmetric_grad();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

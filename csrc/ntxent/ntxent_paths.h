@@ -1,0 +1,31 @@
+// Counters of the code paths the contrastive kernels take (host only). Tests assert on them that a call
+// really ran the path it was meant to (the symmetric backward, the kept-probabilities forward, ...);
+// simclr_ext.ops.ntxent_path_counts() reads them. Counting is one relaxed atomic add per call.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace simclr_ext {
+namespace ntxent {
+
+enum class Path : int {
+  kCpuForwardStreamed,       // online log-sum-exp over key tiles
+  kCpuForwardKept,           // full rows, softmax probabilities kept for the backward
+  kCpuBackwardSymmetric,     // q is k: one pass, tiles recomputed once, H = dS + dS^T
+  kCpuBackwardSymmetricKept, // q is k: one pass over the kept probabilities
+  kCpuBackwardGeneral,       // dq pass + dk pass, tiles recomputed
+  kCpuBackwardGeneralKept,   // dq pass + dk pass over the kept probabilities
+  kCudaForward,
+  kCudaBackwardSymmetric,
+  kCudaBackwardGeneral,
+  kCount
+};
+
+void count_path(Path path);
+// "name=count;name=count;..." in the order of Path.
+std::string path_counts();
+void reset_path_counts();
+
+}  // namespace ntxent
+}  // namespace simclr_ext
