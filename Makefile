@@ -9,7 +9,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup deps build test demo bench clean
+.PHONY: setup deps build test demo bench clean gpu-wheels
 
 deps:
 	$(PYTHON) -m pip install $(TORCH_SPEC) -r requirements-dev.txt
@@ -30,7 +30,12 @@ demo: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ntxent_cpu.py --write
-	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2
+	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2 --profile
+
+# Wheels the GPU machine lacks (kornia + kornia_rs for Python 3.12), into the git-ignored .whl/ that a
+# device call carries (README, "GPU check"); checked against the device's package list.
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py
 
 clean:
 	rm -rf build *.egg-info simclr_ext/*.so .pytest_cache

@@ -65,8 +65,9 @@ def measure(threads, two_n, d, providers, reps):
     z = torch.cat([z1, z2]).detach()
     fns = {name: _step(fn, z1, z2) for name, fn in providers.items()}
     fns["gemm_floor"] = lambda: gemm_floor_step(z)
-    for fn in fns.values():
-        fn()  # warm-up (thread pools, allocator, BLAS buffers)
+    if two_n < 8192:  # larger sizes run after smaller ones: pools and buffers are warm, calls take seconds
+        for fn in fns.values():
+            fn()  # warm-up (thread pools, allocator, BLAS buffers)
     return interleaved_medians(fns, reps)
 
 
@@ -81,6 +82,9 @@ def main():
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps-scale", type=float, default=1.0, help="multiplies the repetitions per size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--memory-sizes", type=int, nargs="+", help="2N values of the memory probes (default: --sizes)")
+    parser.add_argument("--memory-dims", type=int, nargs="+", help="D values of the memory probes (default: --dims)")
+    parser.add_argument("--memory-providers", nargs="+", help="providers of the memory probes (default: all)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/ntxent_cpu_<date>.{md,json}")
     parser.add_argument("--note", default="", help="a line for the results file (e.g. the machine's load)")
     args = parser.parse_args()
@@ -89,10 +93,13 @@ def main():
     names = list(providers) + ["gemm_floor"]
     started = time.strftime("%H:%M", time.gmtime())
     memory = {}
+    mem_sizes = args.memory_sizes or args.sizes
+    mem_dims = args.memory_dims or args.dims
+    mem_names = args.memory_providers or names
     if not args.no_memory:
-        for d in args.dims:
-            for name in names:
-                memory[(name, d)] = peak_mib(name, args.sizes, d)
+        for d in mem_dims:
+            for name in mem_names:
+                memory[(name, d)] = peak_mib(name, mem_sizes, d)
                 print(f"peak memory {name} D={d}: " + ", ".join(
                     f"2N={n}: {'-' if v is None else f'{v:.1f}'} MiB" for n, v in memory[(name, d)].items()),
                     flush=True)
@@ -121,18 +128,18 @@ def main():
 
     mem_lines = []
     if memory:
-        head = "| D | 2N | " + " | ".join(f"{p} MiB" for p in names) + " | fused / plain |"
+        head = "| D | 2N | " + " | ".join(f"{p} MiB" for p in mem_names) + " | fused / plain |"
         mem_lines = [head, "|" + "---|" * (head.count("|") - 1)]
-        for d in args.dims:
-            for two_n in args.sizes:
-                vals = {p: memory[(p, d)][two_n] for p in names}
+        for d in mem_dims:
+            for two_n in mem_sizes:
+                vals = {p: memory[(p, d)][two_n] for p in mem_names}
                 ratio = (f"{100 * vals['fused'] / vals['plain']:.2f}%"
-                         if vals["fused"] is not None and vals["plain"] else "-")
+                         if vals.get("fused") is not None and vals.get("plain") else "-")
                 mem_lines.append(f"| {d} | {two_n} | " + " | ".join(
-                    "-" if vals[p] is None else f"{vals[p]:.1f}" for p in names) + f" | {ratio} |")
+                    "-" if vals[p] is None else f"{vals[p]:.1f}" for p in mem_names) + f" | {ratio} |")
                 for r in rows:
                     if r["dim"] == d and r["two_n"] == two_n:
-                        r.update({f"{p}_peak_mib": vals[p] for p in names})
+                        r.update({f"{p}_peak_mib": vals[p] for p in mem_names})
 
     ended = time.strftime("%H:%M", time.gmtime())
     md = (f"# NT-Xent forward+backward on the CPU, float32\n\n"
@@ -150,7 +157,9 @@ def main():
     if args.write:
         path = write_results(os.path.join(ROOT, "benchmarks", "results"), f"ntxent_cpu_{today()}", md,
                              {"machine": machine(), "date": today(), "start_utc": started, "end_utc": ended,
-                              "note": args.note, "rows": rows})
+                              "note": args.note, "rows": rows,
+                              "memory": [{"provider": p, "dim": d, "two_n": n, "peak_mib": v}
+                                         for (p, d), per in memory.items() for n, v in per.items()]})
         print(f"wrote {path}")
 
 

@@ -14,10 +14,24 @@ from .ops import set_tf32, tf32_enabled
 from .supcon_loss import SupConLoss, supcon_loss
 from .train import PretrainConfig, knn_eval, linear_eval, pretrain
 
+# The per-sample transform needs torchvision (an optional dependency): imported on first use.
+_LAZY = {"SimCLRTransform": "transforms", "ragged_collate": "transforms"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AugmentParams",
     "SimCLRAugment",
     "augment",
+    "SimCLRTransform",
+    "ragged_collate",
     "__version__",
     "info",
     "NTXentLoss",

@@ -10,9 +10,10 @@ Given the same parameters the result matches torchvision.transforms.v2.functiona
 time (simclr_reference.augment): resized_crop (bilinear, antialias=False) -> hflip -> rotate (nearest,
 fill 0) -> color jitter in the sample's random order -> grayscale -> gaussian_blur -> solarize -> normalize.
 
-Images: uint8 in [0, 255] or float in [0, 1] (not checked), as (B, C, H, W), (B, H, W, C), or a list of
-(C, H_i, W_i) images of different sizes; C is 1 or 3. `layout="auto"` reads (B, C, H, W) when dim 1 is 1 or
-3 and (B, H, W, C) otherwise; pass layout="NCHW" or "NHWC" when that guess is wrong (e.g. a 3 x 3 image).
+Images: uint8 in [0, 255] or float in [0, 1] (a float image outside [0, 1] by more than 0.01 is refused: divide
+by 255), as (B, C, H, W), (B, H, W, C), or a list of (C, H_i, W_i) images of different sizes; C is 1 or 3.
+`layout="auto"` reads (B, C, H, W) when dim 1 is 1 or 3 and (B, H, W, C) when dim 3 is, and refuses a shape
+where both are (e.g. a 3 x 3 image): pass layout="NCHW" or "NHWC" then.
 
 Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual Representations",
 ICML 2020, appendix A (data augmentation details).
@@ -111,13 +112,15 @@ def _image_sizes(images, layout):
         raise TypeError(f"images must be a torch.Tensor or a list of tensors, got {type(images).__name__}")
     if images.dim() != 4:
         raise ValueError(f"images must be 4-D (B, C, H, W) or (B, H, W, C), got shape {tuple(images.shape)}")
-    if layout == "auto":
-        layout = "NCHW" if images.shape[1] in (1, 3) else "NHWC"
-    if layout not in ("NCHW", "NHWC"):
+    if layout not in ("auto", "NCHW", "NHWC"):
         raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+    if layout == "auto":
+        layout = _guess_layout(images.shape)
     b, c, h, w = images.shape if layout == "NCHW" else (images.shape[0], images.shape[3], images.shape[1], images.shape[2])
     if c not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)} (layout {layout}, C = {c})")
+        dim = 1 if layout == "NCHW" else 3
+        raise ValueError(f"images must have 1 or 3 channels, got C = {c} in dim {dim} of shape {tuple(images.shape)} "
+                         f"(layout {layout}){_RGBA_HINT if c == 4 else ''}")
     if b == 0:
         raise ValueError(f"images must contain at least one image, got an empty batch of shape {tuple(images.shape)}")
     if h == 0 or w == 0:
@@ -125,10 +128,55 @@ def _image_sizes(images, layout):
     return b, c, torch.full((b,), h, dtype=torch.int64), torch.full((b,), w, dtype=torch.int64), layout
 
 
+_RGBA_HINT = "; for RGBA images drop the alpha channel first (images[:, :3] for NCHW, images[..., :3] for NHWC)"
+
+
+def _guess_layout(shape):
+    """layout="auto" for a 4-D shape: the one of dim 1 / dim 3 that can hold 1 or 3 channels; refuses a
+    shape where both can (a 3 x 3 image, or W = 1 or 3) or neither can, naming both dimensions."""
+    c1, c3 = shape[1] in (1, 3), shape[3] in (1, 3)
+    if c1 and not c3:
+        return "NCHW"
+    if c3 and not c1:
+        return "NHWC"
+    if c1 and c3:
+        raise ValueError(f"images of shape {tuple(shape)} are ambiguous: dim 1 ({shape[1]}) and dim 3 ({shape[3]}) "
+                         "could both be the channels; pass layout='NCHW' (B, C, H, W) or layout='NHWC' (B, H, W, C)")
+    hint = _RGBA_HINT if 4 in (shape[1], shape[3]) else ""
+    raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(shape)}: neither dim 1 ({shape[1]}, NCHW) "
+                     f"nor dim 3 ({shape[3]}, NHWC) is 1 or 3{hint}")
+
+
+# Float pixels are [0, 1]; resampling or a colour conversion upstream may overshoot by a little.
+_FLOAT_RANGE_SLACK = 1e-2
+
+
+def _check_dtype(t, name):
+    if t.dtype in (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return t
+    raise TypeError(f"{name} must be uint8 (0..255) or floating point (0..1), got {t.dtype}")
+
+
 def _check_pixels(t, name):
     if t.dtype == torch.uint8 or t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        if t.dtype != torch.uint8:
+            _check_float_range(t, name)
         return t if t.dtype in (torch.uint8, torch.float32) else t.float()
     raise TypeError(f"{name} must be uint8 (0..255) or floating point (0..1), got {t.dtype}")
+
+
+def _check_float_range(t, name):
+    """Float images outside [0, 1] (an uint8 image converted without / 255, or already normalized) would be
+    jittered, clamped and blurred as if they were in range: refuse them. One reduction (a sync on CUDA)."""
+    if t.numel() == 0:
+        return
+    lo, hi = (v.item() for v in torch.aminmax(t.detach().float()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must hold finite pixel values, got values in [{lo}, {hi}]")
+    if lo < -_FLOAT_RANGE_SLACK or hi > 1 + _FLOAT_RANGE_SLACK:
+        raise ValueError(f"float {name} must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]: divide 0..255 pixels "
+                         "by 255 (or pass them as uint8), and normalize after the augmentation (mean=, std=), not "
+                         "before")
 
 
 def _pack(images, layout):
@@ -139,10 +187,10 @@ def _pack(images, layout):
             if im.device != dev or im.dtype != dt:
                 raise ValueError(f"images[{i}] must have the device and dtype of images[0] ({dev}, {dt}), "
                                  f"got ({im.device}, {im.dtype})")
-        flat = [_check_pixels(im, f"images[{i}]").reshape(-1) for i, im in enumerate(images)]
-        sizes = torch.tensor([f.numel() for f in flat], dtype=torch.int64)
+        flat = torch.cat([_check_dtype(im, f"images[{i}]").reshape(-1) for i, im in enumerate(images)])
+        sizes = torch.tensor([im.numel() for im in images], dtype=torch.int64)
         offsets = torch.cumsum(sizes, 0) - sizes
-        return torch.cat(flat), offsets, False
+        return _check_pixels(flat, "images"), offsets, False
     x = _check_pixels(images, "images")
     b = x.shape[0]
     per = x[0].numel()

@@ -63,7 +63,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, gathe
     if gather_distributed and distributed.is_distributed():
         rank, world = distributed.world_info()
         all_text = distributed.all_gather_with_grad(text_features)
-        all_image = distributed.all_gather_with_grad(image_features, check_shapes=False)
+        all_image = distributed.all_gather_with_grad(image_features)
         q_labels, k_labels = labels + rank * n, torch.arange(world * n, device=labels.device)
     else:
         all_text, all_image, q_labels, k_labels = text_features, image_features, labels, labels

@@ -2,16 +2,17 @@
 
 Each rank keeps its own queries and scores them against the keys of every rank. The gather must be
 differentiable with the right backward: rank r's keys are used by the losses of *all* ranks, so the
-gradient reaching them is the sum over ranks of each rank's gradient for that slice (an all-reduce
-SUM, then the local slice). Returning only the local rank's own gradient slice, as lightly and
-Spijkervet/SimCLR once did, drops every other rank's contribution.
+gradient reaching them is the sum over ranks of each rank's gradient for that slice. One reduce-scatter
+(SUM) computes exactly that and moves 1/W of the gathered gradient per rank, where an all-reduce followed
+by slicing would move all of it. (A gather whose backward returns only the local rank's own slice drops
+every other rank's contribution; lightly 1.6's GatherLayer all-reduces, so it sums across ranks.)
 """
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "gather_pairs", "all_gather_no_grad"]
+__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "all_gather_no_grad", "gather_pairs"]
 
 
 def is_distributed() -> bool:
@@ -25,42 +26,107 @@ def world_info() -> Tuple[int, int]:
     return 0, 1
 
 
+def _collective(new: str, old: str):
+    """torch >= 2.14 renamed the single-tensor collectives (the old names warn); same signatures."""
+    return getattr(dist, new, None) or getattr(dist, old)
+
+
+# Every rank's message has the same size, so a rank with another batch shape can never make the
+# collective itself fail (gloo aborts the process on a size mismatch, NCCL hangs): each message is
+# [shape header | rows padded or cut to the agreed size], and the headers say whether the shapes agree.
+_HEADER = 3  # int64: rows, elements per row, dtype
+_HEADER_BYTES = 8 * _HEADER
+# Agreed payload bytes per rank, per (process group, world size, call site); grows, never shrinks.
+_CAPACITY: Dict[tuple, int] = {}
+# The groups those keys name, held so that a later group (after destroy_process_group) never reuses an id.
+_GROUPS: Dict[int, object] = {}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _header(x: torch.Tensor) -> torch.Tensor:
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    return torch.tensor([x.shape[0], x[0].numel() if x.shape[0] else 0, code], dtype=torch.int64, device=x.device)
+
+
+def _check_headers(headers: torch.Tensor) -> None:
+    """headers: (world, 3), the same on every rank, so every rank raises or none does."""
+    rows = headers.tolist()
+    if any(row != rows[0] for row in rows):
+        shapes = "; ".join(f"rank {r}: rows={h[0]}, D={h[1]}, dtype={_DTYPES[h[2]] if h[2] < len(_DTYPES) else 'other'}"
+                           for r, h in enumerate(rows))
+        raise ValueError("every rank must hold the same batch size, feature dimension and dtype for the "
+                         f"gathered loss (use a DistributedSampler and drop_last=True), got {shapes}")
+
+
+def _gather_rows(x: torch.Tensor, site: str) -> torch.Tensor:
+    """cat over ranks of x (R, ...) -> (world * R, ...), shapes verified on every rank from the headers.
+
+    One collective per call; the first call of a call site adds one fixed-size gather of the headers alone
+    (the payload size is not agreed yet), and a batch larger than every earlier one gathers again."""
+    world = world_info()[1]
+    group = dist.group.WORLD
+    _GROUPS[id(group)] = group
+    key = (id(group), world, site)
+    x = x.contiguous()
+    header = _header(x)
+    payload = x.reshape(-1).view(torch.uint8)
+    gather = _collective("all_gather_single", "all_gather_into_tensor")
+    if key not in _CAPACITY:
+        headers = header.new_empty(world * _HEADER)  # flat: gloo insists on a plain concatenation
+        gather(headers, header)
+        _check_headers(headers.view(world, _HEADER))
+        _CAPACITY[key] = payload.numel()
+    cap = _CAPACITY[key]
+    message = payload.new_zeros(_HEADER_BYTES + cap)
+    message[:_HEADER_BYTES] = header.view(torch.uint8)
+    used = min(cap, payload.numel())
+    message[_HEADER_BYTES:_HEADER_BYTES + used] = payload[:used]
+    gathered = message.new_empty(world * message.numel())
+    gather(gathered, message)
+    gathered = gathered.view(world, message.numel())
+    _check_headers(gathered[:, :_HEADER_BYTES].contiguous().view(torch.int64))
+    if payload.numel() > cap:  # every rank grew alike (the headers agree): once more at the new size
+        _CAPACITY[key] = payload.numel()
+        return _gather_rows(x, site)
+    rows = gathered[:, _HEADER_BYTES:_HEADER_BYTES + payload.numel()].contiguous().view(x.dtype)
+    return rows.reshape((world * x.shape[0],) + tuple(x.shape[1:]))
+
+
 class _AllGather(torch.autograd.Function):
-    """cat of x (R, D) from every rank along dim 0 -> (world * R, D); backward sums the incoming
-    gradient over ranks and returns this rank's rows."""
+    """cat of x (R, D) from every rank along dim 0 -> (world * R, D); backward: reduce-scatter (SUM) of
+    the incoming gradient, so each rank gets the sum over ranks of the gradients of its own rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = world_info()
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, 0)
+    def forward(ctx, x: torch.Tensor, site: str) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return _gather_rows(x, site)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.new_empty((ctx.rows,) + tuple(grad.shape[1:]))
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return out, None
 
 
-def _check_equal_rows(rows: int, device: torch.device) -> None:
-    """all_gather needs the same shape everywhere; a mismatch would otherwise hang or fail obscurely."""
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_info()[1])]
-    dist.all_gather(counts, torch.tensor([rows], dtype=torch.long, device=device))
-    got = [int(c) for c in counts]
-    if len(set(got)) != 1:
-        raise ValueError(f"every rank must hold the same batch size for the gathered loss, got {got} (use drop_last)")
-
-
-def all_gather_with_grad(x: torch.Tensor, check_shapes: bool = True) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """x: (R, D) on every rank -> (world * R, D), rank r's rows at [r * R, (r + 1) * R), with gradients
-    flowing back to every rank (summed over ranks). Identity outside torch.distributed."""
+    flowing back to every rank (summed over ranks by a reduce-scatter). Identity outside torch.distributed.
+
+    Ranks whose shapes or dtypes differ get the same ValueError on every rank. The shapes travel in the
+    gather's own message (no extra collective per step); reading them back is one small device-to-host
+    copy (a sync on CUDA) per call."""
     if not is_distributed():
         return x
-    if check_shapes:
-        _check_equal_rows(x.shape[0], x.device)
-    return _AllGather.apply(x)
+    return _AllGather.apply(x, "with_grad")
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """x: (R, D) on every rank -> (world * R, D) in rank order, without gradient (memory-bank updates).
+    Identity outside torch.distributed."""
+    if not is_distributed():
+        return x
+    return _gather_rows(x, "no_grad")
 
 
 def gather_pairs(z1: torch.Tensor, z2: torch.Tensor):
@@ -83,13 +149,3 @@ def gather_pairs(z1: torch.Tensor, z2: torch.Tensor):
     world = keys.shape[0] // (2 * n)
     k_labels = (ids.repeat(2).unsqueeze(0) + n * torch.arange(world, device=z1.device).unsqueeze(1)).reshape(-1)
     return q, keys, (ids + rank * n).repeat(2), k_labels, rank * 2 * n
-
-
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """x: (R, ...) on every rank -> (world * R, ...) in rank order, without gradient (labels, ids).
-    Identity outside torch.distributed."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_info()[1])]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, 0)

@@ -97,7 +97,9 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
             [self_offset, self_offset + M) of the keys; a query's own key is then left out of both the
             positives and the denominator (SimCLR, SupCon, distributed gathers).
         reduction: "mean" over rows that have a positive, "sum", or "none" for the (M,) per-row losses.
-        allow_tf32: CUDA only: use TF32 tensor cores for float32 inputs; None follows `set_tf32`.
+        allow_tf32: CUDA only: True / False select the TF32 tensor-core or the exact fp32 path for float32
+            inputs; None (default) follows PyTorch, `torch.get_float32_matmul_precision()` ("highest", the
+            default: exact; "high" / "medium": TF32), unless `simclr_ext.set_tf32` overrides it.
         exclude_positives: leave the positives out of the denominator too (decoupled contrastive learning,
             Yeh et al. 2022): the log-sum-exp runs over the negatives only.
         positive_weight: None, or (M,) per-row weights w_i of the positive term (DCLW); constants: a tensor
@@ -130,30 +132,36 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
         raise ValueError(f"self_offset must be None or in [0, L - M] = [0, {k.shape[0] - q.shape[0]}], got {self_offset}")
     else:
         offset = int(self_offset)
-    tf32 = ops.tf32_enabled() if allow_tf32 is None else bool(allow_tf32)
+    tf32 = ops.resolve_tf32(allow_tf32)
     per_row, _, npos = ops.ntxent_forward(q, k, q_labels, k_labels, temperature, offset, tf32,
                                           bool(exclude_positives), positive_weight)
     return _reduce(per_row, npos, reduction)
 
 
 def _check_pair(z1, z2):
+    """Checks the two views and returns them in their common floating dtype: under autocast one branch may
+    come out bfloat16 and the other (a momentum encoder, a cast) float32; both are then computed in float32,
+    as torch's own binary ops would promote them."""
     _check_embeddings("z1", z1)
     _check_embeddings("z2", z2)
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape (N, D), got {list(z1.shape)} and {list(z2.shape)}")
-    if z1.dtype != z2.dtype:
-        raise TypeError(f"z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
     if z1.device != z2.device:
         raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
     if z1.shape[0] == 0:
         raise ValueError("z1 and z2 must hold at least one sample (N >= 1), got an empty batch")
+    if z1.dtype != z2.dtype:
+        dtype = torch.promote_types(z1.dtype, z2.dtype)
+        z1, z2 = z1.to(dtype), z2.to(dtype)
+    return z1, z2
 
 
 def nt_xent(z1, z2, temperature=0.5, reduction="mean", allow_tf32=None):
     """NT-Xent loss of SimCLR (Chen et al. 2020, eq. 1), fused.
 
     Args:
-        z1, z2: (N, D) projections of two augmented views of the same N samples.
+        z1, z2: (N, D) projections of two augmented views of the same N samples; different floating dtypes
+            are promoted to the common one (torch.promote_types).
         temperature: tau, 0.5 by default (the paper's CIFAR-10 setting; lightly's default too).
         reduction: "mean" over the 2N anchors (the paper's loss), "sum", or "none" for (2N,) per-anchor
             losses (rows 0..N-1 are the anchors of z1, N..2N-1 those of z2).
@@ -161,8 +169,9 @@ def nt_xent(z1, z2, temperature=0.5, reduction="mean", allow_tf32=None):
 
     For each of the 2N anchors: -log softmax of its positive among the 2N - 1 other samples, with
     cosine similarity over temperature. Equals lightly's NTXentLoss(temperature) on the same inputs.
+    The loss is float32 for float16 / bfloat16 / float32 inputs and float64 for float64 (after promotion).
     """
-    _check_pair(z1, z2)
+    z1, z2 = _check_pair(z1, z2)
     n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     labels = torch.arange(n, device=z.device).repeat(2)
@@ -170,91 +179,188 @@ def nt_xent(z1, z2, temperature=0.5, reduction="mean", allow_tf32=None):
                             allow_tf32=allow_tf32)
 
 
+_BANK_MODES = ("bank_only", "batch_and_bank")
+
+
+def _check_bank_size(memory_bank_size):
+    """(size, dim or None) from lightly's forms: 0, an int K (dim taken from the first batch), or (K, dim)."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(memory_bank_size) and memory_bank_size >= 0:
+        return int(memory_bank_size), None
+    if isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 2 \
+            and all(is_int(v) for v in memory_bank_size) and memory_bank_size[0] >= 0 and memory_bank_size[1] >= 1:
+        return int(memory_bank_size[0]), int(memory_bank_size[1])
+    raise ValueError(f"memory_bank_size must be an int >= 0 or a (size, dim) tuple of ints with size >= 0 and "
+                     f"dim >= 1 (lightly's form), got {memory_bank_size!r}")
+
+
 class NTXentLoss(nn.Module):
     """NT-Xent (SimCLR) loss as a module: `NTXentLoss(temperature=0.5)(z1, z2)`.
 
-    Drop-in for lightly's `NTXentLoss(temperature, memory_bank_size, gather_distributed)`.
+    Drop-in for lightly's `NTXentLoss(temperature, memory_bank_size, gather_distributed)` (lightly 1.6):
+    the same values and gradients, with or without a memory bank, and a model that held lightly's loss
+    loads strictly (see the state_dict note below).
 
     Args:
         temperature: tau (> 0), default 0.5.
-        memory_bank_size: 0 (default) or the number of past z2 projections kept as extra negatives,
-            with labels no query has. Unlike lightly's memory-bank mode, the other samples of the batch
-            stay negatives too: the bank only adds negatives to the SimCLR loss.
-        gather_distributed: under torch.distributed, score this rank's 2N queries against the keys of
-            every rank (negatives from the global batch); the gather's backward sums gradients across
-            ranks. Each rank's loss is the mean over its own rows: their mean over ranks is the NT-Xent
-            of the global batch. No effect outside an initialized process group.
+        memory_bank_size: 0 (default: no bank), lightly's `(size, dim)` tuple, or an int `size` (the
+            dimension is then taken from the first batch). With a bank, as in lightly (and MoCo), each of
+            the N rows of z1 is scored against its positive z2 row and the `size` bank entries as negatives
+            (memory_bank_mode="bank_only"); the loss is the mean over those N rows. The bank starts as
+            random unit vectors (lightly's initialisation, drawn from torch's global generator at
+            construction for the tuple form) and holds normalized z2 rows, float32, as a ring: each update
+            writes the batch at the pointer, and a batch reaching the end fills it and drops its remaining
+            rows (lightly's rule; pick size a multiple of the global batch to use every row).
+        gather_distributed: under torch.distributed, without a bank: score this rank's 2N queries against
+            the keys of every rank (negatives from the global batch); the gather's backward sums gradients
+            across ranks with a reduce-scatter. Each rank's loss is the mean over its own rows: their mean
+            over ranks is the NT-Xent of the global batch. With a bank: the bank is updated with the z2 rows
+            of every rank (all ranks keep the same bank), the loss stays local. No effect outside an
+            initialized process group.
         reduction: "mean" (default), "sum" or "none".
-        allow_tf32: CUDA only, see `contrastive_loss`.
+        allow_tf32: CUDA only, see `contrastive_loss` (None follows torch.get_float32_matmul_precision()).
+        memory_bank_mode: "bank_only" (default, lightly's and MoCo's loss) or "batch_and_bank": the full
+            NT-Xent over the 2N samples of the batch with the bank entries added as extra negatives of every
+            anchor (mean over the 2N anchors).
+
+    The bank is updated only by a forward pass that will be backpropagated: in training mode, under grad
+    mode, and when z1 requires grad (lightly's rule is the last two; this module also skips `eval()`, like
+    BatchNorm's running statistics). Validation under `torch.no_grad()` leaves it unchanged.
+
+    The bank and its pointer are buffers (saved in the state_dict, so a resumed run continues with the
+    same negatives) only when a bank is configured. Loading a state_dict without them, e.g. one saved from a
+    model that held lightly's NTXentLoss (whose bank is not persistent), keeps this module's bank as it is
+    and is accepted by a strict load.
+
+    Inputs of different floating dtypes are promoted to the common one (a bfloat16 branch under autocast
+    beside a float32 momentum branch computes in float32). The loss is float32 for float16 / bfloat16 /
+    float32 inputs and float64 for float64.
     """
 
     def __init__(self, temperature=0.5, memory_bank_size=0, gather_distributed=False, reduction="mean",
-                 allow_tf32=None):
+                 allow_tf32=None, memory_bank_mode="bank_only"):
         super().__init__()
         self.temperature = _check_temperature(temperature)
         _check_reduction(reduction)
-        if isinstance(memory_bank_size, bool) or not isinstance(memory_bank_size, numbers.Integral) \
-                or memory_bank_size < 0:
-            raise ValueError(f"memory_bank_size must be an int >= 0, got {memory_bank_size!r}")
-        self.memory_bank_size = int(memory_bank_size)
+        if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+            raise TypeError(f"allow_tf32 must be True, False or None, got {allow_tf32!r}")
+        if memory_bank_mode not in _BANK_MODES:
+            raise ValueError(f"memory_bank_mode must be one of {_BANK_MODES}, got {memory_bank_mode!r}")
+        self.memory_bank_size, self.memory_bank_dim = _check_bank_size(memory_bank_size)
+        self.memory_bank_mode = memory_bank_mode
         self.gather_distributed = bool(gather_distributed)
         self.reduction = reduction
         self.allow_tf32 = allow_tf32
-        # Ring buffer of past z2 projections (allocated at the first call, when D is known).
-        self.register_buffer("bank", torch.empty(0), persistent=True)
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long), persistent=True)
+        if self.memory_bank_size:
+            if self.memory_bank_dim is None:
+                bank = torch.empty(0)  # allocated by the first batch, when D is known
+            else:
+                bank = _random_unit_rows(self.memory_bank_size, self.memory_bank_dim, torch.float32, "cpu")
+            self.register_buffer("bank", bank)
+            self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self):
-        return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
-                f"gather_distributed={self.gather_distributed}, reduction={self.reduction!r}")
+        bank = ""
+        if self.memory_bank_size:
+            size = self.memory_bank_size
+            if self.memory_bank_dim is not None:
+                size = (size, self.memory_bank_dim)
+            bank = (f", memory_bank_size={size}, "
+                    f"memory_bank_mode={self.memory_bank_mode!r}")
+        return (f"temperature={self.temperature}{bank}, gather_distributed={self.gather_distributed}, "
+                f"reduction={self.reduction!r}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The bank's shape is only known once filled: take the saved one instead of failing on a size mismatch.
-        saved = state_dict.get(prefix + "bank")
-        if saved is not None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = (prefix + "bank", prefix + "bank_ptr")
+        saved = state_dict.get(keys[0])
+        if saved is not None and self.memory_bank_size and self.memory_bank_dim is None:
+            # A bank sized by its first batch: take the saved shape instead of failing on a size mismatch.
             self.bank = torch.empty_like(saved, device=self.bank.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not any(k in state_dict for k in keys):
+            # No bank in the checkpoint (lightly never saves one): keep ours, as lightly would.
+            missing_keys[:] = [k for k in missing_keys if k not in keys]
 
     def forward(self, z1, z2):
-        """z1, z2: (N, D) projections of the two views; returns the loss (a scalar unless reduction="none")."""
+        """z1, z2: (N, D) projections of the two views; returns the loss (a scalar unless reduction="none":
+        (2N,) per-anchor losses, or (N,) with a bank in "bank_only" mode)."""
+        z1, z2 = _check_pair(z1, z2)
         gather = self.gather_distributed and distributed.is_distributed()
-        if self.memory_bank_size == 0 and not gather:
-            return nt_xent(z1, z2, self.temperature, self.reduction, self.allow_tf32)
-        _check_pair(z1, z2)
-        if gather:
+        if self.memory_bank_size == 0:
+            if not gather:
+                return nt_xent(z1, z2, self.temperature, self.reduction, self.allow_tf32)
             # Local queries against the keys of every rank (gradients summed back across ranks).
-            z, keys, q_labels, k_labels, offset = distributed.gather_pairs(z1, z2)
+            q, keys, q_labels, k_labels, offset = distributed.gather_pairs(z1, z2)
+            return contrastive_loss(q, keys, q_labels, k_labels, self.temperature, self_offset=offset,
+                                    reduction=self.reduction, allow_tf32=self.allow_tf32)
+        update = self.training and torch.is_grad_enabled() and z1.requires_grad
+        bank = self._bank_for(z1)
+        if self.memory_bank_mode == "bank_only":
+            loss = _bank_only_loss(z1, z2, bank, self.temperature, self.reduction)
         else:
-            z = keys = torch.cat([z1, z2], dim=0)
-            q_labels = k_labels = torch.arange(z1.shape[0], device=z.device).repeat(2)
-            offset = 0
-        if self.memory_bank_size:
-            bank = self._bank_for(z1)
-            # Bank entries get label -1, which no query has: negatives only.
-            k_labels = torch.cat([k_labels, k_labels.new_full((bank.shape[0],), -1)])
-            keys = torch.cat([keys, bank.to(z.dtype)], dim=0)
-        loss = contrastive_loss(z, keys, q_labels, k_labels, self.temperature, self_offset=offset,
-                                reduction=self.reduction, allow_tf32=self.allow_tf32)
-        if self.memory_bank_size:
-            self._enqueue(z2.detach())
+            if gather:
+                q, keys, q_labels, k_labels, offset = distributed.gather_pairs(z1, z2)
+            else:
+                q = keys = torch.cat([z1, z2])
+                q_labels = k_labels = torch.arange(z1.shape[0], device=z1.device).repeat(2)
+                offset = 0
+            bank_labels = torch.full((bank.shape[0],), -1, dtype=torch.long, device=z1.device)  # no query has -1
+            keys = torch.cat([keys, bank])
+            k_labels = torch.cat([k_labels, bank_labels])
+            loss = contrastive_loss(q, keys, q_labels, k_labels, self.temperature, self_offset=offset,
+                                    reduction=self.reduction, allow_tf32=self.allow_tf32)
+        if update:
+            new = nn.functional.normalize(z2.detach(), dim=1)
+            if self.gather_distributed:
+                new = distributed.all_gather_no_grad(new)
+            self._enqueue(new)
         return loss
 
     def _bank_for(self, z):
+        """The bank as keys for z: a detached copy, (size, D) in z's dtype and device (the update after the
+        loss writes the bank in place; a graph that saved it must keep this step's rows)."""
         d = z.shape[1]
         if self.bank.numel() == 0:
-            # Random unit vectors until real projections fill the ring, as in lightly and MoCo.
             dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-            init = torch.randn(self.memory_bank_size, d, device=z.device, dtype=dtype)
-            self.bank = nn.functional.normalize(init, dim=1)
+            self.bank = _random_unit_rows(self.memory_bank_size, d, dtype, z.device)
         elif self.bank.shape[1] != d:
-            raise ValueError(f"z1 has D={d} but the memory bank holds D={self.bank.shape[1]} projections")
-        return self.bank.detach()
+            raise ValueError(f"z1 and z2 have D={d} but the memory bank holds D={self.bank.shape[1]} rows "
+                             f"(memory_bank_size={(self.memory_bank_size, self.bank.shape[1])})")
+        if self.bank.device != z.device:
+            # Follow the data once (lightly moves the negatives every step).
+            self.bank, self.bank_ptr = self.bank.to(z.device), self.bank_ptr.to(z.device)
+        return self.bank.detach().to(z.dtype, copy=True)
 
     @torch.no_grad()
-    def _enqueue(self, z):
+    def _enqueue(self, rows):
+        """Writes rows at the pointer; a batch reaching the end fills it, drops the rest and resets the
+        pointer to 0 (lightly's MemoryBankModule rule, so both banks hold the same rows)."""
         size = self.memory_bank_size
-        z = z[-size:].to(self.bank.dtype)
         ptr = int(self.bank_ptr)
-        idx = (torch.arange(z.shape[0], device=self.bank.device) + ptr) % size
-        self.bank[idx] = z
-        self.bank_ptr.fill_((ptr + z.shape[0]) % size)
+        take = min(rows.shape[0], size - ptr)
+        self.bank[ptr:ptr + take] = rows[:take].to(self.bank.dtype)
+        self.bank_ptr.fill_(0 if ptr + rows.shape[0] >= size else ptr + take)
+
+
+def _bank_only_loss(z1, z2, bank, temperature, reduction):
+    """lightly's / MoCo's memory-bank loss: row i of z1 against its positive z2[i] and the bank's negatives.
+
+    Each row has its own single positive and the other rows of z2 are not in its denominator, which the
+    fused op (one key set shared by every query, only a query's own key excluded) cannot express: this is
+    the plain cross-entropy over the (N, 1 + size) cosine logits, as lightly computes it."""
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    with torch.autocast(z1.device.type, enabled=False):  # float32 logits, as the fused op computes them
+        q = nn.functional.normalize(z1.to(acc), dim=1)
+        pos = (q * nn.functional.normalize(z2.to(acc), dim=1)).sum(dim=1, keepdim=True)
+        logits = torch.cat([pos, q @ bank.to(acc).T], dim=1) / temperature
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return nn.functional.cross_entropy(logits, target, reduction=reduction)
+
+
+def _random_unit_rows(size, dim, dtype, device):
+    """lightly's (and MoCo's) initial bank: normal draws from torch's global generator, normalized rows."""
+    return nn.functional.normalize(torch.randn(size, dim, dtype=dtype, device=device), dim=-1)

@@ -7,25 +7,64 @@ from . import _C  # noqa: F401  (loads the shared library, which registers the o
 _ops = torch.ops.simclr_ext
 
 __all__ = ["ntxent_forward", "ntxent_backward", "ntxent_path_counts", "reset_ntxent_path_counts", "tf32_enabled",
-           "set_tf32"]
+           "set_tf32", "resolve_tf32"]
 
-# TF32 tensor cores for float32 inputs on CUDA (the CPU kernels always compute in full fp32/fp64).
-_ALLOW_TF32 = True
+# None: follow PyTorch's float32 matmul precision; True / False: simclr_ext's own override (set_tf32).
+_TF32_OVERRIDE = None
 
 
-def set_tf32(enabled: bool) -> None:
-    """Set whether the CUDA contrastive kernel may use TF32 tensor cores for float32 inputs.
+# Dynamo cannot trace torch's precision getters (pybind functions): under torch.compile the decision is
+# taken once, when the function is compiled, and baked into the graph.
+@torch.compiler.assume_constant_result
+def _torch_matmul_allows_tf32() -> bool:
+    """Whether PyTorch's own float32 CUDA matmuls may use TF32 right now.
 
-    On by default (like cuDNN's convolutions); pass False for the exact full-fp32 path. A per-call
-    `allow_tf32=` argument of the loss functions overrides this global default.
+    torch >= 2.9 keeps the setting in `torch.backends.cuda.matmul.fp32_precision` ("tf32" | "ieee", or
+    "none" to inherit `torch.backends.fp32_precision`); `torch.set_float32_matmul_precision` writes it too,
+    and `torch.get_float32_matmul_precision()` raises once the new API has been used. Older torch only has
+    the latter: "highest" is exact fp32, "high" and "medium" allow TF32.
     """
-    global _ALLOW_TF32
-    _ALLOW_TF32 = bool(enabled)
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def set_tf32(enabled) -> None:
+    """Override PyTorch's precision policy for simclr_ext's CUDA contrastive kernel only.
+
+    By default (`None`) the kernel follows PyTorch: float32 inputs use TF32 tensor cores exactly when
+    `torch.get_float32_matmul_precision()` is "high" or "medium" (or `torch.backends.cuda.matmul.fp32_precision`
+    is "tf32"), and the exact full-fp32 path under "highest", PyTorch's default. `set_tf32(True)` /
+    `set_tf32(False)` force one path whatever PyTorch's setting; `set_tf32(None)` returns to following it.
+    A per-call `allow_tf32=` of the loss functions overrides both. The CPU kernels are always exact.
+    Under torch.compile the decision is read when the function is compiled (pass allow_tf32= explicitly
+    to pin it).
+    """
+    global _TF32_OVERRIDE
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True, False or None (follow torch's float32 matmul precision), "
+                        f"got {enabled!r}")
+    _TF32_OVERRIDE = enabled
+
+
+def resolve_tf32(allow_tf32=None) -> bool:
+    """The TF32 decision of one call: `allow_tf32` if given, else `set_tf32`'s override, else PyTorch's
+    float32 matmul precision (see `set_tf32`)."""
+    if allow_tf32 is not None:
+        if not isinstance(allow_tf32, bool):
+            raise TypeError(f"allow_tf32 must be True, False or None, got {allow_tf32!r}")
+        return allow_tf32
+    if _TF32_OVERRIDE is not None:
+        return _TF32_OVERRIDE
+    return _torch_matmul_allows_tf32()
 
 
 def tf32_enabled() -> bool:
-    """The current global default of `set_tf32`."""
-    return _ALLOW_TF32
+    """Whether a call with allow_tf32=None uses TF32 for float32 CUDA inputs now (see `set_tf32`)."""
+    return resolve_tf32(None)
 
 
 # Below this many score-matrix entries (M * L), a CPU forward that will be differentiated keeps the

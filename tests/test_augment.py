@@ -235,3 +235,67 @@ def test_params_dataclass():
     assert p.packed().shape == (3, 19) and p.packed().dtype == torch.float32
     assert p.order.shape == (3, 4) and sorted(p.order[0].tolist()) == [0, 1, 2, 3]
     assert set(p.to_list()[0]) >= {"top", "flip", "order", "sigma"}
+
+
+# The CPU kernel's fast paths: the blur runs over the taps whose weights matter (small sigmas use a few of
+# the 23) in register chunks of 64 / 16 outputs plus a scalar tail, the bilinear rows are gathered 8 at a
+# time plus a tail, and a zero hue shift skips the HSV round trip. Each is compared with the reference on
+# odd sizes that exercise every chunk and tail, both source layouts and both output layouts.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_blur_sigma_range_odd_sizes(layout, memory_format, device):
+    images = _images(6, 3, 97, 121, seed=15)
+    aug = SimCLRAugment(size=(37, 83), blur_p=1.0, blur_kernel=23, flip_p=0.5, memory_format=memory_format)
+    params = aug.sample(images, torch.Generator().manual_seed(15))
+    # Tiny, mid and the largest sigmas: from ~1 live tap per side to all 11.
+    params.sigma.copy_(torch.tensor([0.1, 0.3, 0.7, 1.2, 1.9, 2.0]))
+    src = images if layout == "NCHW" else images.permute(0, 2, 3, 1).contiguous()
+    out = _check(src, aug, params, device, layout=layout)
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bilinear_rows_odd_widths(dtype, layout, device):
+    """Down- and upscaled crops into widths with and without an 8-wide tail, flipped or not, from uint8 and
+    float sources in both layouts (the row conversion has a planar and a strided path)."""
+    images = _images(8, 3, 45, 67, seed=16, dtype=dtype)
+    for size in [(13, 7), (29, 40), (31, 53)]:
+        aug = SimCLRAugment(size=size, scale=(0.05, 1.0), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+        params = aug.sample(images, torch.Generator().manual_seed(size[1]))
+        assert params.flip.any() and not params.flip.all()
+        src = images if layout == "NCHW" else images.permute(0, 2, 3, 1).contiguous()
+        out = augment(src.to(device), params, mean=aug.mean, std=aug.std, layout=layout)
+        ref = simclr_reference.augment(images, params, mean=aug.mean, std=aug.std)
+        assert_close_to_reference(out, ref, 1 / min(aug.std))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_hue_shift_matches_reference(device):
+    """Jittered samples with hue exactly 0 (the HSV round trip is skipped) and nonzero (it runs), mixed in
+    one batch, in every jitter order."""
+    images = _images(8, 3, 33, 35, seed=17)
+    aug = SimCLRAugment(size=(27, 31), jitter_p=1.0, grayscale_p=0.0, blur_p=0.0)
+    params = aug.sample(images, torch.Generator().manual_seed(17))
+    params.hue[::2] = 0.0
+    out = _check(images, aug, params, device)
+    params.hue[::2] = 1e-3  # a tiny nonzero shift is applied, not skipped
+    shifted = _check(images, aug, params, device)
+    assert not torch.equal(out[::2], shifted[::2]) and torch.equal(out[1::2], shifted[1::2])
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    images = _images(7, 3, 61, 59, seed=18)
+    aug = SimCLRAugment(size=(45, 83), rotation_degrees=15.0, blur_kernel=23)
+    params = aug.sample(images, torch.Generator().manual_seed(18))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = augment(images, params, mean=aug.mean, std=aug.std)
+        torch.set_num_threads(2)
+        two = augment(images, params, mean=aug.mean, std=aug.std)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

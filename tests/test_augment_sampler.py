@@ -68,6 +68,7 @@ def test_center_crop_fallback():
     aug = SimCLRAugment(size=8, blur_kernel=3)
     p = aug.sample(torch.empty(50, 3, 1, 200, dtype=torch.uint8), torch.Generator().manual_seed(0))
     assert (p.height == 1).all() and (p.width == 1).all() and (p.left == 99).all() and (p.top == 0).all()
+    aug = SimCLRAugment(size=8, blur_kernel=3, layout="NCHW")  # a 3 x 3 image needs its layout named
     p = aug.sample(torch.empty(50, 3, 3, 3, dtype=torch.uint8), torch.Generator().manual_seed(0))
     assert ((p.height * p.width) >= 1).all() and (p.height <= 3).all() and (p.width <= 3).all()
 

@@ -251,23 +251,31 @@ def test_public_api_on_cuda_tensors(dtype, tf32, gen):
 
 
 def test_global_tf32_switch_selects_the_path(gen):
-    """set_tf32(False) runs the exact fp32 path, set_tf32(True) the TF32 one (the same bits as the op's flag)."""
+    """set_tf32(False) runs the exact fp32 path, set_tf32(True) the TF32 one (the same bits as the op's flag),
+    and by default torch's float32 matmul precision decides ("highest": exact, "high": TF32)."""
     z1 = torch.randn(300, 96, generator=gen).to(DEV)
     z2 = torch.randn(300, 96, generator=gen).to(DEV)
     z = torch.cat([z1, z2])
     labels = torch.arange(300, device=DEV).repeat(2)
-    before = simclr_ext.tf32_enabled()
+    precision = torch.get_float32_matmul_precision()
     try:
         for enabled in (False, True):
             simclr_ext.set_tf32(enabled)
             rows = simclr_ext.nt_xent(z1, z2, 0.1, reduction="none")
             direct = _op(z, z, labels, labels, torch.tensor(0.1), 0, enabled)[0]
             assert torch.equal(rows, direct), f"set_tf32({enabled}) did not select the allow_tf32={enabled} path"
+        simclr_ext.set_tf32(None)
+        for setting, enabled in (("highest", False), ("high", True)):
+            torch.set_float32_matmul_precision(setting)
+            rows = simclr_ext.nt_xent(z1, z2, 0.1, reduction="none")
+            direct = _op(z, z, labels, labels, torch.tensor(0.1), 0, enabled)[0]
+            assert torch.equal(rows, direct), f"precision {setting!r} did not select the allow_tf32={enabled} path"
         exact = _op(z, z, labels, labels, torch.tensor(0.1), 0, False)[0]
         loss64 = ref.nt_xent(z1.double(), z2.double(), 0.1, reduction="none")
         assert max_err(exact, loss64) < 1e-4, "the exact path is not full fp32"
     finally:
-        simclr_ext.set_tf32(before)
+        simclr_ext.set_tf32(None)
+        torch.set_float32_matmul_precision(precision)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

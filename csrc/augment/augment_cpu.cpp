@@ -7,6 +7,10 @@
 //   3. the vertical half of the Gaussian blur, which solarizes, normalizes and writes the output.
 // Whichever of passes 1 and 2 finishes a row's colors also writes it out (no blur) or blurs it
 // horizontally while it is in L1 (blur). Without jitter, pass 1 finishes every row.
+// Every step is a loop over a contiguous row of one plane, multiversioned for AVX-512 / AVX2 / baseline:
+// bilinear rows by explicit gathers, one loop per color op, the blur with its accumulators in registers
+// over the taps that carry weight, normalize fused with the output store. Each output element goes
+// through the same operations in the same order whatever the ISA and the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,6 +19,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstring>
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 // Our kernels (everything below, the shared header included) never rely on floating-point traps; without
@@ -26,11 +34,12 @@
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
 
-// The hot row loops are compiled twice, for AVX2 and for the baseline ISA, and picked at load time
-// (GCC function multiversioning): twice the vector width where the CPU has it, a portable .so either way.
-// No FMA in the clone, so both versions round identically.
+// The hot row loops are compiled three times, for AVX-512, AVX2 and the baseline ISA, and picked at load
+// time (GCC function multiversioning): up to four times the vector width where the CPU has it, a portable
+// .so either way. The build passes -ffp-contract=off, so no clone fuses a multiply-add and all of them
+// round identically: results do not depend on the machine's ISA.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SIMCLR_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
+#define SIMCLR_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define SIMCLR_ROW_KERNEL
 #endif
@@ -50,37 +59,76 @@ OutLayout out_layout(const Config& cfg, bool channels_last) {
   return {hw * cfg.channels, hw, cfg.out_w, 1};
 }
 
+// Horizontal taps of one image as separate arrays (flip folded into their order), so the interpolation
+// loop below is a plain vectorizable loop with gathers: i0 (i1 is always i0 + 1, see SourceRow), w0, w1.
+struct TapsX {
+  std::vector<int> i0;
+  std::vector<float> w0, w1;
+  void fill(const Tap* taps, int W, bool flip) {
+    i0.resize(W);
+    w0.resize(W);
+    w1.resize(W);
+    for (int x = 0; x < W; ++x) {
+      const Tap& t = taps[flip ? W - 1 - x : x];
+      i0[x] = t.i0;
+      w0[x] = t.w0;
+      w1[x] = t.w1;
+    }
+  }
+};
+
 // Per-thread scratch: two planar (C, H, W) float images, a padded row, the Gaussian weights, cached
 // interpolated rows and bilinear taps. Kept per thread across calls (thread_local): fresh buffers of this
 // size come straight from mmap and page-fault on every call.
 struct Scratch {
   std::vector<float> a, b, row, acc, weights, lerp;
-  std::vector<Tap> taps_x, taps_xf, taps_y;
+  std::vector<const float*> taps;  // where each blur tap reads (sym_taps_row)
+  int blur_r = 0;                  // live radius of the current sample's blur (blur_weights)
+  std::vector<float> srow;  // one source row's crop span (source_row)
+  std::vector<Tap> taps_x, taps_y;
+  TapsX taps_xf;
   void fit(const Config& cfg) {
     a.resize(static_cast<size_t>(cfg.channels) * cfg.out_h * cfg.out_w);
     b.resize(a.size());
     row.resize(static_cast<size_t>(cfg.out_w) + 2 * cfg.radius);
     acc.resize(cfg.out_w);
     weights.resize(2 * cfg.radius + 1);
+    taps.resize(2 * cfg.radius + 1);
     lerp.resize(6 * static_cast<size_t>(cfg.out_w));
     taps_x.resize(cfg.out_w);
-    taps_xf.resize(cfg.out_w);
     taps_y.resize(cfg.out_h);
   }
+  // The weights of the live taps, centred like the full kernel's.
+  const float* live_weights(const Config& cfg) const { return weights.data() + (cfg.radius - blur_r); }
 };
 
-// Finish (solarize, normalize) n values of channel c and write them as output row y, channel c; the
-// contiguous case is a plain vectorizable loop.
+// Finish (solarize, normalize) n values and store them at o[i * sx]. Its own multiversioned function with
+// the solarize flag as a template argument, so the contiguous float32 case is one vector loop of a
+// subtract, a multiply and a store (the output write is part of the last pass over each row).
+template <bool kSolarize, typename O>
+inline void finish_values(const float* x, int n, float thr, float m, float is, O* o, int64_t sx) {
+  if (sx == 1) {
+    for (int i = 0; i < n; ++i) o[i] = static_cast<O>(finish(x[i], kSolarize, thr, m, is));
+  } else {
+    for (int i = 0; i < n; ++i) o[i * sx] = static_cast<O>(finish(x[i], kSolarize, thr, m, is));
+  }
+}
+
+template <typename O>
+SIMCLR_ROW_KERNEL void write_values(const float* x, int n, bool solarize, float thr, float m, float is, O* o,
+                                    int64_t sx) {
+  if (solarize) {
+    finish_values<true>(x, n, thr, m, is, o, sx);
+  } else {
+    finish_values<false>(x, n, thr, m, is, o, sx);
+  }
+}
+
+// Output row y, channel c, from n finished-color values.
 template <typename O>
 inline void write_row(O* out, const OutLayout& lay, int c, int y, const float* x, int n, const View& v,
                       const Config& cfg) {
-  O* o = out + c * lay.sc + y * lay.sy;
-  const float thr = cfg.threshold, m = cfg.mean[c], is = cfg.inv_std[c];
-  if (lay.sx == 1) {
-    for (int i = 0; i < n; ++i) o[i] = static_cast<O>(finish(x[i], v.solarize, thr, m, is));
-  } else {
-    for (int i = 0; i < n; ++i) o[i * lay.sx] = static_cast<O>(finish(x[i], v.solarize, thr, m, is));
-  }
+  write_values(x, n, v.solarize, cfg.threshold, cfg.mean[c], cfg.inv_std[c], out + c * lay.sc + y * lay.sy, lay.sx);
 }
 
 // The color ops run a row at a time over planar channels, one op per loop (the op is loop-invariant), so
@@ -102,36 +150,40 @@ SIMCLR_ROW_KERNEL void hue_row(float* __restrict r, float* __restrict g, float* 
   }
 }
 
-SIMCLR_ROW_KERNEL void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
+// One loop per op, the factor in a local and the planes __restrict: a store cannot alias the factor, so
+// each op is a single vector loop over the row.
+SIMCLR_ROW_KERNEL void brightness_row(float* __restrict x, int n, float f) {
+  for (int i = 0; i < n; ++i) x[i] = clamp01(x[i] * f);
+}
+
+// clamp01(f * x + (1 - f) * mean), the loop-invariant second term computed once (the same float value).
+SIMCLR_ROW_KERNEL void contrast_row(float* __restrict x, int n, float f, float offset) {
+  for (int i = 0; i < n; ++i) x[i] = clamp01(f * x[i] + offset);
+}
+
+SIMCLR_ROW_KERNEL void saturation_row(float* __restrict r, float* __restrict g, float* __restrict b, int n, float f) {
+  const float f1 = 1.f - f;
+  for (int i = 0; i < n; ++i) {
+    const float l = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
+    r[i] = clamp01(f * r[i] + f1 * l);
+    g[i] = clamp01(f * g[i] + f1 * l);
+    b[i] = clamp01(f * b[i] + f1 * l);
+  }
+}
+
+inline void jitter_row(int op, const Row& row, int C, const View& v, float mean) {
   switch (op) {
     case kOpBrightness:
-      for (int c = 0; c < C; ++c) {
-        float* x = row.ch[c];
-        for (int i = 0; i < row.n; ++i) x[i] = clamp01(x[i] * v.brightness);
-      }
+      for (int c = 0; c < C; ++c) brightness_row(row.ch[c], row.n, v.brightness);
       break;
     case kOpContrast:
-      for (int c = 0; c < C; ++c) {
-        float* x = row.ch[c];
-        for (int i = 0; i < row.n; ++i) x[i] = clamp01(v.contrast * x[i] + (1.f - v.contrast) * mean);
-      }
+      for (int c = 0; c < C; ++c) contrast_row(row.ch[c], row.n, v.contrast, (1.f - v.contrast) * mean);
       break;
     case kOpSaturation:
-      if (C == 3) {
-        float* r = row.ch[0];
-        float* g = row.ch[1];
-        float* b = row.ch[2];
-        const float f = v.saturation;
-        for (int i = 0; i < row.n; ++i) {
-          const float l = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
-          r[i] = clamp01(f * r[i] + (1.f - f) * l);
-          g[i] = clamp01(f * g[i] + (1.f - f) * l);
-          b[i] = clamp01(f * b[i] + (1.f - f) * l);
-        }
-      }
+      if (C == 3) saturation_row(row.ch[0], row.ch[1], row.ch[2], row.n, v.saturation);
       break;
     default:
-      if (C == 3) hue_row(row.ch[0], row.ch[1], row.ch[2], row.n, v.hue);
+      if (C == 3 && v.hue != 0.f) hue_row(row.ch[0], row.ch[1], row.ch[2], row.n, v.hue);  // as apply_jitter_op
       break;
   }
 }
@@ -144,13 +196,34 @@ SIMCLR_ROW_KERNEL void gray_row(const Row& row, int C) {
   for (int i = 0; i < row.n; ++i) r[i] = g[i] = b[i] = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
 }
 
-SIMCLR_ROW_KERNEL float luma_row_sum(const Row& row, int C) {
-  float sum = 0.f;
+// 16 floats as one GCC vector (one 512-bit register in the AVX-512 clone, two or four narrower ones in
+// the others), loadable from any float address.
+typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));
+
+// Sum of the row's luma (the contrast mean's numerator) in 16 fixed lanes, element i in lane i % 16, then
+// the lanes and the tail in a fixed order: a serial float sum would be one dependent add per pixel, and
+// this order does not depend on the ISA or the thread count.
+SIMCLR_ROW_KERNEL double luma_row_sum(const Row& row, int C) {
+  constexpr int L = 16;
+  const int n = row.n;
+  const float* r = row.ch[0];
+  const float* g = row.ch[C == 3 ? 1 : 0];
+  const float* b = row.ch[C == 3 ? 2 : 0];
+  Lanes acc = {};
+  float tail = 0.f;
+  int i = 0;
   if (C == 3) {
-    for (int i = 0; i < row.n; ++i) sum += kGrayR * row.ch[0][i] + kGrayG * row.ch[1][i] + kGrayB * row.ch[2][i];
+    for (; i + L <= n; i += L) {
+      acc += kGrayR * *reinterpret_cast<const Lanes*>(r + i) + kGrayG * *reinterpret_cast<const Lanes*>(g + i) +
+             kGrayB * *reinterpret_cast<const Lanes*>(b + i);
+    }
+    for (; i < n; ++i) tail += kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
   } else {
-    for (int i = 0; i < row.n; ++i) sum += row.ch[0][i];
+    for (; i + L <= n; i += L) acc += *reinterpret_cast<const Lanes*>(r + i);
+    for (; i < n; ++i) tail += r[i];
   }
+  double sum = tail;
+  for (int j = 0; j < L; ++j) sum += acc[j];
   return sum;
 }
 
@@ -159,17 +232,62 @@ inline void finish_row(const Row& row, int C, int y, const View& v, const Config
   for (int c = 0; c < C; ++c) write_row(out, lay, c, y, row.ch[c], row.n, v, cfg);
 }
 
-// Horizontal half of the bilinear resampling of source row p (taps along x, flip folded in).
-template <typename T>
-inline void lerp_x_row_impl(const T* p, const Tap* taps, int W, int64_t sx, float* o) {
-  for (int x = 0; x < W; ++x) o[x] = lerp_x(raw(p[taps[x].i0 * sx]), raw(p[taps[x].i1 * sx]), taps[x]);
+// The crop's span of one source row as floats (raw values, uint8 not yet scaled), one element longer than
+// the crop: the copy of its last pixel there is what the clamped tap i1 = i0 = crop_w - 1 reads, so every
+// tap reads (i0, i0 + 1) and the result is the same as with the clamped index.
+SIMCLR_ROW_KERNEL void source_row(const uint8_t* p, int64_t sx, int n, float* f) {
+  if (sx == 1) {
+    for (int i = 0; i < n; ++i) f[i] = static_cast<float>(p[i]);
+  } else {
+    for (int i = 0; i < n; ++i) f[i] = static_cast<float>(p[i * sx]);
+  }
+  f[n] = f[n - 1];
 }
-SIMCLR_ROW_KERNEL void lerp_x_row(const uint8_t* p, const Tap* taps, int W, int64_t sx, float* o) {
-  lerp_x_row_impl(p, taps, W, sx, o);
+SIMCLR_ROW_KERNEL void source_row(const float* p, int64_t sx, int n, float* f) {
+  if (sx == 1) {
+    std::memcpy(f, p, sizeof(float) * n);
+  } else {
+    for (int i = 0; i < n; ++i) f[i] = p[i * sx];
+  }
+  f[n] = f[n - 1];
 }
-SIMCLR_ROW_KERNEL void lerp_x_row(const float* p, const Tap* taps, int W, int64_t sx, float* o) {
-  lerp_x_row_impl(p, taps, W, sx, o);
+
+// Horizontal half of the bilinear resampling of a source row: lerp_x of the header for every output x.
+// Compilers emulate gathers with scalar extracts (slow on most cores, hence their default tuning), so the
+// x86 version gathers explicitly, 8 outputs at a time; it computes w0 * a0 + w1 * a1 with separate
+// multiplies and an add, exactly as the portable loop does.
+inline void lerp_x_row_portable(const float* f, const int* i0, const float* w0, const float* w1, int x, int W,
+                                float* o) {
+  for (; x < W; ++x) o[x] = lerp_x(f[i0[x]], f[i0[x] + 1], Tap{i0[x], i0[x] + 1, w0[x], w1[x]});
 }
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+__attribute__((target("avx2"))) void lerp_x_row_avx2(const float* f, const int* i0, const float* w0, const float* w1,
+                                                     int W, float* o) {
+  int x = 0;
+  for (; x + 8 <= W; x += 8) {
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i0 + x));
+    const __m256 a0 = _mm256_i32gather_ps(f, idx, 4);
+    const __m256 a1 = _mm256_i32gather_ps(f + 1, idx, 4);
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(w0 + x), a0), _mm256_mul_ps(_mm256_loadu_ps(w1 + x), a1));
+    _mm256_storeu_ps(o + x, v);
+  }
+  lerp_x_row_portable(f, i0, w0, w1, x, W, o);
+}
+
+inline void lerp_x_row(const float* f, const int* i0, const float* w0, const float* w1, int W, float* o) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    lerp_x_row_avx2(f, i0, w0, w1, W, o);
+  } else {
+    lerp_x_row_portable(f, i0, w0, w1, 0, W, o);
+  }
+}
+#else
+inline void lerp_x_row(const float* f, const int* i0, const float* w0, const float* w1, int W, float* o) {
+  lerp_x_row_portable(f, i0, w0, w1, 0, W, o);
+}
+#endif
 
 // Vertical half: output row from the two horizontally interpolated source rows.
 template <typename T>
@@ -192,42 +310,85 @@ struct RowCache {
     }
   }
   template <typename T>
-  const float* get(const Source<T>& src, const View& v, int c, int i, const Tap* taps, int W) {
+  const float* get(const Source<T>& src, const View& v, int c, int i, const TapsX& taps, int W, float* srow) {
     const int k = i & 1;
     if (index[c][k] != i) {
-      lerp_x_row(src.base + c * src.sc + (v.top + i) * src.sy + v.left * src.sx, taps, W, src.sx, buf[c][k]);
+      source_row(src.base + c * src.sc + (v.top + i) * src.sy + v.left * src.sx, src.sx, v.crop_w, srow);
+      lerp_x_row(srow, taps.i0.data(), taps.w0.data(), taps.w1.data(), W, buf[c][k]);
       index[c][k] = i;
     }
     return buf[c][k];
   }
 };
 
-// Normalized Gaussian weights of the sample (torchvision: softmax of -d^2 / (2 sigma^2)).
-inline void blur_weights(const View& v, const Config& cfg, Scratch& s) {
+// Normalized Gaussian weights of the sample (torchvision: softmax of -d^2 / (2 sigma^2)) over the full
+// kernel, and the radius that the blur passes actually use: the outer taps whose weights add up to at most
+// kBlurTailWeight (both sides together) are left out. Their contribution to a value in [0, 1] is below
+// that bound (1.5e-8, a quarter of a float32 ulp at 0.5), far inside the parity tolerance, while small
+// sigmas (0.1-2 is the paper's range for a 23-tap kernel) then cost a few taps instead of 23.
+constexpr float kBlurTailWeight = 1.f / (1 << 26);
+
+// Smallest radius whose left-out tails (weights w[0 .. r - radius - 1] and their mirror images) weigh at
+// most kBlurTailWeight in all.
+inline int live_blur_radius(const float* w, int r) {
+  float tail = 0.f;
+  int dropped = 0;
+  while (dropped < r && tail + 2.f * w[dropped] <= kBlurTailWeight) tail += 2.f * w[dropped++];
+  return r - dropped;
+}
+
+inline int blur_weights(const View& v, const Config& cfg, Scratch& s) {
   const int r = cfg.radius, k = 2 * r + 1;
   float total = 0.f;
   for (int t = 0; t < k; ++t) total += (s.weights[t] = gauss_tap(t - r, v.sigma));
   for (int t = 0; t < k; ++t) s.weights[t] /= total;
+  return live_blur_radius(s.weights.data(), r);
 }
 
-// Horizontal blur of a finished color row (still in L1) into row y of s.b, with reflect padding. The
-// kernel is symmetric (w[t] == w[k-1-t] exactly): taps are paired to halve the multiplies.
-SIMCLR_ROW_KERNEL void hblur_row(const Row& in, int y, int C, const Config& cfg, Scratch& s) {
-  const int W = cfg.out_w, r = cfg.radius, k = 2 * r + 1;
+// Symmetric Gaussian taps over n outputs: o[x] = w[r] * p[r][x] + sum_{t < r} w[t] * (p[t][x] + p[2r-t][x]),
+// accumulated in this order (w[t] == w[2r-t] exactly, so pairing halves the multiplies). p[t] is where tap t
+// reads: the same row shifted by t (horizontal) or the reflected row y + t - r (vertical). Outputs go in
+// chunks whose accumulators stay in vector registers across all taps: one load per tap and
+// input, one store per output, instead of a load and a store of the output per tap.
+
+// NV vectors of outputs starting at x: NV independent accumulators hide the add latency.
+template <int NV>
+inline void sym_taps_chunk(const float* const* p, const float* w, int r, int x, float* o) {
+  Lanes a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = w[r] * reinterpret_cast<const Lanes*>(p[r] + x)[j];
+  for (int t = 0; t < r; ++t) {
+    const Lanes* lo = reinterpret_cast<const Lanes*>(p[t] + x);
+    const Lanes* hi = reinterpret_cast<const Lanes*>(p[2 * r - t] + x);
+    for (int j = 0; j < NV; ++j) a[j] += w[t] * (lo[j] + hi[j]);
+  }
+  for (int j = 0; j < NV; ++j) reinterpret_cast<Lanes*>(o + x)[j] = a[j];
+}
+
+SIMCLR_ROW_KERNEL void sym_taps_row(const float* const* p, const float* w, int r, int n, float* o) {
+  constexpr int V = 16;  // floats per Lanes
+  int x = 0;
+  for (; x + 4 * V <= n; x += 4 * V) sym_taps_chunk<4>(p, w, r, x, o);
+  for (; x + V <= n; x += V) sym_taps_chunk<1>(p, w, r, x, o);
+  for (; x < n; ++x) {  // the last n % 16 outputs, same order of operations
+    float a = w[r] * p[r][x];
+    for (int t = 0; t < r; ++t) a += w[t] * (p[t][x] + p[2 * r - t][x]);
+    o[x] = a;
+  }
+}
+
+// Horizontal blur of a finished color row (still in L1) into row y of s.b, with reflect padding, over the
+// live radius s.blur_r (blur_weights).
+inline void hblur_row(const Row& in, int y, int C, const Config& cfg, Scratch& s) {
+  const int W = cfg.out_w, r = s.blur_r;
   const int64_t hw = static_cast<int64_t>(cfg.out_h) * W;
-  const float* w = s.weights.data();
   float* row = s.row.data();
+  for (int t = 0; t <= 2 * r; ++t) s.taps[t] = row + t;
   for (int c = 0; c < C; ++c) {
     const float* x_in = in.ch[c];
-    for (int i = 0; i < W + 2 * r; ++i) row[i] = x_in[reflect(i - r, W)];
-    float* o = s.b.data() + c * hw + static_cast<int64_t>(y) * W;
-    for (int x = 0; x < W; ++x) o[x] = w[r] * row[x + r];
-    for (int t = 0; t < r; ++t) {
-      const float wt = w[t];
-      const float* lo = row + t;
-      const float* hi = row + (k - 1 - t);
-      for (int x = 0; x < W; ++x) o[x] += wt * (lo[x] + hi[x]);
-    }
+    for (int i = 0; i < r; ++i) row[i] = x_in[reflect(i - r, W)];
+    std::memcpy(row + r, x_in, sizeof(float) * W);
+    for (int i = W + r; i < W + 2 * r; ++i) row[i] = x_in[reflect(i - r, W)];
+    sym_taps_row(s.taps.data(), s.live_weights(cfg), r, W, s.b.data() + c * hw + static_cast<int64_t>(y) * W);
   }
 }
 
@@ -246,13 +407,14 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
     row.n = W;
     return row;
   };
-  if (v.blur) blur_weights(v, cfg, s);
+  if (v.blur) s.blur_r = blur_weights(v, cfg, s);
   double luma_sum = 0.0;
   // Without rotation, output row y reads two source rows: one loop per channel over precomputed taps
   // (flip folded into their order) instead of the per-pixel inverse mapping.
   RowCache cache;
   if (!v.rotate) {
-    for (int x = 0; x < W; ++x) s.taps_xf[x] = s.taps_x[v.flip ? W - 1 - x : x];
+    s.taps_xf.fill(s.taps_x.data(), W, v.flip);
+    s.srow.resize(static_cast<size_t>(v.crop_w) + 1);
     cache.reset(s.lerp.data(), W);
   }
   for (int y = 0; y < H; ++y) {
@@ -267,8 +429,8 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
     } else {
       const Tap ty = s.taps_y[y];
       for (int c = 0; c < C; ++c) {
-        const float* top = cache.get(src, v, c, ty.i0, s.taps_xf.data(), W);
-        const float* bot = cache.get(src, v, c, ty.i1, s.taps_xf.data(), W);
+        const float* top = cache.get(src, v, c, ty.i0, s.taps_xf, W, s.srow.data());
+        const float* bot = cache.get(src, v, c, ty.i1, s.taps_xf, W, s.srow.data());
         lerp_y_row<T>(top, bot, W, ty, row.ch[c]);
       }
     }
@@ -298,29 +460,18 @@ void color_passes(const Source<T>& src, const View& v, const Config& cfg, Scratc
   }
 }
 
-// Row y of the vertical blur of an H x W plane (reflect padding, symmetric taps paired) into acc.
-SIMCLR_ROW_KERNEL void vblur_row(const float* plane, int y, int H, int W, int r, const float* w, float* acc) {
-  const float* mid = plane + static_cast<int64_t>(y) * W;
-  for (int x = 0; x < W; ++x) acc[x] = w[r] * mid[x];
-  for (int t = 0; t < r; ++t) {
-    const float wt = w[t];
-    const float* lo = plane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
-    const float* hi = plane + static_cast<int64_t>(reflect(y + r - t, H)) * W;
-    for (int x = 0; x < W; ++x) acc[x] += wt * (lo[x] + hi[x]);
-  }
-}
-
-// Pass 3: vertical blur of s.b (reflect padding), loops ordered so the inner loop runs along a row and
-// vectorizes; each finished row is solarized, normalized and written.
+// Pass 3: vertical blur of s.b (reflect padding) a row at a time; each finished row is solarized,
+// normalized and written.
 template <typename O>
 void vblur_pass(const View& v, const Config& cfg, Scratch& s, O* out, const OutLayout& lay) {
-  const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels, r = cfg.radius;
+  const int H = cfg.out_h, W = cfg.out_w, C = cfg.channels, r = s.blur_r;
   const int64_t hw = static_cast<int64_t>(H) * W;
   float* acc = s.acc.data();
   for (int c = 0; c < C; ++c) {
     const float* hplane = s.b.data() + c * hw;
     for (int y = 0; y < H; ++y) {
-      vblur_row(hplane, y, H, W, r, s.weights.data(), acc);
+      for (int t = 0; t <= 2 * r; ++t) s.taps[t] = hplane + static_cast<int64_t>(reflect(y + t - r, H)) * W;
+      sym_taps_row(s.taps.data(), s.live_weights(cfg), r, W, acc);
       write_row(out, lay, c, y, acc, W, v, cfg);
     }
   }
