@@ -134,7 +134,7 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
         offset = int(self_offset)
     tf32 = ops.resolve_tf32(allow_tf32)
     per_row, _, npos = ops.ntxent_forward(q, k, q_labels, k_labels, temperature, offset, tf32,
-                                          bool(exclude_positives), positive_weight)
+                                          exclude_positives=bool(exclude_positives), positive_weight=positive_weight)
     return _reduce(per_row, npos, reduction)
 
 
@@ -242,7 +242,9 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature=0.5, memory_bank_size=0, gather_distributed=False, reduction="mean",
                  allow_tf32=None, memory_bank_mode="bank_only"):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        checked = _check_temperature(temperature)
+        # A tensor is kept as given: an nn.Parameter registers with this module and is trained.
+        self.temperature = temperature if isinstance(temperature, torch.Tensor) else checked
         _check_reduction(reduction)
         if allow_tf32 is not None and not isinstance(allow_tf32, bool):
             raise TypeError(f"allow_tf32 must be True, False or None, got {allow_tf32!r}")

@@ -144,7 +144,9 @@ def test_learned_temperature_module_parameter(gen):
     """A learnable temperature trains: NTXentLoss with an nn.Parameter temperature gets its gradient."""
     t = torch.nn.Parameter(torch.tensor(0.5))
     z1, z2 = torch.randn(2, 16, 8, generator=gen)
-    simclr_ext.NTXentLoss(temperature=t)(z1, z2).backward()
+    module = simclr_ext.NTXentLoss(temperature=t)
+    assert [p is t for p in module.parameters()] == [True], "a Parameter temperature is the module's"
+    module(z1, z2).backward()
     assert t.grad is not None and t.grad.shape == () and torch.isfinite(t.grad)
 
 
