@@ -369,6 +369,13 @@ class Trainer:
             if metrics:
                 metrics.close()
 
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm running statistics on every rank before evaluating: DDP broadcasts them at the
+        start of each forward, so after the last step every other rank holds its own batch's update."""
+        if self.distributed:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+
     def _features(self, images, gather: bool) -> torch.Tensor:
         s = self.splits
         return sharded_features(self.model.encoder, images, s.image_size, s.mean, s.std, self.device,
@@ -377,6 +384,7 @@ class Trainer:
     def _knn_monitor(self) -> float:
         """kNN top-1 on the validation split (never the test split: the monitor guides tuning)."""
         s = self.splits
+        self._sync_buffers()
         train = self._features(s.train, gather=True)
         val = self._features(s.validation, gather=False)
         lo, hi = shard_range(len(s.validation), self.rank, self.world)
@@ -390,6 +398,7 @@ class Trainer:
                          "final_loss": self.history[-1]["loss"] if self.history else None,
                          "augmentation": repr(self.aug)}
         if cfg.eval:
+            self._sync_buffers()
             summary.update(self._evaluate())  # every rank takes part
         if self.departures:
             summary["departures"] = self.departures
