@@ -43,13 +43,13 @@ def test_knn_caps_k_and_separates_clusters(gen):
 
 @pytest.mark.parametrize("full_batch_max_elements", [evaluate.FULL_BATCH_MAX_ELEMENTS, 0])  # L-BFGS, mini-batch
 def test_linear_probe_learns_a_linear_rule(gen, full_batch_max_elements):
-    x = torch.randn(400, 8, generator=gen) * torch.tensor([1, 10, 0.1, 1, 1, 1, 1, 1.0])  # uneven scales
+    x = torch.randn(1500, 8, generator=gen) * torch.tensor([1, 10, 0.1, 1, 1, 1, 1, 1.0])  # uneven scales
     y = (x[:, 0] + x[:, 2] * 10 > 0).long() + 2 * (x[:, 1] > 0).long()
     kw = dict(full_batch_max_elements=full_batch_max_elements)
-    r = linear_probe(x[:300], y[:300], x[300:], y[300:], **kw)
-    # L-BFGS converges; 1000 SGD steps come close on this (separable, so never finished) problem
-    assert r["top1"] > (0.93 if full_batch_max_elements else 0.85) and r["top5"] == 1.0
-    shuffled = linear_probe(x[:300], y[:300][torch.randperm(300, generator=gen)], x[300:], y[300:], **kw)
+    r = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], **kw)
+    # a linear rule: 97.4-99.2% (L-BFGS) and 97.6-98.8% (SGD) over seeds 0-5
+    assert r["top1"] > 0.94 and r["top5"] == 1.0
+    shuffled = linear_probe(x[:1000], y[:1000][torch.randperm(1000, generator=gen)], x[1000:], y[1000:], **kw)
     assert shuffled["top1"] < 0.6  # no signal, no accuracy
     with pytest.raises(ValueError, match="features must be"):
         linear_probe(x[:10], y[:10], x[:5, :3], y[:5])
