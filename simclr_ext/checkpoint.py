@@ -125,7 +125,6 @@ def load_pretrained(checkpoint: str, device: Optional[str] = None):
 def export_encoder(checkpoint: str, out: str) -> Dict:
     """Write the encoder of a pretraining checkpoint alone (state dict + what rebuilds it) to `out`,
     atomically; returns the saved settings. Load it with `load_encoder`."""
-    from .data import DATASETS  # noqa: F401  (the dataset names the settings refer to)
     from .stats import DATASET_STATS
 
     model, cfg = load_pretrained(checkpoint, "cpu")
