@@ -26,7 +26,7 @@ test: setup
 # The main job: SimCLR pretraining on the embedded default (scikit-learn's digits) and its evaluation,
 # linear probe, kNN and 5-labels-per-class probe next to a random-init encoder.
 demo: setup
-	$(PYTHON) -m simclr_ext pretrain --out runs/demo
+	$(PYTHON) -m simclr_ext pretrain --out runs/demo --overwrite
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ntxent_cpu.py --write

@@ -26,15 +26,11 @@ import numpy as np
 import torch
 
 from . import ops
+# Normalization statistics live in one place (stats.py), shared with the training recipe.
+from .stats import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
 
 __all__ = ["AugmentParams", "SimCLRAugment", "augment"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

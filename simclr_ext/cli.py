@@ -1,4 +1,7 @@
-"""The `simclr-ext` command line: pretrain, linear-eval, knn, info."""
+"""The `simclr-ext` command line: pretrain, linear-eval, knn, export, info.
+
+Errors a user can fix (a missing dataset or package, a damaged checkpoint, a bad setting) print one line
+naming what is wrong and exit with status 2; a NaN loss exits 1; Ctrl-C 130."""
 import argparse
 import dataclasses
 import json
@@ -15,6 +18,8 @@ def _info(args):
 
 # ----- pretrain --------------------------------------------------------------------------------
 _HELP = {
+    "recipe": "the recipe filling unset fields (default: the dataset's; imagefolder: imagenet, or imagenet_small "
+              "for one or two GPUs; see simclr_ext.recipes.RECIPES)",
     "dataset": "digits (embedded, no download), mnist, cifar10, cifar100, stl10 or imagefolder",
     "data_dir": "folder holding the dataset (torchvision datasets: default ./data)",
     "download": "download a torchvision dataset into --data-dir",
@@ -35,7 +40,9 @@ _HELP = {
     "precision": "fp32, bf16 (autocast) or fp16 (CUDA, with a grad scaler)",
     "accum_steps": "micro-batches per optimizer step (negatives come from each micro-batch)",
     "out": "run directory: last.pt, metrics.jsonl, training_curve.png, summary.json",
-    "resume": "continue from <out>/last.pt exactly where it stopped",
+    "resume": "continue from <out>/last.pt exactly where it stopped (--lr, --temperature and --precision may "
+              "change: logged as a departure)",
+    "overwrite": "start over in a run directory that already holds a checkpoint (deletes its outputs)",
     "device": "cpu, cuda or cuda:N (default: cuda when available)",
     "knn_every": "kNN monitor every N epochs (0: off)",
     "threads": "torch CPU threads during the run (digits/MNIST recipe: 1, fastest for its small tensors)",
@@ -45,7 +52,7 @@ _HELP = {
 
 
 def _add_config_arguments(parser):
-    from .train import PretrainConfig
+    from .recipes import PretrainConfig
 
     hints = typing.get_type_hints(PretrainConfig)
     for f in dataclasses.fields(PretrainConfig):
@@ -62,9 +69,10 @@ def _add_config_arguments(parser):
         elif kind is bool:  # tri-state: None means "decide from the dataset"
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="{true,false}", help=help_text)
         else:
-            from .train import RECIPES
+            from .recipes import RECIPES
 
-            shown = "the dataset's recipe" if f.name in RECIPES["small"] else f.default
+            recipe_fields = set().union(*RECIPES.values())
+            shown = "the dataset's recipe" if f.name in recipe_fields else f.default
             suffix = "" if shown is None else f" (default: {shown})"
             parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text}{suffix}".strip())
 
@@ -94,6 +102,10 @@ def format_summary(summary, out):
                 (f"{cfg.get('fewshot_shots', 5)}-per-class probe top-1", "fewshot_top1")]
         for label, key in rows:
             lines.append(f"{label:<32}{_pct(summary[key])}   {_pct(summary['random_init_' + key])}")
+    if "validation_linear_top1" in summary:
+        lines.append(f"validation split ({summary['validation_images']} images): linear "
+                     f"{_pct(summary['validation_linear_top1']).strip()}, kNN {_pct(summary['validation_knn_top1']).strip()}, "
+                     f"few-label {_pct(summary['validation_fewshot_top1']).strip()} (what settings are tuned on)")
     lines.append(f"summary: {out}/summary.json")
     return "\n".join(lines)
 
@@ -125,6 +137,15 @@ def _knn(args):
     return 0
 
 
+def _export(args):
+    from .checkpoint import export_encoder
+
+    settings = export_encoder(args.checkpoint, args.out)
+    print(f"encoder ({settings['arch']}, {settings['feature_dim']}-d features, {settings['image_size']} px "
+          f"{settings['dataset']} input) written to {args.out}; load with simclr_ext.checkpoint.load_encoder")
+    return 0
+
+
 def _add_eval_arguments(p):
     p.add_argument("--checkpoint", required=True, help="a last.pt written by pretrain")
     p.add_argument("--data-dir", default=None, help="override the dataset folder stored in the checkpoint")
@@ -139,7 +160,7 @@ def build_parser():
     p_info.set_defaults(func=_info)
     p_pre = sub.add_parser("pretrain", help="SimCLR pretraining, then evaluation against a random-init encoder",
                            description="SimCLR pretraining. Settings left out come from the dataset's recipe "
-                                       "(simclr_ext.train.RECIPES); with no arguments: the embedded digits demo.")
+                                       "(simclr_ext.recipes.RECIPES, each number cited); with no arguments: the embedded digits demo.")
     _add_config_arguments(p_pre)
     p_pre.set_defaults(func=_pretrain)
     p_lin = sub.add_parser("linear-eval", help="linear probe (top-1/top-5) of a checkpoint's frozen encoder")
@@ -150,6 +171,10 @@ def build_parser():
     p_knn.add_argument("--k", type=int, default=200)
     p_knn.add_argument("--temperature", type=float, default=0.1)
     p_knn.set_defaults(func=_knn)
+    p_exp = sub.add_parser("export", help="write a checkpoint's encoder alone (state dict + the settings that rebuild it)")
+    p_exp.add_argument("--checkpoint", required=True, help="a last.pt written by pretrain")
+    p_exp.add_argument("--out", required=True, help="the file to write (e.g. encoder.pt)")
+    p_exp.set_defaults(func=_export)
     return parser
 
 
@@ -160,7 +185,7 @@ def main(argv=None):
 
     try:
         return args.func(args)
-    except (DataNotFoundError, FileNotFoundError, ValueError, TypeError) as e:
+    except (DataNotFoundError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"simclr-ext {args.command}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

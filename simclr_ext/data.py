@@ -1,55 +1,90 @@
-"""Datasets as uint8 image batches and the evaluation transform.
+"""Datasets as uint8 image batches, the validation split, and the evaluation transform.
 
-Every dataset is split three ways: `pretrain` (unlabelled images for SimCLR), `train` (labelled images
-for the probes) and `test` (held out). Images travel as uint8 (B, C, H, W) batches; the two views for
-pretraining come from the fused `simclr_ext.SimCLRAugment` (the trainer builds it from the dataset's
-preset name, `DataSplits.augment`, and the dataset's mean/std).
+Every dataset is split four ways: `pretrain` (unlabelled images for SimCLR), `train` (labelled images
+for the probes), `validation` (carved from the training split with a fixed seed, stratified: the split
+that settings are tuned on) and `test` (held out, read once for the numbers to quote). Images travel as
+uint8 (B, C, H, W) batches, or as lists of (C, H_i, W_i) images of different sizes (ImageFolder
+pretraining, which crops from the whole image); the two views for pretraining come from the fused
+`simclr_ext.SimCLRAugment`, which takes both.
 """
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .stats import DATASET_STATS
+
 __all__ = ["DATASETS", "DEFAULT_AUGMENT", "DataNotFoundError", "ImageSet", "DataSplits", "load_dataset", "eval_transform",
-           "digits_splits"]
+           "digits_splits", "carve_validation", "eval_resize_side", "VALIDATION_FRACTION", "SPLIT_SEED"]
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 # The SimCLRAugment preset of each dataset (DataSplits.augment).
 DEFAULT_AUGMENT = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar10", "cifar100": "cifar10",
                    "stl10": "stl10", "imagefolder": "imagenet"}
+# Share of each class of the training split set aside as validation. Digits keeps more (20% of 1257 =
+# 252 images) so that one image is 0.4 points, not 0.8; the others 10% (CIFAR: 5000 of 50000).
+VALIDATION_FRACTION = {"digits": 0.2, "mnist": 0.1, "cifar10": 0.1, "cifar100": 0.1, "stl10": 0.1, "imagefolder": 0.1}
+# The splits are part of the benchmark: fixed, never the run's seed.
+SPLIT_SEED = 0
+# Torchvision's classification protocol: resize the shorter side to size / 0.875 (224 -> 256), centre crop.
+EVAL_CROP_FRACTION = 0.875
+# ImageFolder pretraining decodes each image with its shorter side at most this many times the model's
+# input side (aspect ratio kept): crops come from the whole image while a huge photo stays bounded.
+PRETRAIN_DECODE_FACTOR = 2
+
+Batch = Union[torch.Tensor, List[torch.Tensor]]
 
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset is not where the user said; the message names the path and how to fix it."""
 
 
+def _collate(samples):
+    """Stack same-sized images into (B, C, H, W); keep a list of (C, H_i, W_i) when sizes differ."""
+    images = [im for im, _ in samples]
+    labels = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(images), labels
+    return images, labels
+
+
 class ImageSet:
     """Labelled images, either in memory as a uint8 (N, C, H, W) tensor or behind a map-style dataset
-    returning (uint8 CHW tensor, label) (ImageFolder), read through a DataLoader."""
+    returning (uint8 CHW tensor, label) (ImageFolder), decoded in DataLoader workers."""
 
     def __init__(self, images: Optional[torch.Tensor], labels: torch.Tensor, dataset=None):
         if images is not None and (images.dtype != torch.uint8 or images.ndim != 4):
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if images is None and dataset is None:
+            raise ValueError("ImageSet needs images or a dataset")
         self.images, self.labels, self.dataset = images, labels.long(), dataset
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Yields (uint8 images (B, C, H, W), labels (B,)) over `order` in consecutive batches."""
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The images at `index` (int64), in that order."""
+        index = index.long()
+        if self.images is not None:
+            return ImageSet(self.images[index], self.labels[index])
+        return ImageSet(None, self.labels[index], torch.utils.data.Subset(self.dataset, index.tolist()))
+
+    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int = 0) -> Iterator[Tuple[Batch, torch.Tensor]]:
+        """Yields (images, labels (B,)) over `order` in consecutive batches: images are a uint8
+        (B, C, H, W) tensor, or a list of (C, H_i, W_i) tensors when the sizes differ."""
         if self.images is not None:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 yield self.images[idx], self.labels[idx]
             return
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, order.tolist()),
-                                             batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        for images, labels in loader:
-            yield images, labels.long()
+                                             batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             collate_fn=_collate)
+        yield from loader
 
 
 @dataclass
@@ -57,6 +92,7 @@ class DataSplits:
     name: str
     pretrain: ImageSet
     train: ImageSet
+    validation: ImageSet
     test: ImageSet
     num_classes: int
     channels: int
@@ -66,20 +102,52 @@ class DataSplits:
     augment: str              # the SimCLRAugment preset of the dataset ("digits", "mnist", "cifar10", ...)
 
 
-def digits_splits(seed: int = 0, test_fraction: float = 0.3) -> DataSplits:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download) as uint8, split 70/30 stratified
-    with a fixed seed; pretraining uses the 70% (labels unused)."""
+def carve_validation(labels: torch.Tensor, fraction: float, seed: int = SPLIT_SEED) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices), both sorted: `fraction` of each class (rounded) drawn with a
+    seeded generator, so the split is the same on every machine and every run."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    labels = torch.as_tensor(labels).long()
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        take = int(round(fraction * len(members)))
+        held.append(members[torch.randperm(len(members), generator=g)[:take]])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[torch.cat(held)] = True
+    return (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
+
+
+def _with_validation(name: str, train: ImageSet, test: ImageSet, num_classes: int, channels: int, size: int,
+                     pretrain_extra: Optional[ImageSet] = None) -> DataSplits:
+    """Splits where validation is carved from `train` and pretraining sees only what is left of it
+    (plus `pretrain_extra`, e.g. STL-10's unlabelled images): validation images never shape the encoder."""
+    keep, val = carve_validation(train.labels, VALIDATION_FRACTION[name])
+    train, validation = train.subset(keep), train.subset(val)
+    pretrain = train
+    if pretrain_extra is not None:
+        pretrain = ImageSet(torch.cat([train.images, pretrain_extra.images]),
+                            torch.cat([train.labels, pretrain_extra.labels]))
+    mean, std = DATASET_STATS[name]
+    return DataSplits(name, pretrain, train, validation, test, num_classes, channels, size, mean, std,
+                      DEFAULT_AUGMENT[name])
+
+
+def digits_splits(test_fraction: float = 0.3) -> DataSplits:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) as uint8: 30% held out as the test
+    split (stratified, fixed seed), then 20% of the rest as validation; pretraining and the probes use
+    the remaining 1005 images."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(d.target.astype(np.int64))
-    tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=d.target)
+    tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=SPLIT_SEED,
+                              stratify=d.target)
     tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
-    train = ImageSet(images[tr], labels[tr])
-    return DataSplits("digits", train, train, ImageSet(images[te], labels[te]), 10, 1, 16,
-                      (0.3,), (0.38,), "digits")
+    return _with_validation("digits", ImageSet(images[tr], labels[tr]), ImageSet(images[te], labels[te]), 10, 1, 16)
 
 
 def _missing(name: str, path: str, hint: str) -> DataNotFoundError:
@@ -107,65 +175,94 @@ def _torchvision_splits(name: str, root: str, download: bool) -> DataSplits:
     if name == "stl10":
         sets = {s: _torchvision_set(name, root, download, split=s) for s in ("train", "unlabeled", "test")}
         as_set = {s: ImageSet(torch.as_tensor(v.data), torch.as_tensor(v.labels)) for s, v in sets.items()}
-        pretrain = ImageSet(torch.cat([as_set["train"].images, as_set["unlabeled"].images]),
-                            torch.cat([as_set["train"].labels, as_set["unlabeled"].labels]))
-        return DataSplits(name, pretrain, as_set["train"], as_set["test"], 10, 3, 96,
-                          (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), "stl10")
+        return _with_validation(name, as_set["train"], as_set["test"], 10, 3, 96, pretrain_extra=as_set["unlabeled"])
     tr = _torchvision_set(name, root, download, train=True)
     te = _torchvision_set(name, root, download, train=False)
     train = ImageSet(_hwc_to_chw(tr.data), torch.as_tensor(tr.targets))
     test = ImageSet(_hwc_to_chw(te.data), torch.as_tensor(te.targets))
     if name == "mnist":
-        return DataSplits(name, train, train, test, 10, 1, 28, (0.1307,), (0.3081,), "mnist")
-    classes = 10 if name == "cifar10" else 100
-    return DataSplits(name, train, train, test, classes, 3, 32,
-                      (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar10")
+        return _with_validation(name, train, test, 10, 1, 28)
+    return _with_validation(name, train, test, 10 if name == "cifar10" else 100, 3, 32)
+
+
+def eval_resize_side(size: int) -> int:
+    """The shorter side before the centre crop of evaluation: floor(size / 0.875) (224 -> 256)."""
+    return int(math.floor(size / EVAL_CROP_FRACTION))
 
 
 class _FolderImages(torch.utils.data.Dataset):
-    """An ImageFolder whose images are resized (shorter side) and centre-cropped to `side` as uint8,
-    so they batch; the random crops of the augmentation are then taken from that square."""
+    """The images of an ImageFolder as uint8 CHW tensors. mode "pretrain": the whole image, its shorter
+    side bounded by PRETRAIN_DECODE_FACTOR * size (aspect kept; the random crops of the augmentation are
+    taken from it); mode "eval": resize the shorter side to size / 0.875, centre crop size x size."""
 
-    def __init__(self, root: str, side: int):
-        import torchvision
+    def __init__(self, samples: List[Tuple[str, int]], loader, size: int, mode: str):
         from torchvision.transforms import v2
 
-        self.folder = torchvision.datasets.ImageFolder(root)
-        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize(side, antialias=True), v2.CenterCrop(side)])
+        self.samples, self.loader, self.size, self.mode = samples, loader, size, mode
+        if mode == "eval":
+            self.transform = v2.Compose([v2.Resize(eval_resize_side(size), antialias=True), v2.CenterCrop(size),
+                                         v2.PILToTensor()])
+        elif mode == "pretrain":
+            self.transform = None
+        else:
+            raise ValueError(f"mode must be 'pretrain' or 'eval', got {mode!r}")
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.samples)
+
+    def _bounded(self, image):
+        from torchvision.transforms import v2
+
+        bound = PRETRAIN_DECODE_FACTOR * self.size
+        if min(image.size) > bound:
+            image.draft("RGB", (bound, bound))  # JPEG: decode at a reduced scale when it is enough
+            image = v2.functional.resize(image, bound, antialias=True)
+        return v2.functional.pil_to_tensor(image)
 
     def __getitem__(self, i):
-        path, label = self.folder.samples[i]
-        image = self.folder.loader(path)
-        return self.transform(image.convert("RGB")), label
+        path, label = self.samples[i]
+        image = self.loader(path).convert("RGB")
+        return (self._bounded(image) if self.transform is None else self.transform(image)), label
 
 
 def _imagefolder_splits(root: str, image_size: int) -> DataSplits:
+    import torchvision
+
     if not os.path.isdir(root):
         raise _missing("imagefolder", root, "--data-dir must be a folder with train/ and val/ (or test/) "
                                             "subfolders of one folder per class")
     test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(os.path.join(root, "train")) or test_dir is None:
         raise _missing("imagefolder", root, "expected train/ and val/ (or test/) subfolders, one folder per class")
-    side = int(math.ceil(image_size * 8 / 7))  # the 224-from-256 ratio of ImageNet evaluation
-    train_ds, test_ds = _FolderImages(os.path.join(root, "train"), side), _FolderImages(test_dir, side)
-    labels = lambda ds: torch.tensor([y for _, y in ds.folder.samples], dtype=torch.long)  # noqa: E731
-    train = ImageSet(None, labels(train_ds), train_ds)
-    return DataSplits("imagefolder", train, train, ImageSet(None, labels(test_ds), test_ds),
-                      len(train_ds.folder.classes), 3, image_size,
-                      (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet")
+    train_folder = torchvision.datasets.ImageFolder(os.path.join(root, "train"))
+    test_folder = torchvision.datasets.ImageFolder(test_dir)
+    if test_folder.classes != train_folder.classes:
+        raise _missing("imagefolder", root, f"{test_dir!r} must hold the same class folders as train/")
+    labels = lambda folder: torch.tensor([y for _, y in folder.samples], dtype=torch.long)  # noqa: E731
+    all_train = labels(train_folder)
+    keep, val = carve_validation(all_train, VALIDATION_FRACTION["imagefolder"])
+    pick = lambda idx: [train_folder.samples[i] for i in idx.tolist()]  # noqa: E731
+    make = lambda samples, mode: _FolderImages(samples, train_folder.loader, image_size, mode)  # noqa: E731
+    pretrain = ImageSet(None, all_train[keep], make(pick(keep), "pretrain"))
+    train = ImageSet(None, all_train[keep], make(pick(keep), "eval"))
+    validation = ImageSet(None, all_train[val], make(pick(val), "eval"))
+    test = ImageSet(None, labels(test_folder), make(test_folder.samples, "eval"))
+    mean, std = DATASET_STATS["imagefolder"]
+    return DataSplits("imagefolder", pretrain, train, validation, test, len(train_folder.classes), 3, image_size,
+                      mean, std, DEFAULT_AUGMENT["imagefolder"])
 
 
 def load_dataset(name: str = "digits", data_dir: Optional[str] = None, download: bool = False,
-                 image_size: Optional[int] = None, seed: int = 0) -> DataSplits:
-    """The named dataset's pretrain/train/test splits. torchvision datasets read `data_dir` (default
-    ./data) and download only when asked; a missing dataset raises DataNotFoundError naming the path."""
+                 image_size: Optional[int] = None) -> DataSplits:
+    """The named dataset's pretrain/train/validation/test splits. torchvision datasets read `data_dir`
+    (default ./data) and download only when asked; a missing dataset raises DataNotFoundError naming the
+    path. The splits never depend on a run's seed."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     if name == "digits":
-        splits = digits_splits(seed=0)  # the split is part of the benchmark: fixed, not the run's seed
+        splits = digits_splits()
     elif name == "imagefolder":
         if data_dir is None:
             raise ValueError("dataset 'imagefolder' needs --data-dir (a folder with train/ and val/)")
@@ -176,14 +273,13 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, download:
             raise _missing(name, root, "pass --download to fetch it, or point --data-dir at a folder that holds it")
         splits = _torchvision_splits(name, root, download)
     if image_size is not None:
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
         splits.image_size = image_size
     return splits
 
 
 def eval_transform(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 (B, C, size, size): scaled to [0, 1], resized if needed, normalized."""
+    """uint8 (B, C, H, W) -> float32 (B, C, size, size): scaled to [0, 1], resized if needed, normalized.
+    (ImageFolder images arrive already resized and centre-cropped by the dataset, in its workers.)"""
     x = images.float().div_(255.0)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
