@@ -6,9 +6,12 @@ Representations", ICML 2020.
 from . import ops
 from ._version import __version__
 from .augment import AugmentParams, SimCLRAugment, augment
+from .clip_loss import ClipLoss, clip_loss
+from .dcl_loss import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
 from .ops import set_tf32, tf32_enabled
+from .supcon_loss import SupConLoss, supcon_loss
 from .train import PretrainConfig, knn_eval, linear_eval, pretrain
 
 # The per-sample transform needs torchvision (an optional dependency): imported on first use.
@@ -34,6 +37,14 @@ __all__ = [
     "NTXentLoss",
     "nt_xent",
     "contrastive_loss",
+    "ClipLoss",
+    "clip_loss",
+    "SupConLoss",
+    "supcon_loss",
+    "DCLLoss",
+    "DCLWLoss",
+    "dcl_loss",
+    "dclw_loss",
     "set_tf32",
     "tf32_enabled",
     "PretrainConfig",

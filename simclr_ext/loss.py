@@ -16,15 +16,19 @@ __all__ = ["contrastive_loss", "nt_xent", "NTXentLoss"]
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_temperature(temperature):
+def _check_temperature(temperature, name="temperature"):
+    """A float > 0, or a one-element floating tensor (returned 0-d, gradient kept: never read on the host)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a number, got a tensor of shape {list(temperature.shape)}")
-        temperature = temperature.item()
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape "
+                             f"{list(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {temperature.dtype}")
+        return temperature.reshape(())
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+        raise TypeError(f"{name} must be a real number or a tensor, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        raise ValueError(f"{name} must be finite and > 0, got {temperature}")
     return float(temperature)
 
 
@@ -56,6 +60,20 @@ def _check_labels(name, labels, length, device):
     return labels.long()
 
 
+def _check_positive_weight(weight, q):
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"positive_weight must be None or a floating tensor, got "
+                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.shape != (q.shape[0],) or weight.device != q.device:
+        raise ValueError(f"positive_weight must have shape [{q.shape[0]}] on {q.device}, got "
+                         f"{list(weight.shape)} on {weight.device}")
+    if weight.requires_grad:
+        raise ValueError("positive_weight is a constant of the fused op and must not require grad (detach it)")
+    return weight
+
+
 def _reduce(per_row, npos, reduction):
     if reduction == "none":
         return per_row
@@ -65,14 +83,16 @@ def _reduce(per_row, npos, reduction):
     return per_row.sum() / (npos > 0).sum().clamp_min(1).to(per_row.dtype)
 
 
-def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean", allow_tf32=None):
+def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean", allow_tf32=None,
+                     exclude_positives=False, positive_weight=None):
     """Multi-positive contrastive loss over cosine similarities, fused (the M x L matrix is never built).
 
     Args:
         q: (M, D) queries. k: (L, D) keys, same dtype and device.
         q_labels: (M,), k_labels: (L,) integer labels; key j is a positive of query i when the labels
             match and j is not i's own key.
-        temperature: the softmax temperature tau (> 0).
+        temperature: the softmax temperature tau (> 0): a float, or a 0-d floating tensor (on the CPU or on
+            q's device) that may require grad; its gradient comes out of the backward pass at no extra cost.
         self_offset: None, or the index in k of query 0 when the queries are rows
             [self_offset, self_offset + M) of the keys; a query's own key is then left out of both the
             positives and the denominator (SimCLR, SupCon, distributed gathers).
@@ -80,9 +100,13 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
         allow_tf32: CUDA only: True / False select the TF32 tensor-core or the exact fp32 path for float32
             inputs; None (default) follows PyTorch, `torch.get_float32_matmul_precision()` ("highest", the
             default: exact; "high" / "medium": TF32), unless `simclr_ext.set_tf32` overrides it.
+        exclude_positives: leave the positives out of the denominator too (decoupled contrastive learning,
+            Yeh et al. 2022): the log-sum-exp runs over the negatives only.
+        positive_weight: None, or (M,) per-row weights w_i of the positive term (DCLW); constants: a tensor
+            that requires grad is refused (detach it, or see DCLLoss for a differentiable weight).
 
     Returns:
-        loss_i = logsumexp_{j != self(i)} s_ij - mean_{j in P(i)} s_ij, s = cos(q_i, k_j) / temperature;
+        loss_i = logsumexp_{j != self(i)} s_ij - w_i mean_{j in P(i)} s_ij, s = cos(q_i, k_j) / temperature;
         rows without positives have loss 0. float32 for float16/bfloat16/float32 inputs, float64 for float64.
 
     With q = k = cat(z1, z2) and labels arange(N).repeat(2), self_offset=0 this is NT-Xent; with class
@@ -96,6 +120,9 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     q_labels = _check_labels("q_labels", q_labels, q.shape[0], q.device)
     k_labels = _check_labels("k_labels", k_labels, k.shape[0], q.device)
     temperature = _check_temperature(temperature)
+    if isinstance(temperature, torch.Tensor) and temperature.device not in (torch.device("cpu"), q.device):
+        raise ValueError(f"temperature must be on the CPU or on {q.device}, got {temperature.device}")
+    positive_weight = _check_positive_weight(positive_weight, q)
     _check_reduction(reduction)
     if self_offset is None:
         offset = -1
@@ -106,7 +133,8 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     else:
         offset = int(self_offset)
     tf32 = ops.resolve_tf32(allow_tf32)
-    per_row, _, npos = ops.ntxent_forward(q, k, q_labels, k_labels, temperature, offset, tf32)
+    per_row, _, npos = ops.ntxent_forward(q, k, q_labels, k_labels, temperature, offset, tf32,
+                                          exclude_positives=bool(exclude_positives), positive_weight=positive_weight)
     return _reduce(per_row, npos, reduction)
 
 
@@ -214,7 +242,9 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature=0.5, memory_bank_size=0, gather_distributed=False, reduction="mean",
                  allow_tf32=None, memory_bank_mode="bank_only"):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        checked = _check_temperature(temperature)
+        # A tensor is kept as given: an nn.Parameter registers with this module and is trained.
+        self.temperature = temperature if isinstance(temperature, torch.Tensor) else checked
         _check_reduction(reduction)
         if allow_tf32 is not None and not isinstance(allow_tf32, bool):
             raise TypeError(f"allow_tf32 must be True, False or None, got {allow_tf32!r}")

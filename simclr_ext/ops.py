@@ -81,17 +81,34 @@ def _keep_probs(q, k):
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
 
 
-def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32):
-    """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h)."""
-    loss, lse, npos, _ = _ops.ntxent.default(q, k, q_labels, k_labels, float(temperature), int(self_offset),
-                                             bool(allow_tf32), _keep_probs(q, k))
+def _temperature_arg(temperature):
+    """The op takes the temperature as a 0-d tensor (differentiable); a number becomes a float64 CPU scalar."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature
+    return torch.tensor(float(temperature), dtype=torch.float64)
+
+
+def _weight_arg(positive_weight, q):
+    return None if positive_weight is None else positive_weight.to(_acc_dtype(q.dtype)).contiguous()
+
+
+def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
+                   positive_weight=None):
+    """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h).
+    temperature: a number or a 0-d floating tensor (its gradient flows); exclude_positives: DCL;
+    positive_weight: None or (M,) constant weights of the positive term (DCLW)."""
+    loss, lse, npos, _ = _ops.ntxent.default(q, k, q_labels, k_labels, _temperature_arg(temperature),
+                                             int(self_offset), bool(allow_tf32), _keep_probs(q, k),
+                                             bool(exclude_positives), _weight_arg(positive_weight, q))
     return loss, lse, npos
 
 
 def ntxent_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
-                    probs=None):
+                    probs=None, exclude_positives=False, positive_weight=None):
+    """(dq, dk, dtemperature) of sum_i grad_loss[i] * loss[i]."""
     return _ops._ntxent_backward.default(grad_loss, q, k, q_labels, k_labels, lse, npos,
-                                          float(temperature), int(self_offset), bool(allow_tf32), probs)
+                                          _temperature_arg(temperature), int(self_offset), bool(allow_tf32), probs,
+                                          bool(exclude_positives), _weight_arg(positive_weight, q))
 
 
 def ntxent_path_counts():
@@ -114,8 +131,18 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_fake_args(q, temperature, positive_weight):
+    # The kernels' shape checks (ntxent_checks.h), so that a torch.compile trace rejects bad input too.
+    torch._check(temperature.dim() == 0, lambda: f"temperature must be a 0-d tensor, got shape {list(temperature.shape)}")
+    if positive_weight is not None:
+        torch._check(positive_weight.shape == (q.shape[0],),
+                     lambda: f"positive_weight must have shape [{q.shape[0]}], got {list(positive_weight.shape)}")
+
+
 @torch.library.register_fake("simclr_ext::ntxent")
-def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs=False):
+def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs=False,
+                 exclude_positives=False, positive_weight=None):
+    _check_fake_args(q, temperature, positive_weight)
     m = q.shape[0]
     acc = _acc_dtype(q.dtype)
     probs_shape = (m, k.shape[0]) if keep_probs and q.device.type == "cpu" else (0, 0)
@@ -125,16 +152,18 @@ def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
 
 @torch.library.register_fake("simclr_ext::_ntxent_backward")
 def _ntxent_backward_fake(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
-                          probs=None):
+                          probs=None, exclude_positives=False, positive_weight=None):
+    _check_fake_args(q, temperature, positive_weight)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format))
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            q.new_empty((), dtype=_acc_dtype(q.dtype)))
 
 
 # Autograd of simclr_ext::ntxent is registered in C++ (csrc/ntxent/ntxent_autograd.cpp): a Python
 # registration cost tens of microseconds per step, a large share of a small batch's loss on the CPU.
 
 
-def _no_double_backward(ctx, grad_q, grad_k):
+def _no_double_backward(ctx, grad_q, grad_k, grad_temperature):
     raise RuntimeError("simclr_ext's fused contrastive loss does not support double backward "
                        "(create_graph=True through its gradient); use simclr_reference for higher-order gradients")
 

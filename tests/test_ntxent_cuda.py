@@ -109,7 +109,7 @@ def test_matches_reference(kind, m, l, d, dtype, tf32, gen):
     w = torch.rand(m, generator=gen, dtype=torch.float64).to(DEV) + 0.5
 
     q, k = _leaf(q_in, dtype), _leaf(k_in, dtype)
-    loss, lse, npos = _op(q, k, ql, kl, t, offset, tf32)
+    loss, lse, npos = _op(q, k, ql, kl, torch.tensor(t), offset, tf32)
     assert loss.dtype == lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(npos.cpu(), _positives(ql.cpu(), kl.cpu(), offset))
     gq, gk = torch.autograd.grad((loss * w.to(loss.dtype)).sum(), (q, k))
@@ -154,7 +154,7 @@ def test_symmetric_path_matches_reference(kind, m, l, d, dtype, tf32, gen):
     w = torch.rand(m, generator=gen, dtype=torch.float64).to(DEV) + 0.5
     z = _leaf(z_in, dtype)
     simclr_ext.ops.reset_ntxent_path_counts()
-    loss, _, _ = _op(z, z, labels, labels, t, 0, tf32)
+    loss, _, _ = _op(z, z, labels, labels, torch.tensor(t), 0, tf32)
     (g,) = torch.autograd.grad((loss * w.to(loss.dtype)).sum(), z)
     assert _path_counts() == {"cuda_forward": 1, "cuda_backward_symmetric": 1}
     z_r = _leaf(z_in, torch.float64)
@@ -178,7 +178,7 @@ def test_general_path_counted_for_distinct_keys(gen):
     k = q.detach().clone().requires_grad_(True)
     labels = torch.arange(25, device=DEV).repeat(2)
     simclr_ext.ops.reset_ntxent_path_counts()
-    loss, _, _ = _op(q, k, labels, labels, 0.2, 0, False)
+    loss, _, _ = _op(q, k, labels, labels, torch.tensor(0.2), 0, False)
     gq, gk = torch.autograd.grad(loss.sum(), (q, k))
     assert _path_counts() == {"cuda_forward": 1, "cuda_backward_general": 1}
     assert torch.count_nonzero(gk) > 0
@@ -195,12 +195,12 @@ def test_symmetric_equals_general_with_splits(dtype, tf32, gen):
 
     def symmetric():
         z = z_in.clone().requires_grad_(True)
-        loss, _, _ = _op(z, z, labels, labels, 0.2, 0, tf32)
+        loss, _, _ = _op(z, z, labels, labels, torch.tensor(0.2), 0, tf32)
         return torch.autograd.grad(loss.sum(), z)[0]
 
     q = z_in.clone().requires_grad_(True)
     k = z_in.clone().requires_grad_(True)
-    loss, _, _ = _op(q, k, labels, labels, 0.2, 0, tf32)
+    loss, _, _ = _op(q, k, labels, labels, torch.tensor(0.2), 0, tf32)
     gq, gk = torch.autograd.grad(loss.sum(), (q, k))
     first, second = symmetric(), symmetric()
     assert torch.equal(first, second)
@@ -214,7 +214,7 @@ def test_symmetric_equals_general_with_splits(dtype, tf32, gen):
 def test_lse_matches_reference(dtype, tf32, gen):
     """The saved log-sum-exp is the one of the denominator (self excluded), not just any consistent value."""
     q64, k64, ql, kl, offset = _inputs("slice", 77, 150, 40, gen)
-    _, lse, _ = _op(q64.to(DEV, dtype), k64.to(DEV, dtype), ql.to(DEV), kl.to(DEV), 0.2, offset, tf32)
+    _, lse, _ = _op(q64.to(DEV, dtype), k64.to(DEV, dtype), ql.to(DEV), kl.to(DEV), torch.tensor(0.2), offset, tf32)
     s = torch.nn.functional.normalize(q64, dim=1) @ torch.nn.functional.normalize(k64, dim=1).T / 0.2
     rows = torch.arange(77)
     s[rows, rows + offset] = -math.inf
@@ -262,15 +262,15 @@ def test_global_tf32_switch_selects_the_path(gen):
         for enabled in (False, True):
             simclr_ext.set_tf32(enabled)
             rows = simclr_ext.nt_xent(z1, z2, 0.1, reduction="none")
-            direct = _op(z, z, labels, labels, 0.1, 0, enabled)[0]
+            direct = _op(z, z, labels, labels, torch.tensor(0.1), 0, enabled)[0]
             assert torch.equal(rows, direct), f"set_tf32({enabled}) did not select the allow_tf32={enabled} path"
         simclr_ext.set_tf32(None)
         for setting, enabled in (("highest", False), ("high", True)):
             torch.set_float32_matmul_precision(setting)
             rows = simclr_ext.nt_xent(z1, z2, 0.1, reduction="none")
-            direct = _op(z, z, labels, labels, 0.1, 0, enabled)[0]
+            direct = _op(z, z, labels, labels, torch.tensor(0.1), 0, enabled)[0]
             assert torch.equal(rows, direct), f"precision {setting!r} did not select the allow_tf32={enabled} path"
-        exact = _op(z, z, labels, labels, 0.1, 0, False)[0]
+        exact = _op(z, z, labels, labels, torch.tensor(0.1), 0, False)[0]
         loss64 = ref.nt_xent(z1.double(), z2.double(), 0.1, reduction="none")
         assert max_err(exact, loss64) < 1e-4, "the exact path is not full fp32"
     finally:
@@ -288,8 +288,8 @@ def test_noncontiguous_inputs(kind, dtype, gen):
     labels = torch.arange(m // 2, device=DEV).repeat(2)
     q_leaf = q.detach().requires_grad_(True)
     c_leaf = q.detach().contiguous().requires_grad_(True)
-    loss, _, _ = _op(q_leaf, q_leaf, labels, labels, 0.3, 0, False)
-    loss_c, _, _ = _op(c_leaf, c_leaf, labels, labels, 0.3, 0, False)
+    loss, _, _ = _op(q_leaf, q_leaf, labels, labels, torch.tensor(0.3), 0, False)
+    loss_c, _, _ = _op(c_leaf, c_leaf, labels, labels, torch.tensor(0.3), 0, False)
     assert torch.equal(loss, loss_c)
     (g,) = torch.autograd.grad(loss.sum(), q_leaf)
     (g_c,) = torch.autograd.grad(loss_c.sum(), c_leaf)
@@ -318,7 +318,7 @@ def test_every_output_element_is_written(dtype, tf32, gen):
     try:
         _poison_allocator(1 << 24)
         q, k = _leaf(q64.to(dtype), dtype), _leaf(k64.to(dtype), dtype)
-        loss, lse, npos = _op(q, k, ql.to(DEV), kl.to(DEV), 0.2, offset, tf32)
+        loss, lse, npos = _op(q, k, ql.to(DEV), kl.to(DEV), torch.tensor(0.2), offset, tf32)
         gq, gk = torch.autograd.grad(loss.sum(), (q, k))
     finally:
         torch.use_deterministic_algorithms(prev_det)
@@ -341,7 +341,7 @@ def test_reruns_are_bit_identical(dtype, tf32, gen):
     runs = []
     for _ in range(2):
         q, k = _leaf(q64.to(dtype), dtype), _leaf(k64.to(dtype), dtype)
-        loss, lse, npos = _op(q, k, ql.to(DEV), kl.to(DEV), 0.1, offset, tf32)
+        loss, lse, npos = _op(q, k, ql.to(DEV), kl.to(DEV), torch.tensor(0.1), offset, tf32)
         gq, gk = torch.autograd.grad((loss * 0.7).sum(), (q, k))
         runs.append((loss, lse, npos, gq, gk))
     for name, a, b in zip(["loss", "lse", "npos", "grad q", "grad k"], *runs):
@@ -356,7 +356,7 @@ def test_degenerate_rows():
     z[2] = torch.tensor([1e-13, 0, 0, 0, 2e-13])  # below the clamp
     labels = torch.tensor([0, 1, 0, 1], device=DEV)
     q = z.clone().requires_grad_(True)
-    loss, _, _ = _op(q, q, labels, labels, 0.5, 0, False)
+    loss, _, _ = _op(q, q, labels, labels, torch.tensor(0.5), 0, False)
     (g,) = torch.autograd.grad(loss.sum(), q)
     q_r = z.clone().requires_grad_(True)
     loss_r = _ref_rows(q_r, q_r, labels, labels, 0.5, 0)
@@ -365,24 +365,24 @@ def test_degenerate_rows():
 
     one = torch.randn(1, 8, device=DEV, requires_grad=True)
     lab = torch.zeros(1, dtype=torch.long, device=DEV)
-    loss, lse, npos = _op(one, one, lab, lab, 0.1, 0, False)
+    loss, lse, npos = _op(one, one, lab, lab, torch.tensor(0.1), 0, False)
     assert loss.item() == 0 and lse.item() == -math.inf and npos.item() == 0
     (g,) = torch.autograd.grad(loss.sum(), one)
     assert torch.equal(g, torch.zeros_like(g))
 
     empty = torch.empty(0, 8, device=DEV, requires_grad=True)
     none = torch.empty(0, dtype=torch.long, device=DEV)
-    loss, lse, npos = _op(empty, empty, none, none, 0.1, 0, False)
+    loss, lse, npos = _op(empty, empty, none, none, torch.tensor(0.1), 0, False)
     assert loss.shape == lse.shape == npos.shape == (0,)
     keys = torch.randn(5, 8, device=DEV, requires_grad=True)
-    loss, _, _ = _op(empty, keys, none, torch.zeros(5, dtype=torch.long, device=DEV), 0.1, -1, False)
+    loss, _, _ = _op(empty, keys, none, torch.zeros(5, dtype=torch.long, device=DEV), torch.tensor(0.1), -1, False)
     (gk,) = torch.autograd.grad(loss.sum(), keys, allow_unused=False)
     assert torch.equal(gk, torch.zeros_like(gk))
 
     bad = torch.randn(70, 8, device=DEV)
     bad[3, 2] = math.nan
     labels = torch.arange(35, device=DEV).repeat(2)
-    loss, _, _ = _op(bad, bad, labels, labels, 0.1, 0, True)
+    loss, _, _ = _op(bad, bad, labels, labels, torch.tensor(0.1), 0, True)
     assert torch.isnan(loss).all(), "a NaN key enters every denominator: every row's loss must be NaN"
 
 
@@ -390,15 +390,15 @@ def test_device_and_dtype_errors_before_launch():
     q = torch.randn(4, 3, device=DEV)
     labels = torch.zeros(4, dtype=torch.long, device=DEV)
     with pytest.raises(RuntimeError, match="k must be on the device of q"):
-        _op(q, q.cpu(), labels, labels.cpu(), 0.1, 0, True)
+        _op(q, q.cpu(), labels, labels.cpu(), torch.tensor(0.1), 0, True)
     with pytest.raises(RuntimeError, match="q_labels must be on the device of q"):
-        _op(q, q, labels.cpu(), labels, 0.1, 0, True)
+        _op(q, q, labels.cpu(), labels, torch.tensor(0.1), 0, True)
     with pytest.raises(RuntimeError, match="k must have the dtype of q"):
-        _op(q, q.half(), labels, labels, 0.1, 0, True)
+        _op(q, q.half(), labels, labels, torch.tensor(0.1), 0, True)
     with pytest.raises(RuntimeError, match="self_offset"):
-        _op(q, q, labels, labels, 0.1, 1, True)
+        _op(q, q, labels, labels, torch.tensor(0.1), 1, True)
     with pytest.raises(RuntimeError, match="temperature"):
-        _op(q, q, labels, labels, 0.0, 0, True)
+        _op(q, q, labels, labels, torch.tensor(0.0), 0, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -407,10 +407,10 @@ def test_opcheck_on_cuda(dtype, gen):
     q64, k64, ql, kl, offset = _inputs("slice", m, l, 12, gen)
     q = q64.to(DEV, dtype).requires_grad_(True)
     k = k64.to(DEV, dtype).requires_grad_(True)
-    args = (q, k, ql.to(DEV), kl.to(DEV), 0.3, offset, True)
+    args = (q, k, ql.to(DEV), kl.to(DEV), torch.tensor(0.3), offset, True)
     torch.library.opcheck(torch.ops.simclr_ext.ntxent.default, args)
     loss, lse, npos = _op(*args)
-    bargs = (torch.rand(m, device=DEV), q.detach(), k.detach(), args[2], args[3], lse, npos, 0.3, offset, True)
+    bargs = (torch.rand(m, device=DEV), q.detach(), k.detach(), args[2], args[3], lse, npos, torch.tensor(0.3), offset, True)
     torch.library.opcheck(torch.ops.simclr_ext._ntxent_backward.default, bargs,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -51,15 +51,15 @@ def test_cuda_kernels_reject_bad_input_before_any_launch():
     fwd = torch.ops.simclr_ext.ntxent.default
     bwd = torch.ops.simclr_ext._ntxent_backward.default
     with pytest.raises(RuntimeError, match=r"q must be 2-D \(M, D\), got shape \[3\]"):
-        fwd.redispatch(cuda, q[0], q, labels, labels, 0.1, 0, True)
+        fwd.redispatch(cuda, q[0], q, labels, labels, torch.tensor(0.1), 0, True)
     with pytest.raises(RuntimeError, match="temperature must be finite and > 0, got -1"):
-        fwd.redispatch(cuda, q, q, labels, labels, -1.0, 0, True)
+        fwd.redispatch(cuda, q, q, labels, labels, torch.tensor(-1.0), 0, True)
     with pytest.raises(RuntimeError, match="self_offset must be -1 or in"):
-        fwd.redispatch(cuda, q, q, labels, labels, 0.1, 2, True)
+        fwd.redispatch(cuda, q, q, labels, labels, torch.tensor(0.1), 2, True)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor for the CUDA kernel"):
-        fwd.redispatch(cuda, q, q, labels, labels, 0.1, 0, True)
+        fwd.redispatch(cuda, q, q, labels, labels, torch.tensor(0.1), 0, True)
     lse, npos = torch.zeros(4), torch.zeros(4, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="npos must be int32"):
-        bwd.redispatch(cuda, torch.ones(4), q, q, labels, labels, lse, npos.long(), 0.1, 0, True)
+        bwd.redispatch(cuda, torch.ones(4), q, q, labels, labels, lse, npos.long(), torch.tensor(0.1), 0, True)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor for the CUDA kernel"):
-        bwd.redispatch(cuda, torch.ones(4), q, q, labels, labels, lse, npos, 0.1, 0, True)
+        bwd.redispatch(cuda, torch.ones(4), q, q, labels, labels, lse, npos, torch.tensor(0.1), 0, True)

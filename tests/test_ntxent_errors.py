@@ -87,17 +87,17 @@ def test_op_checks_its_arguments_directly():
     q, k = torch.randn(4, 3), torch.randn(6, 3)
     ql, kl = torch.arange(4), torch.arange(6)
     cases = [
-        ((q.view(2, 2, 3), k, ql, kl, 0.5, -1, True), r"q must be 2-D \(M, D\), got shape \[2, 2, 3\]"),
-        ((q, k.double(), ql, kl, 0.5, -1, True), r"k must have the dtype of q"),
-        ((q.long(), k.long(), ql, kl, 0.5, -1, True), r"q must be float16, bfloat16, float32 or float64, got Long"),
-        ((q, torch.randn(6, 2), ql, kl, 0.5, -1, True), r"same feature dimension D"),
-        ((q, k, ql.int(), kl, 0.5, -1, True), r"q_labels must be int64, got Int"),
-        ((q, k, ql, kl[:5], 0.5, -1, True), r"k_labels must have shape \[6\], got \[5\]"),
-        ((q, k, ql, kl, 0.0, -1, True), r"temperature must be finite and > 0, got 0"),
-        ((q, k, ql, kl, float("nan"), -1, True), r"temperature must be finite and > 0"),
-        ((q, k, ql, kl, 0.5, 3, True), r"self_offset must be -1 or in \[0, L - M\] = \[0, 2\], got 3"),
-        ((q, k, ql, kl, 0.5, -2, True), r"self_offset must be -1"),
-        ((q[:, :0], k[:, :0], ql, kl, 0.5, -1, True), r"feature dimension D must be positive"),
+        ((q.view(2, 2, 3), k, ql, kl, torch.tensor(0.5), -1, True), r"q must be 2-D \(M, D\), got shape \[2, 2, 3\]"),
+        ((q, k.double(), ql, kl, torch.tensor(0.5), -1, True), r"k must have the dtype of q"),
+        ((q.long(), k.long(), ql, kl, torch.tensor(0.5), -1, True), r"q must be float16, bfloat16, float32 or float64, got Long"),
+        ((q, torch.randn(6, 2), ql, kl, torch.tensor(0.5), -1, True), r"same feature dimension D"),
+        ((q, k, ql.int(), kl, torch.tensor(0.5), -1, True), r"q_labels must be int64, got Int"),
+        ((q, k, ql, kl[:5], torch.tensor(0.5), -1, True), r"k_labels must have shape \[6\], got \[5\]"),
+        ((q, k, ql, kl, torch.tensor(0.0), -1, True), r"temperature must be finite and > 0, got 0"),
+        ((q, k, ql, kl, torch.tensor(float("nan")), -1, True), r"temperature must be finite and > 0"),
+        ((q, k, ql, kl, torch.tensor(0.5), 3, True), r"self_offset must be -1 or in \[0, L - M\] = \[0, 2\], got 3"),
+        ((q, k, ql, kl, torch.tensor(0.5), -2, True), r"self_offset must be -1"),
+        ((q[:, :0], k[:, :0], ql, kl, torch.tensor(0.5), -1, True), r"feature dimension D must be positive"),
     ]
     for args, match in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -107,20 +107,20 @@ def test_op_checks_its_arguments_directly():
 def test_backward_op_checks_saved_tensors():
     q = torch.randn(4, 3)
     labels = torch.arange(4)
-    loss, lse, npos, _ = ops.ntxent(q, q, labels, labels, 0.5, 0, True)
+    loss, lse, npos, _ = ops.ntxent(q, q, labels, labels, torch.tensor(0.5), 0, True)
     with pytest.raises(RuntimeError, match=r"grad_loss must have shape \[4\]"):
-        ops._ntxent_backward(loss[:3], q, q, labels, labels, lse, npos, 0.5, 0, True)
+        ops._ntxent_backward(loss[:3], q, q, labels, labels, lse, npos, torch.tensor(0.5), 0, True)
     with pytest.raises(RuntimeError, match=r"lse must be Float"):
-        ops._ntxent_backward(loss, q, q, labels, labels, lse.double(), npos, 0.5, 0, True)
+        ops._ntxent_backward(loss, q, q, labels, labels, lse.double(), npos, torch.tensor(0.5), 0, True)
     with pytest.raises(RuntimeError, match=r"npos must be int32"):
-        ops._ntxent_backward(loss, q, q, labels, labels, lse, npos.long(), 0.5, 0, True)
+        ops._ntxent_backward(loss, q, q, labels, labels, lse, npos.long(), torch.tensor(0.5), 0, True)
 
 
 def test_op_empty_inputs_return_early():
     q = torch.randn(0, 3)
     k = torch.randn(5, 3)
-    loss, lse, npos, _ = ops.ntxent(q, k, torch.arange(0), torch.arange(5), 0.5, -1, True)
+    loss, lse, npos, _ = ops.ntxent(q, k, torch.arange(0), torch.arange(5), torch.tensor(0.5), -1, True)
     assert loss.shape == (0,) and lse.shape == (0,) and npos.shape == (0,)
     # No keys at all: every row has an empty denominator (lse = -inf) and no positive (loss 0).
-    loss, lse, npos, _ = ops.ntxent(k, q, torch.arange(5), torch.arange(0), 0.5, -1, True)
+    loss, lse, npos, _ = ops.ntxent(k, q, torch.arange(5), torch.arange(0), torch.tensor(0.5), -1, True)
     assert torch.equal(loss, torch.zeros(5)) and torch.isneginf(lse).all() and torch.equal(npos, torch.zeros(5, dtype=torch.int32))

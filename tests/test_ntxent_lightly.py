@@ -275,9 +275,9 @@ def captured_tf32(monkeypatch):
     seen = []
     real = ops.ntxent_forward
 
-    def spy(*args):
-        seen.append(args[-1])
-        return real(*args)
+    def spy(*args, **kwargs):
+        seen.append(args[6])  # ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, ...)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(ops, "ntxent_forward", spy)
     return seen

@@ -3,11 +3,16 @@
 // Queries q (M, D) and keys k (L, D) are L2-normalized (norm clamped below at kNormEps, like
 // F.normalize); s_ij = <qhat_i, khat_j> / temperature. Key j is a positive of query i when
 // k_labels[j] == q_labels[i] and j is not i's own key (j == i + self_offset when self_offset >= 0);
-// the own key is also left out of the denominator:
-//   loss_i = logsumexp_{j != self(i)} s_ij - mean_{j in P(i)} s_ij,   loss_i = 0 when P(i) is empty.
+// the own key is also left out of the denominator N(i) (and so are the positives with exclude_positives, DCL):
+//   loss_i = logsumexp_{j in N(i)} s_ij - w_i mean_{j in P(i)} s_ij,   loss_i = 0 when P(i) is empty,
+// with w_i = positive_weight[i] (DCLW) or 1.
 // Backward, with g_i the incoming gradient of loss_i (0 for rows without positives):
-//   dL/ds_ij = g_i * (exp(s_ij - lse_i) - [j in P(i)] / |P(i)|),   dL/dc_ij = dL/ds_ij / temperature,
+//   dL/ds_ij = g_i * ([j in N(i)] exp(s_ij - lse_i) - w_i [j in P(i)] / |P(i)|),   dL/dc_ij = dL/ds_ij / t,
 //   dqhat = dC khat, dkhat = dC^T qhat, dz = (dzhat - zhat <zhat, dzhat>) / |z| (dzhat / eps when clamped).
+// Temperature: with u = 1/t and S = u C, dL/du = sum_ij dL/ds_ij C_ij = (1/u) sum_i <dqhat_i, qhat_i>, the
+// radial dots that the normalization backward forms anyway (every row, clamped ones included), so
+// dL/dt = -(1/t) sum_i <dqhat_i, qhat_i>: no extra pass, nothing more in the forward. When q is k the rows'
+// dzhat = dqhat + dkhat count both sides: dL/dt = -(1/(2t)) sum_i <dzhat_i, zhat_i>.
 #pragma once
 
 #include <cmath>
@@ -124,10 +129,11 @@ SIMCLR_HD float fast_exp(float x) {
 }
 SIMCLR_HD double fast_exp(double x) { return exp(x); }
 
-// loss_i from the row's log-sum-exp, sum of positive logits and positive count.
+// loss_i from the row's log-sum-exp (over its denominator), sum of positive logits, positive count and the
+// weight of the positive term (1 but for DCLW).
 template <typename acc_t>
-SIMCLR_HD acc_t row_loss(acc_t lse, acc_t positive_sum, int64_t num_positives) {
-  return num_positives > 0 ? lse - positive_sum / acc_t(num_positives) : acc_t(0);
+SIMCLR_HD acc_t row_loss(acc_t lse, acc_t positive_sum, int64_t num_positives, acc_t weight = acc_t(1)) {
+  return num_positives > 0 ? lse - weight * (positive_sum / acc_t(num_positives)) : acc_t(0);
 }
 
 // The logit c / t, as a rounded product that is never fused with a following subtraction (the CPU
@@ -156,7 +162,7 @@ SIMCLR_HD double logit(double c, double inv_temperature) {
 //           (its loss is the constant 0, so its gradient must not flow)
 //   lse     the row's log-sum-exp from the forward; +inf for a row without positives, so that its
 //           softmax terms below are exactly 0 (no inf * 0 even where the forward's lse is -inf)
-//   inv_np  1 / |P(i)|, 0 for a row without positives
+//   inv_np  w_i / |P(i)| (w_i: the positive term's weight, 1 but for DCLW), 0 for a row without positives
 template <typename acc_t>
 struct RowFactors {
   acc_t g;
@@ -165,9 +171,10 @@ struct RowFactors {
 };
 
 template <typename acc_t>
-SIMCLR_HD RowFactors<acc_t> row_factors(acc_t grad, acc_t lse, int64_t num_positives, acc_t inv_temperature) {
+SIMCLR_HD RowFactors<acc_t> row_factors(acc_t grad, acc_t lse, int64_t num_positives, acc_t inv_temperature,
+                                        acc_t weight = acc_t(1)) {
   if (num_positives <= 0) return {acc_t(0), std::numeric_limits<acc_t>::infinity(), acc_t(0)};
-  return {grad * inv_temperature, lse, acc_t(1) / acc_t(num_positives)};
+  return {grad * inv_temperature, lse, weight / acc_t(num_positives)};
 }
 
 // dL/dc_ij of row i from its softmax probability p_ij (kept from the forward or recomputed).
@@ -191,7 +198,9 @@ SIMCLR_HD acc_t symmetric_positive_part(const RowFactors<acc_t>& fi, const RowFa
 }
 template <typename acc_t>
 SIMCLR_HD acc_t symmetric_cosine_grad(acc_t c, acc_t inv_temperature, const RowFactors<acc_t>& fi,
-                                      const RowFactors<acc_t>& fj, bool positive) {
+                                      const RowFactors<acc_t>& fj, bool positive, bool exclude_positives = false) {
+  // An excluded positive (DCL) is in neither softmax: only its positive part remains.
+  if (positive && exclude_positives) return -symmetric_positive_part(fi, fj);
   const acc_t h = symmetric_softmax_part(logit(c, inv_temperature), fi, fj.g, fj.lse);
   return positive ? h - symmetric_positive_part(fi, fj) : h;
 }
@@ -199,8 +208,9 @@ SIMCLR_HD acc_t symmetric_cosine_grad(acc_t c, acc_t inv_temperature, const RowF
 // dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.
 template <typename acc_t>
 SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive,
-                            acc_t inv_num_positives) {
-  const acc_t p = fast_exp(logit(c, inv_temperature) - lse);
+                            acc_t inv_num_positives, bool exclude_positives = false) {
+  // inv_num_positives is the row's w_i / |P(i)|; an excluded positive (DCL) is not in the softmax.
+  const acc_t p = positive && exclude_positives ? acc_t(0) : fast_exp(logit(c, inv_temperature) - lse);
   return g * inv_temperature * (p - (positive ? inv_num_positives : acc_t(0)));
 }
 

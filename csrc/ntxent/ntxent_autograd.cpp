@@ -1,5 +1,6 @@
 // Autograd of the contrastive op, in C++ for every backend: the forward saves what the backward op needs
-// (inputs, lse, npos and, when kept, the probabilities) and the backward calls `_ntxent_backward`.
+// (inputs, lse, npos, the temperature tensor, DCLW's weights and, when kept, the probabilities) and the
+// backward calls `_ntxent_backward`, which also returns the temperature's gradient.
 // A Python autograd registration (torch.library.register_autograd) costs tens of microseconds per call
 // in Python; at 2N = 256 on a CPU that was a large share of the whole loss.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -21,40 +22,48 @@ using torch::autograd::variable_list;
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardOut call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
-                        const at::Tensor& k_labels, double temperature, int64_t self_offset, bool allow_tf32,
-                        bool keep_probs) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("simclr_ext::ntxent", "")
-                             .typed<ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, double, int64_t, bool, bool)>();
-  return op.call(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs);
+                        const at::Tensor& k_labels, const at::Tensor& temperature, int64_t self_offset,
+                        bool allow_tf32, bool keep_probs, bool exclude_positives,
+                        const std::optional<at::Tensor>& positive_weight) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("simclr_ext::ntxent", "")
+          .typed<ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs, exclude_positives,
+                 positive_weight);
 }
 
-std::tuple<at::Tensor, at::Tensor> call_backward(const at::Tensor& grad_loss, const at::Tensor& q,
-                                                 const at::Tensor& k, const at::Tensor& q_labels,
-                                                 const at::Tensor& k_labels, const at::Tensor& lse,
-                                                 const at::Tensor& npos, double temperature, int64_t self_offset,
-                                                 bool allow_tf32, const std::optional<at::Tensor>& probs) {
+using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+BackwardOut call_backward(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
+                          const at::Tensor& npos, const at::Tensor& temperature, int64_t self_offset, bool allow_tf32,
+                          const std::optional<at::Tensor>& probs, bool exclude_positives,
+                          const std::optional<at::Tensor>& positive_weight) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::_ntxent_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, double, int64_t, bool,
-                                                    const std::optional<at::Tensor>&)>();
-  return op.call(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, probs);
+          .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                             bool, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>();
+  return op.call(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, probs,
+                 exclude_positives, positive_weight);
 }
 
 class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& q_labels, const at::Tensor& k_labels, double temperature,
-                               int64_t self_offset, bool allow_tf32, bool keep_probs) {
+                               const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& temperature,
+                               int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
+                               const std::optional<at::Tensor>& positive_weight) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, npos, probs] =
-        call_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs);
-    ctx->save_for_backward({q, k, q_labels, k_labels, lse, npos, probs});
-    ctx->saved_data["temperature"] = temperature;
+    auto [loss, lse, npos, probs] = call_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
+                                                 keep_probs, exclude_positives, positive_weight);
+    // The weights are constants of the op (an undefined tensor when absent).
+    ctx->save_for_backward({q, k, q_labels, k_labels, lse, npos, probs, temperature,
+                            positive_weight.has_value() ? *positive_weight : at::Tensor()});
+    ctx->saved_data["exclude_positives"] = exclude_positives;
     ctx->saved_data["self_offset"] = self_offset;
     ctx->saved_data["allow_tf32"] = allow_tf32;
     ctx->saved_data["one_input"] = is_symmetric_case(q, k, q_labels, k_labels, self_offset);
@@ -64,27 +73,30 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_loss = grads[0];
-    const variable_list none(8);
+    const variable_list none(10);
     if (!grad_loss.defined()) return none;
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &q_labels = s[2], &k_labels = s[3], &lse = s[4], &npos = s[5],
-                     &probs = s[6];
-    const double temperature = ctx->saved_data["temperature"].toDouble();
+                     &probs = s[6], &temperature = s[7];
+    const std::optional<at::Tensor> weight = s[8].defined() ? std::optional<at::Tensor>(s[8]) : std::nullopt;
+    const bool exclude_positives = ctx->saved_data["exclude_positives"].toBool();
     const int64_t self_offset = ctx->saved_data["self_offset"].toInt();
     const bool allow_tf32 = ctx->saved_data["allow_tf32"].toBool();
     // Empty (0, 0) when the forward did not keep them: the kernels tell by its size.
     const std::optional<at::Tensor> kept = probs;
-    at::Tensor grad_q, grad_k;
+    at::Tensor grad_q, grad_k, grad_t;
     if (torch::autograd::GradMode::is_enabled()) {
       // create_graph=True: through the backward op's own autograd, which refuses a second derivative.
-      std::tie(grad_q, grad_k) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
-                                               self_offset, allow_tf32, kept);
+      std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
+                                                       self_offset, allow_tf32, kept, exclude_positives, weight);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(grad_q, grad_k) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
-                                               self_offset, allow_tf32, kept);
+      std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
+                                                       self_offset, allow_tf32, kept, exclude_positives, weight);
     }
     variable_list out = none;
+    // The temperature's gradient comes back on q's device in the accumulation dtype: the temperature's own.
+    if (ctx->needs_input_grad(4)) out[4] = grad_t.to(temperature.options());
     const auto needs = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
     if (!needs) return out;
     out[0] = ctx->needs_input_grad(0) ? grad_q : at::Tensor();
@@ -97,9 +109,10 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
-    double temperature, int64_t self_offset, bool allow_tf32, bool keep_probs) {
-  const variable_list out =
-      NTXentFunction::apply(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs);
+    const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
+    const std::optional<at::Tensor>& positive_weight) {
+  const variable_list out = NTXentFunction::apply(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
+                                                  keep_probs, exclude_positives, positive_weight);
   return {out[0], out[1], out[2], out[3]};
 }
 

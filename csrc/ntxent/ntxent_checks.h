@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 
 namespace simclr_ext {
 namespace ntxent {
@@ -35,21 +36,47 @@ inline void check_labels(const at::Tensor& labels, const char* name, int64_t exp
               labels.device());
 }
 
+// The temperature is a 0-d floating tensor on the CPU or on q's device. Its value is checked where reading it
+// is free (on the CPU); a temperature on the GPU is never read on the host (no synchronization).
+inline void check_temperature(const at::Tensor& temperature, const at::Tensor& q) {
+  TORCH_CHECK(temperature.dim() == 0, "temperature must be a 0-d tensor, got shape ", temperature.sizes());
+  TORCH_CHECK(temperature.is_floating_point(), "temperature must be a floating tensor, got ",
+              temperature.scalar_type());
+  TORCH_CHECK(temperature.device().is_cpu() || temperature.device() == q.device(),
+              "temperature must be on the CPU or on the device of q (", q.device(), "), got ", temperature.device());
+  if (temperature.device().is_cpu()) {
+    const double t = temperature.item<double>();
+    TORCH_CHECK(std::isfinite(t) && t > 0, "temperature must be finite and > 0, got ", t);
+  }
+}
+
+// DCLW's per-row weights of the positive term: (M,) in the accumulation dtype, on q's device.
+inline void check_positive_weight(const std::optional<at::Tensor>& weight, const at::Tensor& q) {
+  if (!weight.has_value()) return;
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == q.size(0) && weight->scalar_type() == acc &&
+                  weight->device() == q.device(),
+              "positive_weight must be a ", acc, " tensor of shape [", q.size(0), "] on ", q.device(), ", got ",
+              weight->scalar_type(), " ", weight->sizes(), " on ", weight->device());
+}
+
 inline void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
-                               const at::Tensor& k_labels, double temperature, int64_t self_offset) {
+                               const at::Tensor& k_labels, const at::Tensor& temperature, int64_t self_offset,
+                               const std::optional<at::Tensor>& positive_weight) {
   check_embeddings(q, k);
   check_labels(q_labels, "q_labels", q.size(0), q);
   check_labels(k_labels, "k_labels", k.size(0), q);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0, got ",
-              temperature);
+  check_temperature(temperature, q);
   TORCH_CHECK(self_offset == -1 || (self_offset >= 0 && self_offset + q.size(0) <= k.size(0)),
               "self_offset must be -1 or in [0, L - M] = [0, ", k.size(0) - q.size(0), "], got ", self_offset);
+  check_positive_weight(positive_weight, q);
 }
 
 inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
-                                const at::Tensor& npos, double temperature, int64_t self_offset) {
-  check_forward_args(q, k, q_labels, k_labels, temperature, self_offset);
+                                const at::Tensor& npos, const at::Tensor& temperature, int64_t self_offset,
+                                const std::optional<at::Tensor>& positive_weight) {
+  check_forward_args(q, k, q_labels, k_labels, temperature, self_offset, positive_weight);
   const int64_t m = q.size(0);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == m, "grad_loss must have shape [", m, "], got ",

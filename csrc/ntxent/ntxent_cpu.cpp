@@ -79,9 +79,11 @@ Normalized normalize(const at::Tensor& x) {
 }
 
 // dz = (dzhat - zhat <zhat, dzhat>) / |z| for every row (dzhat / eps where the norm was clamped),
-// written in the input dtype.
+// written in the input dtype. `radial` (nullable) gets the dots <zhat, dzhat> of every row, clamped ones
+// included: the temperature's gradient is their sum (ntxent.h).
 template <typename scalar_t, typename acc_t>
-at::Tensor normalization_backward(const Normalized& n, const at::Tensor& dhat, at::ScalarType out_dtype) {
+at::Tensor normalization_backward(const Normalized& n, const at::Tensor& dhat, at::ScalarType out_dtype,
+                                  acc_t* radial = nullptr) {
   const int64_t rows = dhat.size(0), d = dhat.size(1);
   at::Tensor dz = at::empty({rows, d}, dhat.options().dtype(out_dtype));
   const acc_t* zhat = n.hat.data_ptr<acc_t>();
@@ -95,10 +97,10 @@ at::Tensor normalization_backward(const Normalized& n, const at::Tensor& dhat, a
       const bool clamped = norms[r] < 0;
       const acc_t norm = clamped ? -norms[r] : norms[r];
       acc_t dot = 0;
-      if (!clamped) {
-        for (int64_t c = 0; c < d; ++c) dot += zr[c] * gr[c];
-      }
-      for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>((gr[c] - zr[c] * dot) / norm);
+      for (int64_t c = 0; c < d; ++c) dot += zr[c] * gr[c];
+      if (radial != nullptr) radial[r] = dot;
+      const acc_t projected = clamped ? acc_t(0) : dot;
+      for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>((gr[c] - zr[c] * projected) / norm);
     }
   });
   return dz;
@@ -151,9 +153,9 @@ struct RowState {
 };
 
 template <typename acc_t>
-void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos) {
+void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos, const acc_t* weight) {
   lse[row] = st.lse.value();
-  loss[row] = row_loss(lse[row], st.positive_sum, st.num_positives);
+  loss[row] = row_loss(lse[row], st.positive_sum, st.num_positives, weight != nullptr ? weight[row] : acc_t(1));
   npos[row] = static_cast<int32_t>(st.num_positives);
 }
 
@@ -176,11 +178,12 @@ SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t 
   return hits > 0;
 }
 
-// Turns one row of cosines (keys [key0, key0 + n)) into logits in place (self entry: -inf), adds its
-// positives to the row's state and returns the row's maximum logit (NaN skipped; -inf when none).
+// Turns one row of cosines (keys [key0, key0 + n)) into logits in place (self entry: -inf, and the
+// positives' too with exclude_positives), adds its positives to the row's state and returns the row's
+// maximum logit (NaN skipped; -inf when none).
 template <typename acc_t>
 SIMCLR_HOT_LOOP acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
-                                 const int64_t* k_labels, acc_t inv_t, RowState<acc_t>& st) {
+                                 const int64_t* k_labels, acc_t inv_t, bool exclude_positives, RowState<acc_t>& st) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = logit(row[j], inv_t);
@@ -190,6 +193,7 @@ SIMCLR_HOT_LOOP acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t se
       if (k_labels[j] == label && key0 + j != self) {
         st.positive_sum += row[j];
         st.num_positives += 1;
+        if (exclude_positives) row[j] = neg_inf;  // DCL: out of the denominator
       }
     }
   }
@@ -211,8 +215,9 @@ void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
 // `row` with logits.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
-                                   const int64_t* k_labels, acc_t inv_t, RowState<acc_t>& st) {
-  const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, st);
+                                   const int64_t* k_labels, acc_t inv_t, bool exclude_positives,
+                                   RowState<acc_t>& st) {
+  const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, exclude_positives, st);
   if (block_max == -std::numeric_limits<acc_t>::infinity()) {
     merge_nans(row, n, st);
     return;
@@ -228,8 +233,8 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
 // and its state. One exp per entry, as in the streamed forward; the backward then needs none.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
-                               acc_t inv_t, RowState<acc_t>& st) {
-  const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, st);
+                               acc_t inv_t, bool exclude_positives, RowState<acc_t>& st) {
+  const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, exclude_positives, st);
   if (row_max == -std::numeric_limits<acc_t>::infinity()) {
     merge_nans(row, n, st);
     for (int64_t j = 0; j < n; ++j) row[j] = row[j] != row[j] ? row[j] : acc_t(0);
@@ -258,6 +263,8 @@ struct ForwardArgs {
   const int64_t* k_labels;
   acc_t inv_t;
   int64_t self_offset;
+  bool exclude_positives;  // DCL
+  const acc_t* weight;     // DCLW's weights of the positive term, or null
   acc_t* loss;
   acc_t* lse;
   int32_t* npos;
@@ -278,10 +285,10 @@ void forward_streamed(const ForwardArgs<acc_t>& a) {
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = r0 + i;
           scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
-                        a.k_labels + k0, a.inv_t, states[i]);
+                        a.k_labels + k0, a.inv_t, a.exclude_positives, states[i]);
         }
       }
-      for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, a.loss, a.lse, a.npos);
+      for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, a.loss, a.lse, a.npos, a.weight);
     }
   });
 }
@@ -297,8 +304,9 @@ void forward_kept(const ForwardArgs<acc_t>& a, acc_t* probs) {
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
         RowState<acc_t> st;
-        probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t, st);
-        finish_row(st, row, a.loss, a.lse, a.npos);
+        probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t,
+                  a.exclude_positives, st);
+        finish_row(st, row, a.loss, a.lse, a.npos, a.weight);
       }
     }
   });
@@ -310,7 +318,8 @@ template <typename acc_t>
 struct Factors {
   std::vector<acc_t> g, lse, inv_np;
 
-  Factors(const at::Tensor& grad_loss, const at::Tensor& lse_in, const at::Tensor& npos_in, acc_t inv_t) {
+  Factors(const at::Tensor& grad_loss, const at::Tensor& lse_in, const at::Tensor& npos_in, acc_t inv_t,
+          const acc_t* weight) {
     const int64_t m = lse_in.size(0);
     const at::Tensor gl = grad_loss.to(lse_in.scalar_type()).contiguous();
     const at::Tensor ls = lse_in.contiguous(), np = npos_in.contiguous();
@@ -321,7 +330,7 @@ struct Factors {
     lse.resize(m);
     inv_np.resize(m);
     for (int64_t i = 0; i < m; ++i) {
-      const RowFactors<acc_t> f = row_factors(gp[i], lp[i], npp[i], inv_t);
+      const RowFactors<acc_t> f = row_factors(gp[i], lp[i], npp[i], inv_t, weight != nullptr ? weight[i] : acc_t(1));
       g[i] = f.g;
       lse[i] = f.lse;
       inv_np[i] = f.inv_np;
@@ -341,6 +350,7 @@ struct BackwardArgs {
   acc_t inv_t;
   int64_t self_offset;
   const Factors<acc_t>* f;  // of the query rows
+  bool exclude_positives;   // DCL: a positive's softmax term is 0 (the kept probabilities already are)
   const acc_t* probs;       // kept softmax probabilities (M x L), or null
 };
 
@@ -355,7 +365,7 @@ SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, 
     for (int64_t j = 0; j < nk; ++j) t[j] = prob_grad(fast_exp(logit(t[j], a.inv_t) - fi.lse), fi, false);
     if (any_label(a.k_labels + k0, nk, label)) {
       for (int64_t j = 0; j < nk; ++j) {
-        if (a.k_labels[k0 + j] == label) t[j] -= fi.g * fi.inv_np;
+        if (a.k_labels[k0 + j] == label) t[j] = (a.exclude_positives ? acc_t(0) : t[j]) - fi.g * fi.inv_np;
       }
     }
     if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
@@ -378,7 +388,9 @@ SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, in
     for (int64_t j = 0; j < nc; ++j) t[j] = symmetric_softmax_part(logit(t[j], a.inv_t), fi, g_col[j], lse_col[j]);
     if (any_label(a.q_labels + c0, nc, label)) {
       for (int64_t j = 0; j < nc; ++j) {
-        if (a.q_labels[c0 + j] == label) t[j] -= symmetric_positive_part(fi, f[c0 + j]);
+        if (a.q_labels[c0 + j] == label) {
+          t[j] = (a.exclude_positives ? acc_t(0) : t[j]) - symmetric_positive_part(fi, f[c0 + j]);
+        }
       }
     }
     if (row >= c0 && row < c0 + nc) t[row - c0] = 0;  // the self pair: no term, positive or not
@@ -518,8 +530,11 @@ void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
-    double temperature, int64_t self_offset, bool allow_tf32, bool keep_probs) {
-  check_forward_args(q, k, q_labels, k_labels, temperature, self_offset);
+    const at::Tensor& temperature_t, int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
+    const std::optional<at::Tensor>& positive_weight) {
+  check_forward_args(q, k, q_labels, k_labels, temperature_t, self_offset, positive_weight);
+  const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked): no synchronization
+  const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor loss = at::empty({m}, q.options().dtype(acc));
@@ -535,8 +550,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     const Normalized nk = same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
     const ForwardArgs<acc_t> args{nq.hat.data_ptr<acc_t>(), nk.hat.data_ptr<acc_t>(), m, l, q.size(1),
                                   ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
-                                  self_offset, loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-                                  npos.data_ptr<int32_t>()};
+                                  self_offset, exclude_positives,
+                                  weight.defined() ? weight.data_ptr<acc_t>() : nullptr, loss.data_ptr<acc_t>(),
+                                  lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>()};
     if (keep_probs) {
       forward_kept(args, probs.data_ptr<acc_t>());
     } else {
@@ -546,18 +562,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
   return {loss, lse, npos, probs};
 }
 
-std::tuple<at::Tensor, at::Tensor> ntxent_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
-                                                       const at::Tensor& k, const at::Tensor& q_labels,
-                                                       const at::Tensor& k_labels, const at::Tensor& lse,
-                                                       const at::Tensor& npos, double temperature,
-                                                       int64_t self_offset, bool allow_tf32,
-                                                       const std::optional<at::Tensor>& probs_in) {
-  check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset);
+// dL/dt = -(1/t) sum_i <dqhat_i, qhat_i> (ntxent.h), halved when the rows count both sides (q is k); summed
+// serially in double: deterministic for any thread count.
+template <typename acc_t>
+double temperature_grad(const std::vector<acc_t>& radial, double temperature, bool both_sides) {
+  double sum = 0;
+  for (const acc_t r : radial) sum += static_cast<double>(r);
+  return -sum / (both_sides ? 2 * temperature : temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
+    const at::Tensor& k_labels, const at::Tensor& lse, const at::Tensor& npos, const at::Tensor& temperature_t,
+    int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs_in, bool exclude_positives,
+    const std::optional<at::Tensor>& positive_weight) {
+  check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight);
+  const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
+  const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
   check_probs(probs, q, k);
   const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
   if (m == 0 || l == 0) {
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options())};
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+            at::zeros({}, q.options().dtype(acc_type(q.scalar_type())))};
   }
   const bool kept = probs.defined() && probs.numel() > 0;
   const bool symmetric = is_symmetric_case(q, k, q_labels, k_labels, self_offset);
@@ -565,31 +592,34 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cpu(const at::Tensor& grad_lo
                        : (kept ? Path::kCpuBackwardGeneralKept : Path::kCpuBackwardGeneral));
   const auto acc = acc_type(q.scalar_type());
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
-  at::Tensor grad_q, grad_k;
+  at::Tensor grad_q, grad_k, grad_t;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t);
+    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
     const Normalized nq = normalize<scalar_t, acc_t>(q);
     const Normalized nk = symmetric || same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
     const BackwardArgs<acc_t> args{nq.hat.data_ptr<acc_t>(), nk.hat.data_ptr<acc_t>(), m, l, d,
                                    ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), inv_t, self_offset, &factors,
-                                   kept ? probs.data_ptr<acc_t>() : nullptr};
+                                   exclude_positives, kept ? probs.data_ptr<acc_t>() : nullptr};
+    std::vector<acc_t> radial(m);
     at::Tensor dq_hat = at::empty({m, d}, q.options().dtype(acc));
     if (symmetric) {
       // The whole gradient of the one input comes back as grad_q; autograd adds grad_k (zero) to it.
       symmetric_pass(args, dq_hat.data_ptr<acc_t>());
-      grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type());
+      grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type(), radial.data());
       grad_k = at::zeros(k.sizes(), k.options());
+      grad_t = at::scalar_tensor(temperature_grad(radial, temperature, true), q.options().dtype(acc));
       return;
     }
     general_pass(args, false, dq_hat.data_ptr<acc_t>());
-    grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type());
+    grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type(), radial.data());
+    grad_t = at::scalar_tensor(temperature_grad(radial, temperature, false), q.options().dtype(acc));
     at::Tensor dk_hat = at::empty({l, d}, q.options().dtype(acc));
     general_pass(args, true, dk_hat.data_ptr<acc_t>());
     grad_k = normalization_backward<scalar_t, acc_t>(nk, dk_hat, k.scalar_type());
   });
-  return {grad_q, grad_k};
+  return {grad_q, grad_k, grad_t};
 }
 
 }  // namespace

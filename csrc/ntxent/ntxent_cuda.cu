@@ -12,7 +12,10 @@
 //               q is k (same labels tensor, self_offset 0): one symmetric pass instead, the dQ pass with
 //               dL/dcos = H = dS + dS^T (both from the one recomputed tile), dzhat = H zhat: three GEMM
 //               passes in all instead of five.
-//               norm backward: dz = (dzhat - zhat <zhat, dzhat>) / |z|, in the input dtype.
+//               norm backward: dz = (dzhat - zhat <zhat, dzhat>) / |z|, in the input dtype; the radial
+//               dots <zhat, dzhat> of the query rows give the temperature's gradient (ntxent.h).
+// The temperature comes as a 0-d tensor: a CPU one is read on the host and passed by value, a GPU one is
+// read by the kernels from device memory (Temperature below): never a host synchronization.
 // When the row tiles alone cannot fill the GPU (2N = 16384: 256 tiles), the streamed tiles are cut into
 // a few contiguous splits, one block each; partial results (the forward's per-row lse state, the
 // backward's dzhat slices) are summed in split order by the merge / norm-backward kernels, so reruns on
@@ -396,6 +399,15 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   }
 }
 
+// 1 / temperature for the kernels: the value, read on the host when the temperature tensor is on the CPU,
+// else a pointer to it in device memory.
+template <typename acc_t>
+struct Temperature {
+  acc_t inv_value;
+  const acc_t* inv_on_device;  // nullptr: use inv_value
+  __device__ __forceinline__ acc_t inverse() const { return inv_on_device != nullptr ? *inv_on_device : inv_value; }
+};
+
 // Partial forward results of one split of the key tiles, [splits x M] each: the running log-sum-exp
 // (max, sum of exp(s - max)), the sum and the count of the positive logits.
 template <typename acc_t>
@@ -410,9 +422,11 @@ struct RowPartials {
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kCudaThreads)
     forward_kernel(const T* __restrict__ qhat, const T* __restrict__ khat, const int64_t* __restrict__ q_labels,
-                   const int64_t* __restrict__ k_labels, int64_t m, int64_t l, int64_t dim, acc_of<T> inv_t,
-                   int64_t self_offset, RowPartials<acc_of<T>> out) {
+                   const int64_t* __restrict__ k_labels, int64_t m, int64_t l, int64_t dim,
+                   Temperature<acc_of<T>> temperature, int64_t self_offset, bool exclude_positives,
+                   RowPartials<acc_of<T>> out) {
   using acc_t = acc_of<T>;
+  const acc_t inv_t = temperature.inverse();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem<T> sm(smem_raw, false);
   const int warp = threadIdx.x / 32;
@@ -445,14 +459,14 @@ __global__ void __launch_bounds__(kCudaThreads)
       const int64_t j = col0 + col;
       const bool ok = row_ok && j < l && j != self_key(i, self_offset);
       const acc_t s = logit(srow[col], inv_t);
-      v[c] = ok ? s : neg_inf;
-      if (ok) {
-        vmax = fmax(vmax, s);  // NaN scores are skipped here and poison the sum below
-        if (sm.lab[col] == label) {
-          pos_sum += s;
-          ++pos_count;
-        }
+      const bool positive = ok && sm.lab[col] == label;
+      if (positive) {
+        pos_sum += s;
+        ++pos_count;
       }
+      const bool in_denominator = ok && !(positive && exclude_positives);  // DCL: positives leave it
+      v[c] = in_denominator ? s : neg_inf;
+      if (in_denominator) vmax = fmax(vmax, s);  // NaN scores are skipped here and poison the sum below
     }
     const acc_t mu = vmax == neg_inf ? acc_t(0) : vmax;
     acc_t sum = acc_t(0);
@@ -475,7 +489,8 @@ __global__ void __launch_bounds__(kCudaThreads)
 
 // Merges the splits of each row in split order (deterministic): loss, lse and npos. One thread per row.
 template <typename acc_t>
-__global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t splits, acc_t* __restrict__ loss,
+__global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t splits,
+                                  const acc_t* __restrict__ weight, acc_t* __restrict__ loss,
                                   acc_t* __restrict__ lse, int* __restrict__ npos) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= m) return;
@@ -489,7 +504,7 @@ __global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t sp
   }
   const acc_t value = run.value();
   lse[i] = value;
-  loss[i] = row_loss(value, pos_sum, pos_count);
+  loss[i] = row_loss(value, pos_sum, pos_count, weight != nullptr ? weight[i] : acc_t(1));
   npos[i] = static_cast<int>(pos_count);
 }
 
@@ -504,9 +519,10 @@ __global__ void __launch_bounds__(kCudaThreads)
     grad_kernel(const T* __restrict__ own_hat, const T* __restrict__ other_hat, const int64_t* __restrict__ own_labels,
                 const int64_t* __restrict__ other_labels, int64_t own_n, int64_t other_n, int64_t dim,
                 const acc_of<T>* __restrict__ lse, const acc_of<T>* __restrict__ grad, const int* __restrict__ npos,
-                const acc_of<T>* __restrict__ grad_bound, acc_of<T> inv_t, int64_t self_offset,
-                acc_of<T>* __restrict__ dhat) {
+                const acc_of<T>* __restrict__ grad_bound, Temperature<acc_of<T>> temperature, int64_t self_offset,
+                bool exclude_positives, const acc_of<T>* __restrict__ weight, acc_of<T>* __restrict__ dhat) {
   using acc_t = acc_of<T>;
+  const acc_t inv_t = temperature.inverse();
   constexpr int64_t kOut = output_chunk(sizeof(acc_t));
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem<T> sm(smem_raw, true);
@@ -525,7 +541,7 @@ __global__ void __launch_bounds__(kCudaThreads)
   if (kOwnIsQuery && own_ok && npos[a] > 0) {
     own_g = grad[a];
     own_lse = lse[a];
-    own_inv_np = acc_t(1) / acc_t(npos[a]);
+    own_inv_np = (weight != nullptr ? weight[a] : acc_t(1)) / acc_t(npos[a]);  // w / |P|
   }
   const acc_t* srow = sm.s + (strip + r) * sm.lay.ld_s;
   T* prow = sm.p + (strip + r) * sm.lay.ld_p;
@@ -541,7 +557,8 @@ __global__ void __launch_bounds__(kCudaThreads)
   static_assert(kOwnIsQuery || !kSymmetric, "the symmetric pass owns query rows");
   // Factors of the own row for the symmetric pass (ntxent.h's RowFactors: g includes 1/t; a row without
   // positives has g = 0 and lse = +inf, so its terms vanish without a branch).
-  const RowFactors<acc_t> own_f = kSymmetric && own_ok ? row_factors(grad[a], lse[a], npos[a], inv_t)
+  const acc_t own_w = own_ok && weight != nullptr ? weight[a] : acc_t(1);  // DCLW's weight of the positive term
+  const RowFactors<acc_t> own_f = kSymmetric && own_ok ? row_factors(grad[a], lse[a], npos[a], inv_t, own_w)
                                                         : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
   // |dL/dcos| <= max |g| / t (grad_bound), twice that for H = dS + dS^T: the products run on
   // dL/dcos / scale, of magnitude < 2.
@@ -560,7 +577,8 @@ __global__ void __launch_bounds__(kCudaThreads)
         const int64_t b = col0 + c;
         sm.lab[c] = b < other_n ? other_labels[b] : 0;
         if (kSymmetric) {
-          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[b], lse[b], npos[b], inv_t)
+          const acc_t w = b < other_n && weight != nullptr ? weight[b] : acc_t(1);
+          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[b], lse[b], npos[b], inv_t, w)
                                                   : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
           meta_g[c] = f.g;
           meta_lse[c] = f.lse;
@@ -569,7 +587,7 @@ __global__ void __launch_bounds__(kCudaThreads)
           const int np = b < other_n ? npos[b] : 0;
           meta_g[c] = np > 0 ? grad[b] : acc_t(0);
           meta_lse[c] = np > 0 ? lse[b] : acc_t(0);
-          meta_inv_np[c] = np > 0 ? acc_t(1) / acc_t(np) : acc_t(0);
+          meta_inv_np[c] = np > 0 ? (weight != nullptr ? weight[b] : acc_t(1)) / acc_t(np) : acc_t(0);
         }
       }
       if (!single_chunk) copy_tile(sm.yd, ld_yd, other_hat, dim, col0, d0, width);
@@ -586,11 +604,11 @@ __global__ void __launch_bounds__(kCudaThreads)
       if (kSymmetric) {
         if (own_ok && b < other_n && b != a) {
           const RowFactors<acc_t> other_f{meta_g[col], meta_lse[col], meta_inv_np[col]};
-          dcos = symmetric_cosine_grad(srow[col], inv_t, own_f, other_f, sm.lab[col] == label);
+          dcos = symmetric_cosine_grad(srow[col], inv_t, own_f, other_f, sm.lab[col] == label, exclude_positives);
         }
       } else if (own_ok && b < other_n && g != acc_t(0) && kj != self_key(qi, self_offset)) {
         dcos = cosine_grad(srow[col], inv_t, kOwnIsQuery ? own_lse : meta_lse[col], g, sm.lab[col] == label,
-                           kOwnIsQuery ? own_inv_np : meta_inv_np[col]);
+                           kOwnIsQuery ? own_inv_np : meta_inv_np[col], exclude_positives);
       }
       prow[col] = from_acc<T>(dcos * inv_scale);
     }
@@ -611,11 +629,13 @@ __device__ __forceinline__ acc_t split_sum(const acc_t* __restrict__ dxhat, int6
 
 // Normalization backward, one warp per row: dx = (dxhat - xhat <xhat, dxhat>) / |x|, or dxhat / eps
 // where the norm was clamped (F.normalize's gradient). dxhat: `splits` slices of `slice` elements.
+// radial (nullable): <xhat, dxhat> per row, the terms of the temperature's gradient.
 // xhat is recomputed as x / |x| (not x * (1 / |x|)) so that for D = 1 the projection cancels exactly.
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     normalize_backward_kernel(const T* __restrict__ x, const acc_of<T>* __restrict__ dxhat, int64_t n, int64_t d,
-                              int64_t dim, int64_t splits, int64_t slice, T* __restrict__ dx) {
+                              int64_t dim, int64_t splits, int64_t slice, T* __restrict__ dx,
+                              acc_of<T>* __restrict__ radial) {
   using acc_t = acc_of<T>;
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
@@ -628,6 +648,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     dot = fma(to_acc(x[row * d + c]) / norm, split_sum(dxhat, row * dim + c, splits, slice), dot);
   }
   dot = warp_sum(dot);
+  if (radial != nullptr && lane == 0) radial[row] = dot;  // every row, clamped ones too (ntxent.h)
   for (int64_t c = lane; c < d; c += 32) {
     const acc_t g = split_sum(dxhat, row * dim + c, splits, slice);
     const acc_t v = clamped ? g / norm : (g - to_acc(x[row * d + c]) / norm * dot) / norm;
@@ -737,12 +758,45 @@ Normalized normalize_inputs(const ContiguousInputs& in, cudaStream_t stream) {
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The temperature for the kernels: 1 / t rounded from the double reciprocal, as on the CPU. A CPU scalar is
+// read here (free); a GPU one stays on the device (inv_on_device), read by the kernels: no synchronization.
+struct HostTemperature {
+  at::Tensor inv_on_device;  // undefined when the temperature is on the CPU
+  double inv_value = 0;
+};
+
+HostTemperature host_temperature(const at::Tensor& temperature, const at::Tensor& q) {
+  HostTemperature h;
+  if (temperature.device().is_cpu()) {
+    h.inv_value = 1.0 / temperature.item<double>();
+  } else {
+    h.inv_on_device = temperature.to(at::kDouble).reciprocal().to(acc_dtype(q)).contiguous();
+  }
+  return h;
+}
+
+template <typename acc_t>
+Temperature<acc_t> kernel_temperature(const HostTemperature& h) {
+  return {static_cast<acc_t>(h.inv_value), h.inv_on_device.defined() ? ptr<const acc_t>(h.inv_on_device) : nullptr};
+}
+
+// x * (1 / t) on the stream, for either kind of temperature.
+at::Tensor times_inverse_temperature(const at::Tensor& x, const HostTemperature& h) {
+  return h.inv_on_device.defined() ? x.mul(h.inv_on_device) : x.mul(h.inv_value);
+}
+
+template <typename acc_t>
+const acc_t* weight_ptr(const at::Tensor& weight) {
+  return weight.defined() ? ptr<const acc_t>(weight) : nullptr;
+}
+
 // keep_probs is a CPU-only optimization (small problems, where recomputing costs more than the memory):
 // the CUDA kernels always recompute, and the fourth output is empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in, const at::Tensor& k_labels_in,
-    double temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/) {
-  check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset);
+    const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/, bool exclude_positives,
+    const std::optional<at::Tensor>& positive_weight) {
+  check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset, positive_weight);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t m = q_in.size(0), l = k_in.size(0);
@@ -761,6 +815,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
   count_path(Path::kCudaForward);
   const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
   const at::Tensor& q = in.q;
+  const HostTemperature temp = host_temperature(temperature, q);
+  const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_storage(q.scalar_type(), [&](auto tag) {
@@ -781,24 +837,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
       kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat),
                                                             ptr<const int64_t>(in.q_labels),
                                                             ptr<const int64_t>(in.k_labels), m, l, plan.dim,
-                                                            static_cast<acc_t>(1.0 / temperature), self_offset, parts);
+                                                            kernel_temperature<acc_t>(temp), self_offset,
+                                                            exclude_positives, parts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     constexpr int kMergeThreads = 256;
     merge_rows_kernel<acc_t><<<static_cast<unsigned>(ceil_div(m, kMergeThreads)), kMergeThreads, 0, stream>>>(
-        parts, m, splits, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos));
+        parts, m, splits, weight_ptr<acc_t>(weight), ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse, npos, probs};
 }
 
-std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& q_in,
-                                                        const at::Tensor& k_in, const at::Tensor& q_labels_in,
-                                                        const at::Tensor& k_labels_in, const at::Tensor& lse_in,
-                                                        const at::Tensor& npos_in, double temperature,
-                                                        int64_t self_offset, bool allow_tf32,
-                                                        const std::optional<at::Tensor>& probs) {
-  check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in,
+    const at::Tensor& k_labels_in, const at::Tensor& lse_in, const at::Tensor& npos_in, const at::Tensor& temperature,
+    int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs, bool exclude_positives,
+    const std::optional<at::Tensor>& positive_weight) {
+  check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset,
+                      positive_weight);
   if (probs.has_value()) check_probs(*probs, q_in, k_in);  // never kept on CUDA: recomputed below
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -811,7 +868,7 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
   if (m == 0 || l == 0) {
     grad_q.zero_();
     grad_k.zero_();
-    return {grad_q, grad_k};
+    return {grad_q, grad_k, at::zeros({}, q.options().dtype(acc_dtype(q)))};
   }
   // q is k (NT-Xent, multi-view, SupCon): one pass gives the whole gradient (H = dS + dS^T), returned as
   // grad_q; grad_k is zero.
@@ -821,6 +878,10 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
   const at::Tensor g = grad_loss.to(acc).contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor npos = npos_in.contiguous();
+  const HostTemperature temp = host_temperature(temperature, q);
+  const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
+  // Radial dots <qhat_i, dqhat_i> of the query rows: the temperature's gradient (ntxent.h).
+  const at::Tensor radial = at::empty({m}, q.options().dtype(acc));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_storage(q.scalar_type(), [&](auto tag) {
@@ -832,8 +893,8 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     const at::Tensor dqhat = at::empty({plan.splits_dq, plan.rows_q, plan.dim}, q.options().dtype(acc));
     const at::Tensor dkhat =
         symmetric ? at::Tensor() : at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    const at::Tensor grad_bound = g.abs().amax().mul(1.0 / temperature);  // on the stream: no sync
+    const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
+    const at::Tensor grad_bound = times_inverse_temperature(g.abs().amax(), temp);  // on the stream: no sync
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       // One pass: dhat of the own rows (queries: dQ, keys: dK) from the other side's tiles.
@@ -847,7 +908,8 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
         kernel<<<blocks, kCudaThreads, plan.smem_bwd, stream>>>(
             ptr<const T>(own_hat), ptr<const T>(other_hat), ptr<const int64_t>(own_labels),
             ptr<const int64_t>(other_labels), own_n, other_n, plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g),
-            ptr<const int>(npos), ptr<const acc_t>(grad_bound), inv_t, self_offset, ptr<acc_t>(dhat));
+            ptr<const int>(npos), ptr<const acc_t>(grad_bound), inv_t, self_offset, exclude_positives,
+            weight_ptr<acc_t>(weight), ptr<acc_t>(dhat));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (symmetric) {
@@ -862,19 +924,22 @@ std::tuple<at::Tensor, at::Tensor> ntxent_backward_cuda(const at::Tensor& grad_l
     });
     // Back through the normalization, summing the split slices: grad = (dxhat - xhat <xhat, dxhat>) / |x|.
     auto norm_backward = [&](const at::Tensor& x, const at::Tensor& dxhat, int64_t n, int64_t grid, int64_t splits,
-                             int64_t rows_padded, const at::Tensor& grad) {
+                             int64_t rows_padded, const at::Tensor& grad, acc_t* radial_out) {
       normalize_backward_kernel<T><<<static_cast<unsigned>(grid), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
-          ptr<const T>(x), ptr<const acc_t>(dxhat), n, d, plan.dim, splits, rows_padded * plan.dim, ptr<T>(grad));
+          ptr<const T>(x), ptr<const acc_t>(dxhat), n, d, plan.dim, splits, rows_padded * plan.dim, ptr<T>(grad),
+          radial_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q);
+    norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q, ptr<acc_t>(radial));
     if (symmetric) {
       grad_k.zero_();
     } else {
-      norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k);
+      norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k, nullptr);
     }
   });
-  return {grad_q, grad_k};
+  // dL/dt = -(1/t) sum_i <qhat_i, dqhat_i>, halved when the rows count both sides (q is k); on the stream.
+  const at::Tensor grad_t = times_inverse_temperature(radial.sum(), temp).mul(symmetric ? -0.5 : -1.0);
+  return {grad_q, grad_k, grad_t};
 }
 
 }  // namespace

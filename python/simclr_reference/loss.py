@@ -14,14 +14,16 @@ def _reduce(per_row, has_positive, reduction):
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean"):
+def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean",
+                     exclude_positives=False, positive_weight=None):
     """Multi-positive contrastive loss over cosine similarities.
 
     q: (M, D) queries, k: (L, D) keys, q_labels: (M,), k_labels: (L,) integer labels. Key j is a
     positive of query i when their labels match and j is not i's own key; with `self_offset` set,
     query i's own key is i + self_offset and is also left out of the denominator.
-    loss_i = logsumexp_{j != self(i)} s_ij - mean_{j in P(i)} s_ij with s = cos / temperature;
-    rows without positives have loss 0 and are left out of the mean.
+    loss_i = logsumexp_{j in N(i)} s_ij - w_i mean_{j in P(i)} s_ij with s = cos / temperature, N(i) every key
+    but the own one (and but the positives with `exclude_positives`, DCL), w = `positive_weight` (M,) or 1;
+    rows without positives have loss 0 and are left out of the mean. `temperature` may be a tensor.
     """
     s = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / temperature
     m, l = s.shape
@@ -30,9 +32,12 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     if self_offset is not None:
         not_self[rows, rows + self_offset] = False
     positive = (q_labels[:, None] == k_labels[None, :]) & not_self
-    lse = torch.logsumexp(s.masked_fill(~not_self, float("-inf")), dim=1)
+    denominator = not_self & ~positive if exclude_positives else not_self
+    lse = torch.logsumexp(s.masked_fill(~denominator, float("-inf")), dim=1)
     num_pos = positive.sum(1)
     pos_mean = (s * positive).sum(1) / num_pos.clamp_min(1)
+    if positive_weight is not None:
+        pos_mean = positive_weight * pos_mean
     per_row = torch.where(num_pos > 0, lse - pos_mean, torch.zeros_like(lse))
     return _reduce(per_row, num_pos > 0, reduction)
 
