@@ -6,7 +6,7 @@ from . import _C  # noqa: F401  (loads the shared library, which registers the o
 
 _ops = torch.ops.simclr_ext
 
-__all__ = ["ntxent_forward", "ntxent_backward", "ntxent_path_counts", "reset_ntxent_path_counts", "tf32_enabled",
+__all__ = ["ntxent_forward", "ntxent_path_counts", "reset_ntxent_path_counts", "tf32_enabled",
            "set_tf32", "resolve_tf32"]
 
 # None: follow PyTorch's float32 matmul precision; True / False: simclr_ext's own override (set_tf32).
@@ -101,14 +101,6 @@ def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf3
                                              int(self_offset), bool(allow_tf32), _keep_probs(q, k),
                                              bool(exclude_positives), _weight_arg(positive_weight, q))
     return loss, lse, npos
-
-
-def ntxent_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
-                    probs=None, exclude_positives=False, positive_weight=None):
-    """(dq, dk, dtemperature) of sum_i grad_loss[i] * loss[i]."""
-    return _ops._ntxent_backward.default(grad_loss, q, k, q_labels, k_labels, lse, npos,
-                                          _temperature_arg(temperature), int(self_offset), bool(allow_tf32), probs,
-                                          bool(exclude_positives), _weight_arg(positive_weight, q))
 
 
 def ntxent_path_counts():
