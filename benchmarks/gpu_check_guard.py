@@ -30,6 +30,9 @@ import time
 
 import pytest
 
+# The records' reader is shared with the report (same folder, no pytest dependency there).
+from gpu_check_report import read_records
+
 
 class GuardTimeout(Exception):
     """A test ran past its soft time limit."""
@@ -43,21 +46,6 @@ def _env_float(name, default):
         return float(raw)
     except ValueError:
         raise pytest.UsageError(f"{name} must be a number of seconds, got {raw!r}") from None
-
-
-def read_records(path):
-    """The records written so far, in order; a line cut short by a killed process is ignored."""
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return out
 
 
 def _short(text, limit=300):

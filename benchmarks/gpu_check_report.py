@@ -23,6 +23,7 @@ import sys
 
 # ---------------------------------------------------------------------------------------------- tests
 def read_records(path):
+    """The records written so far, in order; a line cut short by a killed process is ignored."""
     out = []
     try:
         with open(path) as f:
