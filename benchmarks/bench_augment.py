@@ -30,10 +30,11 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")]
 
 import simclr_ext  # noqa: E402
 from simclr_ext.augment import default_blur_kernel  # noqa: E402
+from common import loadavg  # noqa: E402
 
 CASES = {  # name: (source side, output side, batch on CPU, batch on CUDA)
     "32x32": (32, 32, 256, 1024),
@@ -257,14 +258,6 @@ def git_sha():
         return "unknown"
 
 
-def load_average():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -373,7 +366,7 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [torch.get_num_threads()]
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device_name=device_name(args.device), machine=machine(args.device), git_sha=git_sha(),
-                load_before=load_average())
+                load_before=loadavg())
     print(f"{meta['device_name']} | git {meta['git_sha']} | load average {meta['load_before']}", flush=True)
     deadline = None if args.max_seconds is None else time.perf_counter() + args.max_seconds
     rows = []
@@ -393,7 +386,7 @@ def main(argv=None):
     if args.profile and args.device == "cpu" and (deadline is None or time.perf_counter() < deadline):
         profile = profile_stages("224x224", args.profile_repeats)
         print(profile_markdown(profile), flush=True)
-    meta["load_after"] = load_average()
+    meta["load_after"] = loadavg()
     print(f"load average after: {meta['load_after']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_medians, loadavg, machine, today, write_results  # noqa: E402
+from common import interleaved_medians, loadavg, machine, peak_rss_growth, today, write_results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,14 +75,6 @@ def _step(fn, inputs):
     return run
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def probe(case, provider):
     """In a fresh process: peak resident-set growth (bytes) of one forward+backward, after a warm-up."""
     inputs = _inputs(case)
@@ -90,11 +82,7 @@ def probe(case, provider):
     small = [x[:64] if x.dim() else x for x in inputs]
     small = [x.detach().requires_grad_(x.is_floating_point() and x.requires_grad) for x in small]
     _step(fn, small)()  # one-time allocations (thread pools, BLAS buffers) are not counted
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    _step(fn, inputs)()
-    return (_status_kib("VmHWM") - before) * 1024
+    return peak_rss_growth(_step(fn, inputs))
 
 
 def peak_mib(case, provider, threads):

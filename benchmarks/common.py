@@ -92,6 +92,25 @@ def gemm_floor_step(z):
     return out
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_growth(step):
+    """Bytes by which the peak resident set grew while `step()` ran (Linux: VmHWM, reset through
+    /proc/self/clear_refs first). Call it in a fresh process after a warm-up step, so that one-time
+    allocations (thread pools, BLAS buffers) are not counted and the peak belongs to this computation."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
 def loadavg():
     try:
         with open("/proc/loadavg") as f:

@@ -11,14 +11,8 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from common import gemm_floor_step, peak_rss_growth  # noqa: E402
 
 
 def _step(which):
@@ -40,9 +34,6 @@ def _step(which):
         loss = NTXentLoss(temperature=0.5)
         return lambda z1, z2: loss(z1, z2).backward()
     if which == "gemm_floor":
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        from common import gemm_floor_step
-
         return lambda z1, z2: gemm_floor_step(torch.cat([z1, z2]).detach())
     raise SystemExit(f"unknown provider {which!r}")
 
@@ -57,11 +48,7 @@ def main():
     for two_n in sizes:
         z1 = torch.randn(two_n // 2, d, generator=g, requires_grad=True)
         z2 = torch.randn(two_n // 2, d, generator=g, requires_grad=True)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        before = _status_kib("VmRSS")
-        step(z1, z2)
-        print((_status_kib("VmHWM") - before) * 1024, flush=True)
+        print(peak_rss_growth(lambda: step(z1, z2)), flush=True)
         del z1, z2
 
 

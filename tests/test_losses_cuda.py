@@ -5,7 +5,7 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import assert_matches_reference
+from parity import PRECISION_PATHS, assert_matches_reference
 from peers import ref_clip, ref_dcl, ref_supcon
 
 pytestmark = [
@@ -14,13 +14,7 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-PATHS = [
-    pytest.param(torch.float64, False, id="fp64"),
-    pytest.param(torch.float32, False, id="fp32"),
-    pytest.param(torch.float32, True, id="tf32"),
-    pytest.param(torch.float16, False, id="fp16"),
-    pytest.param(torch.bfloat16, False, id="bf16"),
-]
+PATHS = PRECISION_PATHS
 
 
 def _tol_dtype(dtype, tf32):

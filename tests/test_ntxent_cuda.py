@@ -8,7 +8,7 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import assert_matches_reference, max_err
+from parity import PRECISION_PATHS, assert_matches_reference, max_err
 
 pytestmark = [
     pytest.mark.cuda,
@@ -23,14 +23,7 @@ def _op(*args):
     return torch.ops.simclr_ext.ntxent(*args)[:3]
 
 
-# (dtype, allow_tf32): every precision path of the kernels. float32 runs both the exact FFMA path and TF32.
-PATHS = [
-    pytest.param(torch.float64, False, id="fp64"),
-    pytest.param(torch.float32, False, id="fp32"),
-    pytest.param(torch.float32, True, id="tf32"),
-    pytest.param(torch.float16, False, id="fp16"),
-    pytest.param(torch.bfloat16, False, id="bf16"),
-]
+PATHS = PRECISION_PATHS
 
 
 def _labels_case(kind, m, l, gen):
