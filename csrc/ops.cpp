@@ -53,21 +53,25 @@ TORCH_LIBRARY(simclr_ext, m) {
   // the positive term in the accumulation dtype (DCLW).
   // keep_probs (CPU only; CUDA ignores it): also return the (M, L) softmax probabilities for the backward,
   // which then skips recomputing scores (simclr_ext/ops.py asks for it on small problems only).
-  // Returns (loss (M,), lse (M,), npos (M,) int32, probs); loss/lse/probs are float64 for float64 inputs,
-  // else float32; probs is (M, L) when kept, else (0, 0).
+  // two_way (CLIP): also the loss of every key column over the queries, from the same tiles; needs
+  // self_offset -1 and no DCL/DCLW terms or kept probabilities.
+  // Returns (loss, lse, npos int32, probs): (M,) each, (M + L,) with two_way (query rows, then key columns);
+  // loss/lse/probs are float64 for float64 inputs, else float32; probs is (M, L) when kept, else (0, 0).
   m.def(
       "ntxent(Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, Tensor temperature, "
       "int self_offset, bool allow_tf32, bool keep_probs=False, bool exclude_positives=False, "
-      "Tensor? positive_weight=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? positive_weight=None, bool two_way=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of sum_i grad_loss[i] * loss[i] with respect to q and k (dtype and shape of q and k) and the
   // temperature (0-d, accumulation dtype, on q's device).
-  // probs: the forward's, when kept. When q is k (same labels tensor, self_offset 0) the whole gradient of
-  // that one tensor is returned as grad_q and grad_k is zero.
-  m.def("_build_info() -> str", &build_info);
+  // probs: the forward's, when kept. When q is k (same labels tensor, self_offset 0, not two_way) the whole
+  // gradient of that one tensor is returned as grad_q and grad_k is zero.
   m.def(
       "_ntxent_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, "
       "Tensor lse, Tensor npos, Tensor temperature, int self_offset, bool allow_tf32, Tensor? probs=None, "
-      "bool exclude_positives=False, Tensor? positive_weight=None) -> (Tensor, Tensor, Tensor)");
+      "bool exclude_positives=False, Tensor? positive_weight=None, bool two_way=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // How the extension was built, for simclr_ext.info().
+  m.def("_build_info() -> str", &build_info);
   // Debug counters of the kernels' code paths (csrc/ntxent/ntxent_paths.h): "name=count;...".
   m.def("_ntxent_path_counts() -> str", &simclr_ext::ntxent::path_counts);
   m.def("_ntxent_reset_path_counts() -> ()", &simclr_ext::ntxent::reset_path_counts);

@@ -7,7 +7,7 @@ learned logit scale. The call is open_clip's `ClipLoss()(image_features, text_fe
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, ops
 from .loss import _check_embeddings, _check_temperature, contrastive_loss
 
 __all__ = ["clip_loss", "ClipLoss"]
@@ -60,13 +60,17 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, gathe
     temperature = _temperature_of(logit_scale)
     n = image_features.shape[0]
     labels = torch.arange(n, device=image_features.device)
-    if gather_distributed and distributed.is_distributed():
-        rank, world = distributed.world_info()
-        all_text = distributed.all_gather_with_grad(text_features)
-        all_image = distributed.all_gather_with_grad(image_features)
-        q_labels, k_labels = labels + rank * n, torch.arange(world * n, device=labels.device)
-    else:
-        all_text, all_image, q_labels, k_labels = text_features, image_features, labels, labels
+    if not (gather_distributed and distributed.is_distributed()):
+        # One op call, both directions: the image rows' and the text columns' losses from the same tiles.
+        per_row, _, _ = ops.ntxent_forward(image_features, text_features, labels, labels, temperature, -1,
+                                           ops.resolve_tf32(allow_tf32), two_way=True)
+        return per_row.mean()
+    # This rank's images against every rank's texts, and its texts against every rank's images: the other
+    # ranks' column sums are not here, so each direction is its own call.
+    rank, world = distributed.world_info()
+    all_text = distributed.all_gather_with_grad(text_features)
+    all_image = distributed.all_gather_with_grad(image_features)
+    q_labels, k_labels = labels + rank * n, torch.arange(world * n, device=labels.device)
     image_to_text = contrastive_loss(image_features, all_text, q_labels, k_labels, temperature,
                                      allow_tf32=allow_tf32)
     text_to_image = contrastive_loss(text_features, all_image, q_labels, k_labels, temperature,

@@ -93,13 +93,15 @@ def _weight_arg(positive_weight, q):
 
 
 def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
-                   positive_weight=None):
+                   positive_weight=None, two_way=False):
     """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h).
     temperature: a number or a 0-d floating tensor (its gradient flows); exclude_positives: DCL;
-    positive_weight: None or (M,) constant weights of the positive term (DCLW)."""
+    positive_weight: None or (M,) constant weights of the positive term (DCLW); two_way: CLIP, the key
+    columns' losses over the queries follow the M query rows' (outputs (M + L,))."""
+    keep = _keep_probs(q, k) and not two_way
     loss, lse, npos, _ = _ops.ntxent.default(q, k, q_labels, k_labels, _temperature_arg(temperature),
-                                             int(self_offset), bool(allow_tf32), _keep_probs(q, k),
-                                             bool(exclude_positives), _weight_arg(positive_weight, q))
+                                             int(self_offset), bool(allow_tf32), keep, bool(exclude_positives),
+                                             _weight_arg(positive_weight, q), bool(two_way))
     return loss, lse, npos
 
 
@@ -133,18 +135,18 @@ def _check_fake_args(q, temperature, positive_weight):
 
 @torch.library.register_fake("simclr_ext::ntxent")
 def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs=False,
-                 exclude_positives=False, positive_weight=None):
+                 exclude_positives=False, positive_weight=None, two_way=False):
     _check_fake_args(q, temperature, positive_weight)
-    m = q.shape[0]
+    m = q.shape[0] + k.shape[0] if two_way else q.shape[0]
     acc = _acc_dtype(q.dtype)
-    probs_shape = (m, k.shape[0]) if keep_probs and q.device.type == "cpu" else (0, 0)
+    probs_shape = (q.shape[0], k.shape[0]) if keep_probs and q.device.type == "cpu" else (0, 0)
     return (q.new_empty((m,), dtype=acc), q.new_empty((m,), dtype=acc), q.new_empty((m,), dtype=torch.int32),
             q.new_empty(probs_shape, dtype=acc))
 
 
 @torch.library.register_fake("simclr_ext::_ntxent_backward")
 def _ntxent_backward_fake(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
-                          probs=None, exclude_positives=False, positive_weight=None):
+                          probs=None, exclude_positives=False, positive_weight=None, two_way=False):
     _check_fake_args(q, temperature, positive_weight)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),

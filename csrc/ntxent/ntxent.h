@@ -5,7 +5,9 @@
 // k_labels[j] == q_labels[i] and j is not i's own key (j == i + self_offset when self_offset >= 0);
 // the own key is also left out of the denominator N(i) (and so are the positives with exclude_positives, DCL):
 //   loss_i = logsumexp_{j in N(i)} s_ij - w_i mean_{j in P(i)} s_ij,   loss_i = 0 when P(i) is empty,
-// with w_i = positive_weight[i] (DCLW) or 1.
+// with w_i = positive_weight[i] (DCLW) or 1. two_way (CLIP): also a loss per key column j over the queries,
+//   loss'_j = logsumexp_i s_ij - mean_{i in P'(j)} s_ij, P'(j) = {i : q_labels[i] == k_labels[j]},
+// from the same tiles (outputs (M + L,): query rows, then key columns; self_offset -1, no DCL/DCLW terms).
 // Backward, with g_i the incoming gradient of loss_i (0 for rows without positives):
 //   dL/ds_ij = g_i * ([j in N(i)] exp(s_ij - lse_i) - w_i [j in P(i)] / |P(i)|),   dL/dc_ij = dL/ds_ij / t,
 //   dqhat = dC khat, dkhat = dC^T qhat, dz = (dzhat - zhat <zhat, dzhat>) / |z| (dzhat / eps when clamped).
@@ -156,6 +158,14 @@ SIMCLR_HD double logit(double c, double inv_temperature) {
 #endif
 }
 
+// Cosine of a pair from the raw dot product <x_i, y_j> and the rows' inverse norms 1 / max(|x|, eps): the
+// CPU kernel multiplies the raw rows (no normalized copies) and scales each tile entry. One rounding order
+// everywhere, so that the backward recomputes exactly the forward's cosines.
+template <typename acc_t>
+SIMCLR_HD acc_t cosine(acc_t dot, acc_t inv_norm_i, acc_t inv_norm_j) {
+  return dot * (inv_norm_i * inv_norm_j);
+}
+
 // Per-row factors of the backward, one struct per row so that a new per-row quantity (a weight on the
 // positive term, a learned temperature's running mean) is one more field here:
 //   g       dL/dc scale of the row: incoming gradient / temperature; 0 for a row without positives
@@ -186,8 +196,11 @@ SIMCLR_HD acc_t prob_grad(acc_t p, const RowFactors<acc_t>& f, bool positive) {
 // The symmetric case (queries are the keys, identical labels, self_offset 0): S is symmetric and the
 // coefficient of zhat_j in dL/dzhat_i is H_ij = dS_ij + dS_ji, both from the one cosine c = c_ij = c_ji:
 //   H_ij = g_i exp(s - lse_i) + g_j exp(s - lse_j) - [j in P(i)] (g_i / |P(i)| + g_j / |P(j)|)
-// (j in P(i) iff i in P(j) here). The softmax part and the positive part are separate helpers so that the
-// CPU kernel can vectorize the first over a tile row and apply the second to the few positives.
+// (j in P(i) iff i in P(j) here). The two-way case (CLIP: a loss per query row over the keys and one per key
+// column over the queries, with column log-sum-exps lse'_j) has the same form with fj the factors of key
+// column j: dL/dc_ij = g_i (p_ij - [pos] / |P(i)|) + h_j (p'_ij - [pos] / |P'(j)|).
+// The softmax part and the positive part are separate helpers so that the CPU kernel can vectorize the
+// first over a tile row and apply the second to the few positives.
 template <typename acc_t>
 SIMCLR_HD acc_t symmetric_softmax_part(acc_t s, const RowFactors<acc_t>& fi, acc_t g_j, acc_t lse_j) {
   return fi.g * fast_exp(s - fi.lse) + g_j * fast_exp(s - lse_j);

@@ -24,14 +24,15 @@ using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 ForwardOut call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
                         const at::Tensor& k_labels, const at::Tensor& temperature, int64_t self_offset,
                         bool allow_tf32, bool keep_probs, bool exclude_positives,
-                        const std::optional<at::Tensor>& positive_weight) {
+                        const std::optional<at::Tensor>& positive_weight, bool two_way) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::ntxent", "")
           .typed<ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&)>();
+                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&,
+                            bool)>();
   return op.call(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs, exclude_positives,
-                 positive_weight);
+                 positive_weight, two_way);
 }
 
 using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -40,15 +41,16 @@ BackwardOut call_backward(const at::Tensor& grad_loss, const at::Tensor& q, cons
                           const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
                           const at::Tensor& npos, const at::Tensor& temperature, int64_t self_offset, bool allow_tf32,
                           const std::optional<at::Tensor>& probs, bool exclude_positives,
-                          const std::optional<at::Tensor>& positive_weight) {
+                          const std::optional<at::Tensor>& positive_weight, bool two_way) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::_ntxent_backward", "")
           .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                             bool, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>();
+                             bool, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&,
+                             bool)>();
   return op.call(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, probs,
-                 exclude_positives, positive_weight);
+                 exclude_positives, positive_weight, two_way);
 }
 
 class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
@@ -56,24 +58,25 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& temperature,
                                int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
-                               const std::optional<at::Tensor>& positive_weight) {
+                               const std::optional<at::Tensor>& positive_weight, bool two_way) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, lse, npos, probs] = call_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
-                                                 keep_probs, exclude_positives, positive_weight);
+                                                 keep_probs, exclude_positives, positive_weight, two_way);
     // The weights are constants of the op (an undefined tensor when absent).
     ctx->save_for_backward({q, k, q_labels, k_labels, lse, npos, probs, temperature,
                             positive_weight.has_value() ? *positive_weight : at::Tensor()});
     ctx->saved_data["exclude_positives"] = exclude_positives;
     ctx->saved_data["self_offset"] = self_offset;
     ctx->saved_data["allow_tf32"] = allow_tf32;
-    ctx->saved_data["one_input"] = is_symmetric_case(q, k, q_labels, k_labels, self_offset);
+    ctx->saved_data["two_way"] = two_way;
+    ctx->saved_data["one_input"] = !two_way && is_symmetric_case(q, k, q_labels, k_labels, self_offset);
     ctx->mark_non_differentiable({lse, npos, probs});
     return {loss, lse, npos, probs};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_loss = grads[0];
-    const variable_list none(10);
+    const variable_list none(11);
     if (!grad_loss.defined()) return none;
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &q = s[0], &k = s[1], &q_labels = s[2], &k_labels = s[3], &lse = s[4], &npos = s[5],
@@ -82,17 +85,20 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
     const bool exclude_positives = ctx->saved_data["exclude_positives"].toBool();
     const int64_t self_offset = ctx->saved_data["self_offset"].toInt();
     const bool allow_tf32 = ctx->saved_data["allow_tf32"].toBool();
+    const bool two_way = ctx->saved_data["two_way"].toBool();
     // Empty (0, 0) when the forward did not keep them: the kernels tell by its size.
     const std::optional<at::Tensor> kept = probs;
     at::Tensor grad_q, grad_k, grad_t;
     if (torch::autograd::GradMode::is_enabled()) {
       // create_graph=True: through the backward op's own autograd, which refuses a second derivative.
       std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
-                                                       self_offset, allow_tf32, kept, exclude_positives, weight);
+                                                       self_offset, allow_tf32, kept, exclude_positives, weight,
+                                                       two_way);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
-                                                       self_offset, allow_tf32, kept, exclude_positives, weight);
+                                                       self_offset, allow_tf32, kept, exclude_positives, weight,
+                                                       two_way);
     }
     variable_list out = none;
     // The temperature's gradient comes back on q's device in the accumulation dtype: the temperature's own.
@@ -110,9 +116,9 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
     const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way) {
   const variable_list out = NTXentFunction::apply(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
-                                                  keep_probs, exclude_positives, positive_weight);
+                                                  keep_probs, exclude_positives, positive_weight, two_way);
   return {out[0], out[1], out[2], out[3]};
 }
 

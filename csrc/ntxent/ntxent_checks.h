@@ -72,12 +72,24 @@ inline void check_forward_args(const at::Tensor& q, const at::Tensor& k, const a
   check_positive_weight(positive_weight, q);
 }
 
+// The two-way mode (CLIP) scores every query against every key in both directions: no own key, no DCL or
+// DCLW terms, and its outputs are M + L long, which the kept-probabilities path does not produce.
+inline void check_two_way(bool two_way, int64_t self_offset, bool keep_probs, bool exclude_positives,
+                          const std::optional<at::Tensor>& positive_weight) {
+  if (!two_way) return;
+  TORCH_CHECK(self_offset == -1, "two_way needs self_offset = -1 (no query is one of the keys), got ", self_offset);
+  TORCH_CHECK(!keep_probs, "two_way does not keep probabilities: pass keep_probs=False");
+  TORCH_CHECK(!exclude_positives && !positive_weight.has_value(),
+              "two_way does not take exclude_positives or positive_weight (DCL / DCLW terms)");
+}
+
+// grad_loss, lse and npos have one entry per query row, and one more per key column with two_way.
 inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
                                 const at::Tensor& npos, const at::Tensor& temperature, int64_t self_offset,
-                                const std::optional<at::Tensor>& positive_weight) {
+                                const std::optional<at::Tensor>& positive_weight, bool two_way) {
   check_forward_args(q, k, q_labels, k_labels, temperature, self_offset, positive_weight);
-  const int64_t m = q.size(0);
+  const int64_t m = two_way ? q.size(0) + k.size(0) : q.size(0);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == m, "grad_loss must have shape [", m, "], got ",
               grad_loss.sizes());

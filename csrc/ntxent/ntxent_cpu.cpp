@@ -40,67 +40,64 @@ namespace {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Rows of x divided by max(|x|, eps), in the accumulation dtype, and the divisors used.
-template <typename scalar_t, typename acc_t>
-void normalize_rows(const at::Tensor& x, at::Tensor& hat, at::Tensor& norms) {
-  const int64_t rows = x.size(0), d = x.size(1);
-  const scalar_t* src = x.data_ptr<scalar_t>();
-  acc_t* dst = hat.data_ptr<acc_t>();
-  acc_t* divisor = norms.data_ptr<acc_t>();
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* in = src + r * d;
-      acc_t* out = dst + r * d;
-      acc_t sum_squares = 0;
-      for (int64_t c = 0; c < d; ++c) {
-        const acc_t v = static_cast<acc_t>(in[c]);
-        sum_squares += v * v;
-      }
-      const acc_t norm = clamped_norm(sum_squares);
-      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<acc_t>(in[c]) / norm;
-      // Backward tells a clamped norm by this sign: it then skips the projection term.
-      divisor[r] = norm_clamped(sum_squares) ? -norm : norm;
-    }
-  });
-}
-
-struct Normalized {
-  at::Tensor hat;        // (rows, D), accumulation dtype
-  at::Tensor norms;      // (rows,), max(|x|, eps), negative where the norm was clamped
+// One side (q or k) as the kernels read it: the raw rows in the accumulation dtype (the input itself when it
+// is contiguous in that dtype: no copy; float16 / bfloat16 are widened once, for BLAS) and their norms. The
+// normalized rows are never stored: a tile of cosines is a product of raw rows scaled by the inverse norms.
+template <typename acc_t>
+struct Side {
+  at::Tensor rows;              // (n, D) contiguous, accumulation dtype
+  std::vector<acc_t> inv_norm;  // 1 / max(|x|, eps)
+  std::vector<acc_t> norm;      // max(|x|, eps), negative where the norm was clamped
+  const acc_t* data() const { return rows.data_ptr<acc_t>(); }
 };
 
-template <typename scalar_t, typename acc_t>
-Normalized normalize(const at::Tensor& x) {
-  const at::Tensor xc = x.contiguous();
-  const auto acc = acc_type(x.scalar_type());
-  Normalized n{at::empty(xc.sizes(), xc.options().dtype(acc)), at::empty({xc.size(0)}, xc.options().dtype(acc))};
-  normalize_rows<scalar_t, acc_t>(xc, n.hat, n.norms);
-  return n;
+template <typename acc_t>
+Side<acc_t> prepare(const at::Tensor& x) {
+  Side<acc_t> side{x.to(acc_type(x.scalar_type())).contiguous(), {}, {}};
+  const int64_t n = x.size(0), d = x.size(1);
+  side.inv_norm.resize(n);
+  side.norm.resize(n);
+  const acc_t* src = side.data();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t sum_squares = 0;
+      for (int64_t c = 0; c < d; ++c) sum_squares += src[r * d + c] * src[r * d + c];
+      const acc_t norm = clamped_norm(sum_squares);
+      side.inv_norm[r] = acc_t(1) / norm;
+      // The normalization backward tells a clamped norm by this sign: it then skips the projection term.
+      side.norm[r] = norm_clamped(sum_squares) ? -norm : norm;
+    }
+  });
+  return side;
 }
 
-// dz = (dzhat - zhat <zhat, dzhat>) / |z| for every row (dzhat / eps where the norm was clamped),
-// written in the input dtype. `radial` (nullable) gets the dots <zhat, dzhat> of every row, clamped ones
+// The backward's products give a_i = sum_j G_ij y_j with G = dL/dcos scaled by both inverse norms, i.e.
+// a_i = dzhat_i / max(|z_i|, eps). Turns them into dz_i = (dzhat_i - zhat_i <zhat_i, dzhat_i>) / |z_i|
+// (dzhat_i / eps where the norm was clamped), written in the input dtype (in place when that is the
+// accumulation dtype). zhat is recomputed as z / |z| (a division, as F.normalize does), so that for D = 1
+// the projection cancels exactly. `radial` (nullable) gets <zhat_i, dzhat_i> of every row, clamped ones
 // included: the temperature's gradient is their sum (ntxent.h).
 template <typename scalar_t, typename acc_t>
-at::Tensor normalization_backward(const Normalized& n, const at::Tensor& dhat, at::ScalarType out_dtype,
+at::Tensor normalization_backward(const Side<acc_t>& side, const at::Tensor& a_in, at::ScalarType out_dtype,
                                   acc_t* radial = nullptr) {
-  const int64_t rows = dhat.size(0), d = dhat.size(1);
-  at::Tensor dz = at::empty({rows, d}, dhat.options().dtype(out_dtype));
-  const acc_t* zhat = n.hat.data_ptr<acc_t>();
-  const acc_t* norms = n.norms.data_ptr<acc_t>();
-  const acc_t* g = dhat.data_ptr<acc_t>();
+  const int64_t rows = a_in.size(0), d = a_in.size(1);
+  at::Tensor dz = out_dtype == a_in.scalar_type() ? a_in : at::empty({rows, d}, a_in.options().dtype(out_dtype));
+  const acc_t* z = side.data();
+  const acc_t* a = a_in.data_ptr<acc_t>();
   scalar_t* out = dz.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const acc_t* zr = zhat + r * d;
-      const acc_t* gr = g + r * d;
-      const bool clamped = norms[r] < 0;
-      const acc_t norm = clamped ? -norms[r] : norms[r];
+      const acc_t* zr = z + r * d;
+      const acc_t* ar = a + r * d;
+      const bool clamped = side.norm[r] < 0;
+      const acc_t norm = clamped ? -side.norm[r] : side.norm[r];
       acc_t dot = 0;
-      for (int64_t c = 0; c < d; ++c) dot += zr[c] * gr[c];
+      for (int64_t c = 0; c < d; ++c) dot += (zr[c] / norm) * (ar[c] * norm);
       if (radial != nullptr) radial[r] = dot;
       const acc_t projected = clamped ? acc_t(0) : dot;
-      for (int64_t c = 0; c < d; ++c) out[r * d + c] = static_cast<scalar_t>((gr[c] - zr[c] * projected) / norm);
+      for (int64_t c = 0; c < d; ++c) {
+        out[r * d + c] = static_cast<scalar_t>((ar[c] * norm - (zr[c] / norm) * projected) / norm);
+      }
     }
   });
   return dz;
@@ -178,21 +175,47 @@ SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t 
   return hits > 0;
 }
 
-// Turns one row of cosines (keys [key0, key0 + n)) into logits in place (self entry: -inf, and the
-// positives' too with exclude_positives), adds its positives to the row's state and returns the row's
-// maximum logit (NaN skipped; -inf when none).
+// Running state of the key columns in the two-way forward (CLIP): each column's log-sum-exp over the query
+// rows, its positives' logit sum and count. A task keeps its own; they are merged in task order.
+template <typename acc_t>
+struct ColumnStates {
+  std::vector<OnlineLSE<acc_t>> lse;
+  std::vector<acc_t> positive_sum;
+  std::vector<int64_t> num_positives;
+
+  explicit ColumnStates(int64_t l = 0)
+      : lse(l, OnlineLSE<acc_t>::empty()), positive_sum(l, acc_t(0)), num_positives(l, 0) {}
+
+  void merge(const ColumnStates& o) {
+    for (size_t j = 0; j < lse.size(); ++j) {
+      lse[j].merge(o.lse[j].max, o.lse[j].sum);
+      positive_sum[j] += o.positive_sum[j];
+      num_positives[j] += o.num_positives[j];
+    }
+  }
+};
+
+// Turns one row of raw dot products (keys [key0, key0 + n); rk: their inverse norms) into logits in place
+// (self entry: -inf, and the positives' too with exclude_positives), adds its positives to the row's state
+// (and to the key columns' with `cols`, two-way) and returns the row's maximum logit (NaN skipped; -inf when
+// none).
 template <typename acc_t>
 SIMCLR_HOT_LOOP acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
-                                 const int64_t* k_labels, acc_t inv_t, bool exclude_positives, RowState<acc_t>& st) {
+                                 const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
+                                 bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = logit(row[j], inv_t);
+  for (int64_t j = 0; j < n; ++j) row[j] = logit(cosine(row[j], rq, rk[j]), inv_t);
   if (self >= key0 && self < key0 + n) row[self - key0] = neg_inf;
   if (any_label(k_labels, n, label)) {
     for (int64_t j = 0; j < n; ++j) {
       if (k_labels[j] == label && key0 + j != self) {
         st.positive_sum += row[j];
         st.num_positives += 1;
+        if (cols != nullptr) {
+          cols->positive_sum[key0 + j] += row[j];
+          cols->num_positives[key0 + j] += 1;
+        }
         if (exclude_positives) row[j] = neg_inf;  // DCL: out of the denominator
       }
     }
@@ -211,13 +234,13 @@ void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
   }
 }
 
-// Folds one row of a cosine tile (keys [key0, key0 + n)) into the row's running state. Overwrites
-// `row` with logits.
+// Folds one row of a tile of raw dot products (keys [key0, key0 + n)) into the row's running state.
+// Overwrites `row` with logits.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
-                                   const int64_t* k_labels, acc_t inv_t, bool exclude_positives,
-                                   RowState<acc_t>& st) {
-  const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, exclude_positives, st);
+                                   const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
+                                   bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
+  const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st, cols);
   if (block_max == -std::numeric_limits<acc_t>::infinity()) {
     merge_nans(row, n, st);
     return;
@@ -229,12 +252,34 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
   st.lse.merge(block_max, block_sum);
 }
 
-// Turns a full row of cosines (all L keys) into the row's softmax probabilities in place (self entry: 0)
-// and its state. One exp per entry, as in the streamed forward; the backward then needs none.
+// Two-way: folds a tile of logits (rows x n keys, from key0) into the key columns' log-sum-exps, a column
+// max and a sum of exps per tile (vectorized along the keys). The two-way mode has no -inf entries (no self
+// key, no DCL), so a column max of -inf means an all-NaN column, whose sum is then NaN: NaN reaches the loss.
+template <typename acc_t>
+SIMCLR_HOT_LOOP void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t n, int64_t key0, acc_t* col_max,
+                                       acc_t* col_sum, ColumnStates<acc_t>& cols) {
+  std::fill(col_max, col_max + n, -std::numeric_limits<acc_t>::infinity());
+  std::fill(col_sum, col_sum + n, acc_t(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* t = tile + i * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) col_max[j] = t[j] > col_max[j] ? t[j] : col_max[j];
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* t = tile + i * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) col_sum[j] += fast_exp(t[j] - col_max[j]);
+  }
+  for (int64_t j = 0; j < n; ++j) cols.lse[key0 + j].merge(col_max[j], col_sum[j]);
+}
+
+// Turns a full row of raw dot products (all L keys) into the row's softmax probabilities in place (self
+// entry: 0) and its state. One exp per entry, as in the streamed forward; the backward then needs none.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
-                               acc_t inv_t, bool exclude_positives, RowState<acc_t>& st) {
-  const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, exclude_positives, st);
+                               acc_t inv_t, acc_t rq, const acc_t* rk, bool exclude_positives, RowState<acc_t>& st) {
+  const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st,
+                                   static_cast<ColumnStates<acc_t>*>(nullptr));
   if (row_max == -std::numeric_limits<acc_t>::infinity()) {
     merge_nans(row, n, st);
     for (int64_t j = 0; j < n; ++j) row[j] = row[j] != row[j] ? row[j] : acc_t(0);
@@ -253,60 +298,104 @@ SIMCLR_HOT_LOOP void probs_row(acc_t* row, int64_t n, int64_t self, int64_t labe
   for (int64_t j = 0; j < n; ++j) row[j] *= inv_sum;
 }
 
-// Forward inputs and outputs of one call (pointers into contiguous tensors).
+// The operands of one call, forward and backward: raw rows and inverse norms of both sides, labels and
+// options (pointers into contiguous tensors).
 template <typename acc_t>
-struct ForwardArgs {
-  const acc_t* qhat;
-  const acc_t* khat;
+struct Operands {
+  const acc_t* q;
+  const acc_t* k;
+  const acc_t* rq;  // 1 / max(|q_i|, eps)
+  const acc_t* rk;
   int64_t m, l, d;
   const int64_t* q_labels;
   const int64_t* k_labels;
   acc_t inv_t;
   int64_t self_offset;
   bool exclude_positives;  // DCL
-  const acc_t* weight;     // DCLW's weights of the positive term, or null
+  bool two_way;            // CLIP: key columns' losses too
+};
+
+// Outputs of the forward: M entries, M + L with two_way (query rows, then key columns).
+template <typename acc_t>
+struct ForwardOutputs {
+  const acc_t* weight;  // DCLW's weights of the positive term, or null
   acc_t* loss;
   acc_t* lse;
   int32_t* npos;
 };
 
-template <typename acc_t>
-void forward_streamed(const ForwardArgs<acc_t>& a) {
-  at::parallel_for(0, ceil_div(a.m, kCpuRowBlock), 1, [&](int64_t rb_begin, int64_t rb_end) {
-    std::vector<acc_t> buffer(kCpuRowBlock * kCpuKeyBlock);
-    std::vector<RowState<acc_t>> states(kCpuRowBlock);
-    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-      const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
-      std::fill(states.begin(), states.end(), RowState<acc_t>{});
-      for (int64_t k0 = 0; k0 < a.l; k0 += kCpuKeyBlock) {
-        const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
-        // The backward recomputes this tile with exactly this call (same operands, shape and order).
-        gemm_abt(rows, keys, a.d, a.qhat + r0 * a.d, a.d, a.khat + k0 * a.d, a.d, buffer.data(), keys);
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = r0 + i;
-          scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
-                        a.k_labels + k0, a.inv_t, a.exclude_positives, states[i]);
-        }
-      }
-      for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, a.loss, a.lse, a.npos, a.weight);
-    }
+// Contiguous ranges of row blocks, one per task, for passes whose tasks each keep a private accumulator
+// (the two-way column states and dk): the split depends only on the thread count, and the accumulators
+// are summed in task order, so the result is deterministic for a given thread count.
+int64_t num_tasks(int64_t blocks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)); }
+
+template <typename F>
+void for_each_task(int64_t blocks, F&& f) {
+  const int64_t tasks = num_tasks(blocks);
+  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) f(t, t * blocks / tasks, (t + 1) * blocks / tasks);
   });
 }
 
-// Each row block's cosines go straight into its rows of `probs` (M x L), then become probabilities.
+// Row blocks [b_begin, b_end) of the streamed forward; `cols` (two-way) gets the key columns' states.
 template <typename acc_t>
-void forward_kept(const ForwardArgs<acc_t>& a, acc_t* probs) {
+void forward_blocks(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, int64_t b_begin, int64_t b_end,
+                    ColumnStates<acc_t>* cols) {
+  std::vector<acc_t> buffer(kCpuRowBlock * kCpuKeyBlock);
+  std::vector<acc_t> col_max(cols != nullptr ? kCpuKeyBlock : 0), col_sum(col_max.size());
+  std::vector<RowState<acc_t>> states(kCpuRowBlock);
+  for (int64_t rb = b_begin; rb < b_end; ++rb) {
+    const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
+    std::fill(states.begin(), states.end(), RowState<acc_t>{});
+    for (int64_t k0 = 0; k0 < a.l; k0 += kCpuKeyBlock) {
+      const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
+      // The backward recomputes this tile with exactly this call (same operands, shape and order).
+      gemm_abt(rows, keys, a.d, a.q + r0 * a.d, a.d, a.k + k0 * a.d, a.d, buffer.data(), keys);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = r0 + i;
+        scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
+                      a.k_labels + k0, a.inv_t, a.rq[row], a.rk + k0, a.exclude_positives, states[i], cols);
+      }
+      if (cols != nullptr) scan_tile_columns(buffer.data(), rows, keys, k0, col_max.data(), col_sum.data(), *cols);
+    }
+    for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, out.loss, out.lse, out.npos, out.weight);
+  }
+}
+
+template <typename acc_t>
+void forward_streamed(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out) {
+  const int64_t blocks = ceil_div(a.m, kCpuRowBlock);
+  if (!a.two_way) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+      forward_blocks(a, out, b_begin, b_end, static_cast<ColumnStates<acc_t>*>(nullptr));
+    });
+    return;
+  }
+  std::vector<ColumnStates<acc_t>> cols(num_tasks(blocks), ColumnStates<acc_t>(a.l));
+  for_each_task(blocks, [&](int64_t t, int64_t b_begin, int64_t b_end) {
+    forward_blocks(a, out, b_begin, b_end, &cols[t]);
+  });
+  for (size_t t = 1; t < cols.size(); ++t) cols[0].merge(cols[t]);
+  for (int64_t j = 0; j < a.l; ++j) {
+    RowState<acc_t> st{cols[0].lse[j], cols[0].positive_sum[j], cols[0].num_positives[j]};
+    finish_row(st, a.m + j, out.loss, out.lse, out.npos, static_cast<const acc_t*>(nullptr));
+  }
+}
+
+// Each row block's dot products go straight into its rows of `probs` (M x L), then become probabilities.
+template <typename acc_t>
+void forward_kept(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, acc_t* probs) {
   at::parallel_for(0, ceil_div(a.m, kCpuRowBlock), 1, [&](int64_t rb_begin, int64_t rb_end) {
     for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
       const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
       acc_t* block = probs + r0 * a.l;
-      gemm_abt(rows, a.l, a.d, a.qhat + r0 * a.d, a.d, a.khat, a.d, block, a.l);
+      gemm_abt(rows, a.l, a.d, a.q + r0 * a.d, a.d, a.k, a.d, block, a.l);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
         RowState<acc_t> st;
         probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t,
-                  a.exclude_positives, st);
-        finish_row(st, row, a.loss, a.lse, a.npos, a.weight);
+                  a.rq[row], a.rk, a.exclude_positives, st);
+        finish_row(st, row, out.loss, out.lse, out.npos, out.weight);
       }
     }
   });
@@ -339,53 +428,63 @@ struct Factors {
   RowFactors<acc_t> operator[](int64_t i) const { return {g[i], lse[i], inv_np[i]}; }
 };
 
-// Backward inputs of one call.
+// Backward inputs of one call: the operands, the per-row factors and, when kept, the probabilities.
 template <typename acc_t>
-struct BackwardArgs {
-  const acc_t* qhat;
-  const acc_t* khat;
-  int64_t m, l, d;
-  const int64_t* q_labels;
-  const int64_t* k_labels;
-  acc_t inv_t;
-  int64_t self_offset;
-  const Factors<acc_t>* f;  // of the query rows
-  bool exclude_positives;   // DCL: a positive's softmax term is 0 (the kept probabilities already are)
+struct BackwardArgs : Operands<acc_t> {
+  const Factors<acc_t>* f;  // of the query rows (then of the key columns, two-way)
   const acc_t* probs;       // kept softmax probabilities (M x L), or null
 };
 
-// General case, recomputed: turns a (queries x keys) tile of cosines into dL/dcos in place; indices global.
+// dL/dcos -> G = dL/dcos * (1 / |x_i|) (1 / |y_j|) over one tile row: the products then run on the raw rows
+// (a_i = sum_j G_ij y_j = dzhat_i / |z_i|, see normalization_backward).
+template <typename acc_t>
+SIMCLR_HOT_LOOP void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) t[j] *= r_i * r[j];
+}
+
+// General case, recomputed: turns a (queries x keys) tile of raw dot products into G in place; indices global.
+// DCL: a positive's softmax term is 0 (the kept probabilities already are).
 template <typename acc_t>
 SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = (*a.f)[row];
+    const acc_t rq = a.rq[row];
+    const acc_t* rk = a.rk + k0;
     acc_t* t = tile + i * nk;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) t[j] = prob_grad(fast_exp(logit(t[j], a.inv_t) - fi.lse), fi, false);
+    for (int64_t j = 0; j < nk; ++j) {
+      t[j] = prob_grad(fast_exp(logit(cosine(t[j], rq, rk[j]), a.inv_t) - fi.lse), fi, false);
+    }
     if (any_label(a.k_labels + k0, nk, label)) {
       for (int64_t j = 0; j < nk; ++j) {
         if (a.k_labels[k0 + j] == label) t[j] = (a.exclude_positives ? acc_t(0) : t[j]) - fi.g * fi.inv_np;
       }
     }
     if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // also undoes the positive term if it matched
+    scale_row(t, nk, rq, rk);
   }
 }
 
-// Symmetric case, recomputed: turns a tile of cosines (rows [r0, r0 + nr) x columns [c0, c0 + nc) of the
-// one matrix) into H = dS + dS^T in place.
+// Symmetric case, recomputed: turns a tile of raw dot products (rows [r0, r0 + nr) x columns [c0, c0 + nc)
+// of the one matrix) into G from H = dS + dS^T in place.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                          const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + c0;
   const acc_t* lse_col = f.lse.data() + c0;
+  const acc_t* r_col = a.rq + c0;
   for (int64_t i = 0; i < nr; ++i) {
     const int64_t row = r0 + i, label = a.q_labels[row];
     const RowFactors<acc_t> fi = f[row];
+    const acc_t ri = a.rq[row];
     acc_t* t = tile + i * nc;
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) t[j] = symmetric_softmax_part(logit(t[j], a.inv_t), fi, g_col[j], lse_col[j]);
+    for (int64_t j = 0; j < nc; ++j) {
+      t[j] = symmetric_softmax_part(logit(cosine(t[j], ri, r_col[j]), a.inv_t), fi, g_col[j], lse_col[j]);
+    }
     if (any_label(a.q_labels + c0, nc, label)) {
       for (int64_t j = 0; j < nc; ++j) {
         if (a.q_labels[c0 + j] == label) {
@@ -394,10 +493,38 @@ SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, in
       }
     }
     if (row >= c0 && row < c0 + nc) t[row - c0] = 0;  // the self pair: no term, positive or not
+    scale_row(t, nc, ri, r_col);
   }
 }
 
-// Symmetric case, kept: rows [r0, r0 + nr) of H = dS + dS^T (all n columns) from the probabilities.
+// Two-way case (CLIP): turns a (queries x keys) tile of raw dot products into G, with the query rows'
+// factors and the key columns' (entries M + j of the factors); no self pair, no DCL terms.
+template <typename acc_t>
+SIMCLR_HOT_LOOP void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+                                       const BackwardArgs<acc_t>& a) {
+  const Factors<acc_t>& f = *a.f;
+  const acc_t* g_col = f.g.data() + a.m + k0;
+  const acc_t* lse_col = f.lse.data() + a.m + k0;
+  const acc_t* rk = a.rk + k0;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t row = q0 + i, label = a.q_labels[row];
+    const RowFactors<acc_t> fi = f[row];
+    const acc_t rq = a.rq[row];
+    acc_t* t = tile + i * nk;
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) {
+      t[j] = symmetric_softmax_part(logit(cosine(t[j], rq, rk[j]), a.inv_t), fi, g_col[j], lse_col[j]);
+    }
+    if (any_label(a.k_labels + k0, nk, label)) {
+      for (int64_t j = 0; j < nk; ++j) {
+        if (a.k_labels[k0 + j] == label) t[j] -= symmetric_positive_part(fi, f[a.m + k0 + j]);
+      }
+    }
+    scale_row(t, nk, rq, rk);
+  }
+}
+
+// Symmetric case, kept: rows [r0, r0 + nr) of G from H = dS + dS^T (all n columns) from the probabilities.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
@@ -429,10 +556,11 @@ SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const
       }
     }
     hr[row] = 0;
+    scale_row(hr, n, a.rq[row], a.rq);
   }
 }
 
-// General case, kept: rows [q0, q0 + nq) of dS (all L columns), for the dq pass.
+// General case, kept: rows [q0, q0 + nq) of G (all L columns), for the dq pass.
 template <typename acc_t>
 SIMCLR_HOT_LOOP void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
@@ -448,10 +576,11 @@ SIMCLR_HOT_LOOP void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const B
       }
     }
     if (self >= 0) o[self] = 0;
+    scale_row(o, a.l, a.rq[row], a.rk);
   }
 }
 
-// General case, kept: columns [k0, k0 + nk) of dS, transposed (nk x M), for the dk pass.
+// General case, kept: columns [k0, k0 + nk) of G, transposed (nk x M), for the dk pass.
 template <typename acc_t>
 void kept_key_rows(acc_t* out, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < a.m; ++i) {
@@ -460,13 +589,14 @@ void kept_key_rows(acc_t* out, int64_t k0, int64_t nk, const BackwardArgs<acc_t>
     const acc_t* p = a.probs + i * a.l + k0;
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t key = k0 + j;
-      out[j * a.m + i] = key == self ? acc_t(0) : prob_grad(p[j], fi, a.k_labels[key] == label);
+      const acc_t h = key == self ? acc_t(0) : prob_grad(p[j], fi, a.k_labels[key] == label);
+      out[j * a.m + i] = h * (a.rq[i] * a.rk[key]);
     }
   }
 }
 
-// dzhat of the symmetric case: one pass over row blocks; each tile is recomputed once (or read from the
-// kept probabilities) into H and multiplied once.
+// a = G q (symmetric case): one pass over row blocks; each tile is recomputed once (or read from the kept
+// probabilities) into G and multiplied once.
 template <typename acc_t>
 void symmetric_pass(const BackwardArgs<acc_t>& a, acc_t* dz) {
   const int64_t n = a.m, d = a.d;
@@ -476,27 +606,27 @@ void symmetric_pass(const BackwardArgs<acc_t>& a, acc_t* dz) {
       const int64_t r0 = b * kCpuRowBlock, rows = std::min(kCpuRowBlock, n - r0);
       if (a.probs) {
         symmetric_kept_rows(buffer.data(), r0, rows, a);
-        gemm_ab(rows, d, n, buffer.data(), n, a.khat, d, false, dz + r0 * d, d);
+        gemm_ab(rows, d, n, buffer.data(), n, a.k, d, false, dz + r0 * d, d);
         continue;
       }
       for (int64_t c0 = 0; c0 < n; c0 += kCpuKeyBlock) {
         const int64_t cols = std::min(kCpuKeyBlock, n - c0);
-        gemm_abt(rows, cols, d, a.qhat + r0 * d, d, a.khat + c0 * d, d, buffer.data(), cols);  // = the forward's
+        gemm_abt(rows, cols, d, a.q + r0 * d, d, a.k + c0 * d, d, buffer.data(), cols);  // = the forward's
         symmetric_tile_grad(buffer.data(), r0, rows, c0, cols, a);
-        gemm_ab(rows, d, cols, buffer.data(), cols, a.khat + c0 * d, d, c0 != 0, dz + r0 * d, d);
+        gemm_ab(rows, d, cols, buffer.data(), cols, a.k + c0 * d, d, c0 != 0, dz + r0 * d, d);
       }
     }
   });
 }
 
-// dqhat (for_keys = false: blocks of queries, tiles of keys) or dkhat (for_keys = true: blocks of keys,
-// tiles of queries), one owner per output row. Recomputed tiles are always queries x keys, the forward's
-// operand order, so that the cosines are the forward's (a pair whose softmax is exactly 1 must cancel
-// exactly against its positive term).
+// a_q = G k (for_keys = false: blocks of queries, tiles of keys) or a_k = G^T q (for_keys = true: blocks of
+// keys, tiles of queries), one owner per output row. Recomputed tiles are always queries x keys, the
+// forward's operand order, so that the cosines are the forward's (a pair whose softmax is exactly 1 must
+// cancel exactly against its positive term).
 template <typename acc_t>
 void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
   const int64_t n_own = for_keys ? a.l : a.m, n_other = for_keys ? a.m : a.l, d = a.d;
-  const acc_t* other = for_keys ? a.qhat : a.khat;
+  const acc_t* other = for_keys ? a.q : a.k;
   at::parallel_for(0, ceil_div(n_own, kCpuRowBlock), 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<acc_t> buffer(kCpuRowBlock * (a.probs ? n_other : kCpuKeyBlock));
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -515,48 +645,80 @@ void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
         const int64_t n_t = std::min(kCpuKeyBlock, n_other - t0);
         const bool accumulate = t0 != 0;
         if (for_keys) {
-          gemm_abt(n_t, n_o, d, a.qhat + t0 * d, d, a.khat + o0 * d, d, buffer.data(), n_o);
+          gemm_abt(n_t, n_o, d, a.q + t0 * d, d, a.k + o0 * d, d, buffer.data(), n_o);
           tile_grad(buffer.data(), t0, n_t, o0, n_o, a);
-          gemm_atb(n_o, d, n_t, buffer.data(), n_o, a.qhat + t0 * d, d, accumulate, out, d);
+          gemm_atb(n_o, d, n_t, buffer.data(), n_o, a.q + t0 * d, d, accumulate, out, d);
         } else {
-          gemm_abt(n_o, n_t, d, a.qhat + o0 * d, d, a.khat + t0 * d, d, buffer.data(), n_t);
+          gemm_abt(n_o, n_t, d, a.q + o0 * d, d, a.k + t0 * d, d, buffer.data(), n_t);
           tile_grad(buffer.data(), o0, n_o, t0, n_t, a);
-          gemm_ab(n_o, d, n_t, buffer.data(), n_t, a.khat + t0 * d, d, accumulate, out, d);
+          gemm_ab(n_o, d, n_t, buffer.data(), n_t, a.k + t0 * d, d, accumulate, out, d);
         }
       }
     }
   });
 }
 
+// a_q = G k and a_k = G^T q of the two-way case in one pass over query blocks: each tile is recomputed once
+// and multiplied twice. a_q rows have one owner; a_k is accumulated by every task, task 0 into a_k itself
+// and the others into their own copies, summed in task order (deterministic for a given thread count).
+template <typename acc_t>
+void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
+  const int64_t d = a.d, blocks = ceil_div(a.m, kCpuRowBlock), tasks = num_tasks(blocks);
+  dk_out.zero_();
+  std::vector<at::Tensor> copies;
+  for (int64_t t = 1; t < tasks; ++t) copies.push_back(at::zeros_like(dk_out));
+  for_each_task(blocks, [&](int64_t task, int64_t b_begin, int64_t b_end) {
+    acc_t* dk = (task == 0 ? dk_out : copies[task - 1]).template data_ptr<acc_t>();
+    std::vector<acc_t> buffer(kCpuRowBlock * kCpuKeyBlock);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t r0 = b * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
+      for (int64_t k0 = 0; k0 < a.l; k0 += kCpuKeyBlock) {
+        const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
+        gemm_abt(rows, keys, d, a.q + r0 * d, d, a.k + k0 * d, d, buffer.data(), keys);  // = the forward's
+        two_way_tile_grad(buffer.data(), r0, rows, k0, keys, a);
+        gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
+        gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
+      }
+    }
+  });
+  for (const at::Tensor& c : copies) dk_out.add_(c);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
     const at::Tensor& temperature_t, int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way) {
   check_forward_args(q, k, q_labels, k_labels, temperature_t, self_offset, positive_weight);
+  check_two_way(two_way, self_offset, keep_probs, exclude_positives, positive_weight);
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked): no synchronization
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
-  const int64_t m = q.size(0), l = k.size(0);
+  const int64_t m = q.size(0), l = k.size(0), n_out = two_way ? m + l : m;
   const auto acc = acc_type(q.scalar_type());
-  at::Tensor loss = at::empty({m}, q.options().dtype(acc));
-  at::Tensor lse = at::empty({m}, q.options().dtype(acc));
-  at::Tensor npos = at::empty({m}, q.options().dtype(at::kInt));
+  at::Tensor loss = at::empty({n_out}, q.options().dtype(acc));
+  at::Tensor lse = at::empty({n_out}, q.options().dtype(acc));
+  at::Tensor npos = at::empty({n_out}, q.options().dtype(at::kInt));
   at::Tensor probs = keep_probs ? at::empty({m, l}, q.options().dtype(acc)) : at::empty({0, 0}, q.options().dtype(acc));
-  if (m == 0) return {loss, lse, npos, probs};
-  count_path(keep_probs ? Path::kCpuForwardKept : Path::kCpuForwardStreamed);
+  if (m == 0 || (two_way && l == 0)) {  // nothing to score: empty log-sum-exps, no positives
+    loss.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    npos.zero_();
+    return {loss, lse, npos, probs};
+  }
+  count_path(keep_probs ? Path::kCpuForwardKept : (two_way ? Path::kCpuForwardTwoWay : Path::kCpuForwardStreamed));
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Normalized nq = normalize<scalar_t, acc_t>(q);
-    const Normalized nk = same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
-    const ForwardArgs<acc_t> args{nq.hat.data_ptr<acc_t>(), nk.hat.data_ptr<acc_t>(), m, l, q.size(1),
-                                  ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
-                                  self_offset, exclude_positives,
-                                  weight.defined() ? weight.data_ptr<acc_t>() : nullptr, loss.data_ptr<acc_t>(),
-                                  lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>()};
+    const Side<acc_t> sq = prepare<acc_t>(q);
+    const Side<acc_t> sk = same_tensor(q, k) ? sq : prepare<acc_t>(k);
+    const Operands<acc_t> args{sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, q.size(1),
+                               ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
+                               self_offset, exclude_positives, two_way};
+    const ForwardOutputs<acc_t> out{weight.defined() ? weight.data_ptr<acc_t>() : nullptr, loss.data_ptr<acc_t>(),
+                                    lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>()};
     if (keep_probs) {
-      forward_kept(args, probs.data_ptr<acc_t>());
+      forward_kept(args, out, probs.data_ptr<acc_t>());
     } else {
-      forward_streamed(args);
+      forward_streamed(args, out);
     }
   });
   return {loss, lse, npos, probs};
@@ -571,25 +733,33 @@ double temperature_grad(const std::vector<acc_t>& radial, double temperature, bo
   return -sum / (both_sides ? 2 * temperature : temperature);
 }
 
+// Which backward runs (counted in ntxent_paths.h).
+Path backward_path(bool symmetric, bool two_way, bool kept) {
+  if (two_way) return Path::kCpuBackwardTwoWay;
+  if (symmetric) return kept ? Path::kCpuBackwardSymmetricKept : Path::kCpuBackwardSymmetric;
+  return kept ? Path::kCpuBackwardGeneralKept : Path::kCpuBackwardGeneral;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
     const at::Tensor& k_labels, const at::Tensor& lse, const at::Tensor& npos, const at::Tensor& temperature_t,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs_in, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight) {
-  check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight);
-  const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
-  const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
+    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+  check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight,
+                      two_way);
   const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
   check_probs(probs, q, k);
+  const bool kept = probs.defined() && probs.numel() > 0;
+  check_two_way(two_way, self_offset, kept, exclude_positives, positive_weight);
+  const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
+  const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
   if (m == 0 || l == 0) {
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
             at::zeros({}, q.options().dtype(acc_type(q.scalar_type())))};
   }
-  const bool kept = probs.defined() && probs.numel() > 0;
-  const bool symmetric = is_symmetric_case(q, k, q_labels, k_labels, self_offset);
-  count_path(symmetric ? (kept ? Path::kCpuBackwardSymmetricKept : Path::kCpuBackwardSymmetric)
-                       : (kept ? Path::kCpuBackwardGeneralKept : Path::kCpuBackwardGeneral));
+  const bool symmetric = !two_way && is_symmetric_case(q, k, q_labels, k_labels, self_offset);
+  count_path(backward_path(symmetric, two_way, kept));
   const auto acc = acc_type(q.scalar_type());
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
   at::Tensor grad_q, grad_k, grad_t;
@@ -597,27 +767,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
     const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
-    const Normalized nq = normalize<scalar_t, acc_t>(q);
-    const Normalized nk = symmetric || same_tensor(q, k) ? nq : normalize<scalar_t, acc_t>(k);
-    const BackwardArgs<acc_t> args{nq.hat.data_ptr<acc_t>(), nk.hat.data_ptr<acc_t>(), m, l, d,
-                                   ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), inv_t, self_offset, &factors,
-                                   exclude_positives, kept ? probs.data_ptr<acc_t>() : nullptr};
+    const Side<acc_t> sq = prepare<acc_t>(q);
+    const Side<acc_t> sk = symmetric || same_tensor(q, k) ? sq : prepare<acc_t>(k);
+    const BackwardArgs<acc_t> args{{sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, d,
+                                    ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), inv_t, self_offset,
+                                    exclude_positives, two_way},
+                                   &factors,
+                                   kept ? probs.data_ptr<acc_t>() : nullptr};
     std::vector<acc_t> radial(m);
-    at::Tensor dq_hat = at::empty({m, d}, q.options().dtype(acc));
+    // The products' outputs a (dzhat / |z|), turned into the gradients in place for float32 / float64.
+    at::Tensor a_q = at::empty({m, d}, q.options().dtype(acc));
     if (symmetric) {
       // The whole gradient of the one input comes back as grad_q; autograd adds grad_k (zero) to it.
-      symmetric_pass(args, dq_hat.data_ptr<acc_t>());
-      grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type(), radial.data());
+      symmetric_pass(args, a_q.data_ptr<acc_t>());
+      grad_q = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
       grad_k = at::zeros(k.sizes(), k.options());
       grad_t = at::scalar_tensor(temperature_grad(radial, temperature, true), q.options().dtype(acc));
       return;
     }
-    general_pass(args, false, dq_hat.data_ptr<acc_t>());
-    grad_q = normalization_backward<scalar_t, acc_t>(nq, dq_hat, q.scalar_type(), radial.data());
+    at::Tensor a_k = at::empty({l, d}, q.options().dtype(acc));
+    if (two_way) {
+      two_way_pass(args, a_q.data_ptr<acc_t>(), a_k);
+    } else {
+      general_pass(args, false, a_q.data_ptr<acc_t>());
+      general_pass(args, true, a_k.data_ptr<acc_t>());
+    }
+    grad_q = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
+    grad_k = normalization_backward<scalar_t, acc_t>(sk, a_k, k.scalar_type());
     grad_t = at::scalar_tensor(temperature_grad(radial, temperature, false), q.options().dtype(acc));
-    at::Tensor dk_hat = at::empty({l, d}, q.options().dtype(acc));
-    general_pass(args, true, dk_hat.data_ptr<acc_t>());
-    grad_k = normalization_backward<scalar_t, acc_t>(nk, dk_hat, k.scalar_type());
   });
   return {grad_q, grad_k, grad_t};
 }
@@ -631,7 +808,8 @@ std::array<std::atomic<int64_t>, static_cast<size_t>(Path::kCount)> g_path_count
 constexpr const char* kPathNames[] = {
     "cpu_forward_streamed",  "cpu_forward_kept",   "cpu_backward_symmetric", "cpu_backward_symmetric_kept",
     "cpu_backward_general",  "cpu_backward_general_kept", "cuda_forward",    "cuda_backward_symmetric",
-    "cuda_backward_general"};
+    "cuda_backward_general", "cpu_forward_two_way",       "cpu_backward_two_way", "cuda_forward_two_way",
+    "cuda_backward_two_way"};
 static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(Path::kCount),
               "one name per path");
 }  // namespace

@@ -12,6 +12,8 @@
 //               q is k (same labels tensor, self_offset 0): one symmetric pass instead, the dQ pass with
 //               dL/dcos = H = dS + dS^T (both from the one recomputed tile), dzhat = H zhat: three GEMM
 //               passes in all instead of five.
+//               two_way (CLIP): the forward runs once per direction (keys as rows the second time) on
+//               the same copies; the dQ and dK passes take dL/dcos from both sides' factors.
 //               norm backward: dz = (dzhat - zhat <zhat, dzhat>) / |z|, in the input dtype; the radial
 //               dots <zhat, dzhat> of the query rows give the temperature's gradient (ntxent.h).
 // The temperature comes as a 0-d tensor: a CPU one is read on the host and passed by value, a GPU one is
@@ -510,17 +512,20 @@ __global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t sp
 
 // Backward: dhat[split blockIdx.z][own rows, output chunk blockIdx.y] = sum over the split's other rows
 // of dL/dcos x other_hat. kOwnIsQuery: own rows are queries (dQ pass), else keys (dK pass, other rows
-// are queries). kSymmetric (with kOwnIsQuery; q is k, one labels tensor, self_offset 0): both sides are
-// the same rows and dL/dcos is H = dS + dS^T (symmetric_cosine_grad, ntxent.h), so this one pass gives the
-// whole gradient: each tile is recomputed once and multiplied once. dhat holds gridDim.z slices of own
-// rows_padded x dim; normalize_backward sums them.
-template <typename T, bool kTensorCores, bool kOwnIsQuery, bool kSymmetric>
+// are queries). kBothFactors: dL/dcos has a term from each side's factors (symmetric_cosine_grad,
+// ntxent.h), read at own_base + own row and other_base + other row of lse / grad / npos:
+//   q is k (one labels tensor, self_offset 0; bases 0, 0): H = dS + dS^T, so this one pass (own rows are
+//       queries) gives the whole gradient: each tile is recomputed once and multiplied once;
+//   two_way (CLIP; query rows' factors at 0, key columns' at M): the dQ and the dK pass.
+// dhat holds gridDim.z slices of own rows_padded x dim; normalize_backward sums them.
+template <typename T, bool kTensorCores, bool kOwnIsQuery, bool kBothFactors>
 __global__ void __launch_bounds__(kCudaThreads)
     grad_kernel(const T* __restrict__ own_hat, const T* __restrict__ other_hat, const int64_t* __restrict__ own_labels,
                 const int64_t* __restrict__ other_labels, int64_t own_n, int64_t other_n, int64_t dim,
                 const acc_of<T>* __restrict__ lse, const acc_of<T>* __restrict__ grad, const int* __restrict__ npos,
-                const acc_of<T>* __restrict__ grad_bound, Temperature<acc_of<T>> temperature, int64_t self_offset,
-                bool exclude_positives, const acc_of<T>* __restrict__ weight, acc_of<T>* __restrict__ dhat) {
+                int64_t own_base, int64_t other_base, const acc_of<T>* __restrict__ grad_bound,
+                Temperature<acc_of<T>> temperature, int64_t self_offset, bool exclude_positives,
+                const acc_of<T>* __restrict__ weight, acc_of<T>* __restrict__ dhat) {
   using acc_t = acc_of<T>;
   const acc_t inv_t = temperature.inverse();
   constexpr int64_t kOut = output_chunk(sizeof(acc_t));
@@ -554,15 +559,16 @@ __global__ void __launch_bounds__(kCudaThreads)
   acc_t* meta_g = sm.meta + kCudaTile;
   acc_t* meta_inv_np = sm.meta + 2 * kCudaTile;
 
-  static_assert(kOwnIsQuery || !kSymmetric, "the symmetric pass owns query rows");
-  // Factors of the own row for the symmetric pass (ntxent.h's RowFactors: g includes 1/t; a row without
-  // positives has g = 0 and lse = +inf, so its terms vanish without a branch).
-  const acc_t own_w = own_ok && weight != nullptr ? weight[a] : acc_t(1);  // DCLW's weight of the positive term
-  const RowFactors<acc_t> own_f = kSymmetric && own_ok ? row_factors(grad[a], lse[a], npos[a], inv_t, own_w)
-                                                        : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
-  // |dL/dcos| <= max |g| / t (grad_bound), twice that for H = dS + dS^T: the products run on
+  // Factors of the own row for the both-factor passes (ntxent.h's RowFactors: g includes 1/t; a row without
+  // positives has g = 0 and lse = +inf, so its terms vanish without a branch). DCLW's weights exist only
+  // without two_way, where both bases are 0.
+  const int64_t fa = own_base + a;
+  const acc_t own_w = own_ok && weight != nullptr ? weight[fa] : acc_t(1);
+  const RowFactors<acc_t> own_f = kBothFactors && own_ok ? row_factors(grad[fa], lse[fa], npos[fa], inv_t, own_w)
+                                                          : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+  // |dL/dcos| <= max |g| / t (grad_bound), twice that with both sides' terms: the products run on
   // dL/dcos / scale, of magnitude < 2.
-  const acc_t scale = pow2_scale(*grad_bound * acc_t(kSymmetric ? 2 : 1));
+  const acc_t scale = pow2_scale(*grad_bound * acc_t(kBothFactors ? 2 : 1));
   const acc_t inv_scale = acc_t(1) / scale;
   GradAccumulator<T, kTensorCores> acc;
   acc.zero();
@@ -576,9 +582,10 @@ __global__ void __launch_bounds__(kCudaThreads)
       for (int c = threadIdx.x; c < kCudaTile; c += kCudaThreads) {
         const int64_t b = col0 + c;
         sm.lab[c] = b < other_n ? other_labels[b] : 0;
-        if (kSymmetric) {
-          const acc_t w = b < other_n && weight != nullptr ? weight[b] : acc_t(1);
-          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[b], lse[b], npos[b], inv_t, w)
+        if (kBothFactors) {
+          const int64_t fb = other_base + b;
+          const acc_t w = b < other_n && weight != nullptr ? weight[fb] : acc_t(1);
+          const RowFactors<acc_t> f = b < other_n ? row_factors(grad[fb], lse[fb], npos[fb], inv_t, w)
                                                   : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
           meta_g[c] = f.g;
           meta_lse[c] = f.lse;
@@ -601,8 +608,8 @@ __global__ void __launch_bounds__(kCudaThreads)
       const int64_t kj = kOwnIsQuery ? b : a;
       const acc_t g = kOwnIsQuery ? own_g : meta_g[col];
       acc_t dcos = acc_t(0);
-      if (kSymmetric) {
-        if (own_ok && b < other_n && b != a) {
+      if (kBothFactors) {
+        if (own_ok && b < other_n && kj != self_key(qi, self_offset)) {
           const RowFactors<acc_t> other_f{meta_g[col], meta_lse[col], meta_inv_np[col]};
           dcos = symmetric_cosine_grad(srow[col], inv_t, own_f, other_f, sm.lab[col] == label, exclude_positives);
         }
@@ -790,29 +797,59 @@ const acc_t* weight_ptr(const at::Tensor& weight) {
   return weight.defined() ? ptr<const acc_t>(weight) : nullptr;
 }
 
+// One direction of the forward: own rows (queries) against the other side's tiles, then the split merge,
+// into loss / lse / npos[0, own_n). The two-way mode runs it once per direction on the same normalized
+// copies (the column sums of one direction are the row sums of the other).
+template <typename T>
+void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_labels, const int64_t* other_labels,
+                       int64_t own_n, int64_t other_n, const CudaPlan& plan, const Temperature<acc_of<T>>& inv_t,
+                       int64_t self_offset, bool exclude_positives, const acc_of<T>* weight, bool allow_tf32,
+                       acc_of<T>* loss, acc_of<T>* lse, int* npos, const at::Tensor& on, cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  const int64_t splits = plan.splits_fwd;
+  const at::Tensor part = at::empty({3, splits, own_n}, on.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const at::Tensor part_count = at::empty({splits, own_n}, on.options().dtype(at::kInt));
+  const RowPartials<acc_t> parts{ptr<acc_t>(part), ptr<acc_t>(part) + splits * own_n,
+                                 ptr<acc_t>(part) + 2 * splits * own_n, ptr<int>(part_count)};
+  dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
+    constexpr bool kTC = decltype(tensor_cores)::value;
+    auto kernel = forward_kernel<T, kTC>;
+    set_smem(kernel, plan.smem_fwd, on);
+    const dim3 grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(splits));
+    kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(own_hat, other_hat, own_labels, other_labels, own_n, other_n,
+                                                          plan.dim, inv_t, self_offset, exclude_positives, parts);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  constexpr int kMergeThreads = 256;
+  merge_rows_kernel<acc_t><<<static_cast<unsigned>(ceil_div(own_n, kMergeThreads)), kMergeThreads, 0, stream>>>(
+      parts, own_n, splits, weight, loss, lse, npos);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // keep_probs is a CPU-only optimization (small problems, where recomputing costs more than the memory):
 // the CUDA kernels always recompute, and the fourth output is empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in, const at::Tensor& k_labels_in,
     const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way) {
   check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset, positive_weight);
+  check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int64_t m = q_in.size(0), l = k_in.size(0);
+  const int64_t m = q_in.size(0), l = k_in.size(0), n_out = two_way ? m + l : m;
   const auto acc = acc_dtype(q_in);
-  at::Tensor loss = at::empty({m}, q_in.options().dtype(acc));
-  at::Tensor lse = at::empty({m}, q_in.options().dtype(acc));
-  at::Tensor npos = at::empty({m}, q_in.options().dtype(at::kInt));
+  at::Tensor loss = at::empty({n_out}, q_in.options().dtype(acc));
+  at::Tensor lse = at::empty({n_out}, q_in.options().dtype(acc));
+  at::Tensor npos = at::empty({n_out}, q_in.options().dtype(at::kInt));
   const at::Tensor probs = at::empty({0, 0}, q_in.options().dtype(acc));
-  if (m == 0) return {loss, lse, npos, probs};
-  if (l == 0) {  // no keys: empty log-sum-exp, no positives
+  if (n_out == 0) return {loss, lse, npos, probs};
+  if (m == 0 || l == 0) {  // nothing to score: empty log-sum-exps, no positives
     loss.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
     npos.zero_();
     return {loss, lse, npos, probs};
   }
-  count_path(Path::kCudaForward);
+  count_path(two_way ? Path::kCudaForwardTwoWay : Path::kCudaForward);
   const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
   const at::Tensor& q = in.q;
   const HostTemperature temp = host_temperature(temperature, q);
@@ -823,28 +860,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
     using T = decltype(tag);
     using acc_t = acc_of<T>;
     const Normalized nz = normalize_inputs<T>(in, stream);
-    const CudaPlan& plan = nz.plan;
-    const int64_t splits = plan.splits_fwd;
-    const at::Tensor part = at::empty({3, splits, m}, q.options().dtype(acc));
-    const at::Tensor part_count = at::empty({splits, m}, q.options().dtype(at::kInt));
-    const RowPartials<acc_t> parts{ptr<acc_t>(part), ptr<acc_t>(part) + splits * m, ptr<acc_t>(part) + 2 * splits * m,
-                                   ptr<int>(part_count)};
-    dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
-      constexpr bool kTC = decltype(tensor_cores)::value;
-      auto kernel = forward_kernel<T, kTC>;
-      set_smem(kernel, plan.smem_fwd, q);
-      const dim3 grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(splits));
-      kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat),
-                                                            ptr<const int64_t>(in.q_labels),
-                                                            ptr<const int64_t>(in.k_labels), m, l, plan.dim,
-                                                            kernel_temperature<acc_t>(temp), self_offset,
-                                                            exclude_positives, parts);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    constexpr int kMergeThreads = 256;
-    merge_rows_kernel<acc_t><<<static_cast<unsigned>(ceil_div(m, kMergeThreads)), kMergeThreads, 0, stream>>>(
-        parts, m, splits, weight_ptr<acc_t>(weight), ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
+    forward_direction<T>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat), ptr<const int64_t>(in.q_labels),
+                         ptr<const int64_t>(in.k_labels), m, l, nz.plan, inv_t, self_offset, exclude_positives,
+                         weight_ptr<acc_t>(weight), allow_tf32, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos), q,
+                         stream);
+    if (two_way) {
+      // The keys' plan is the queries' with the sides swapped; the padded copies serve both.
+      const CudaPlan swapped = make_cuda_plan(l, m, q.size(1), sizeof(T), sizeof(acc_t), sm_count(q));
+      forward_direction<T>(ptr<const T>(nz.khat), ptr<const T>(nz.qhat), ptr<const int64_t>(in.k_labels),
+                           ptr<const int64_t>(in.q_labels), l, m, swapped, inv_t, -1, false, nullptr, allow_tf32,
+                           ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
+    }
   });
   return {loss, lse, npos, probs};
 }
@@ -853,9 +880,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in,
     const at::Tensor& k_labels_in, const at::Tensor& lse_in, const at::Tensor& npos_in, const at::Tensor& temperature,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way) {
   check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset,
-                      positive_weight);
+                      positive_weight, two_way);
+  check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
   if (probs.has_value()) check_probs(*probs, q_in, k_in);  // never kept on CUDA: recomputed below
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -872,8 +900,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
   }
   // q is k (NT-Xent, multi-view, SupCon): one pass gives the whole gradient (H = dS + dS^T), returned as
   // grad_q; grad_k is zero.
-  const bool symmetric = is_symmetric_case(q_in, k_in, q_labels_in, k_labels_in, self_offset);
-  count_path(symmetric ? Path::kCudaBackwardSymmetric : Path::kCudaBackwardGeneral);
+  const bool symmetric = !two_way && is_symmetric_case(q_in, k_in, q_labels_in, k_labels_in, self_offset);
+  count_path(two_way ? Path::kCudaBackwardTwoWay
+                     : (symmetric ? Path::kCudaBackwardSymmetric : Path::kCudaBackwardGeneral));
   const auto acc = acc_dtype(q);
   const at::Tensor g = grad_loss.to(acc).contiguous();
   const at::Tensor lse = lse_in.contiguous();
@@ -898,29 +927,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       // One pass: dhat of the own rows (queries: dQ, keys: dK) from the other side's tiles.
-      auto pass = [&](auto own_is_query, auto symmetric_pass, const at::Tensor& own_hat, const at::Tensor& other_hat,
+      // own_base / other_base: where the own and the other rows' factors start in lse / grad / npos.
+      auto pass = [&](auto own_is_query, auto both_factors, const at::Tensor& own_hat, const at::Tensor& other_hat,
                       const at::Tensor& own_labels, const at::Tensor& other_labels, int64_t own_n, int64_t other_n,
-                      int64_t grid, int64_t splits, const at::Tensor& dhat) {
-        auto kernel = grad_kernel<T, kTC, decltype(own_is_query)::value, decltype(symmetric_pass)::value>;
+                      int64_t grid, int64_t splits, const at::Tensor& dhat, int64_t own_base, int64_t other_base) {
+        auto kernel = grad_kernel<T, kTC, decltype(own_is_query)::value, decltype(both_factors)::value>;
         set_smem(kernel, plan.smem_bwd, q);
         const dim3 blocks(static_cast<unsigned>(grid), static_cast<unsigned>(plan.out_chunks),
                           static_cast<unsigned>(splits));
         kernel<<<blocks, kCudaThreads, plan.smem_bwd, stream>>>(
             ptr<const T>(own_hat), ptr<const T>(other_hat), ptr<const int64_t>(own_labels),
             ptr<const int64_t>(other_labels), own_n, other_n, plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g),
-            ptr<const int>(npos), ptr<const acc_t>(grad_bound), inv_t, self_offset, exclude_positives,
-            weight_ptr<acc_t>(weight), ptr<acc_t>(dhat));
+            ptr<const int>(npos), own_base, other_base, ptr<const acc_t>(grad_bound), inv_t, self_offset,
+            exclude_positives, weight_ptr<acc_t>(weight), ptr<acc_t>(dhat));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (symmetric) {
         pass(std::true_type{}, std::true_type{}, nz.qhat, nz.qhat, in.q_labels, in.q_labels, m, m, plan.grid_q,
-             plan.splits_dq, dqhat);
+             plan.splits_dq, dqhat, 0, 0);
+        return;
+      }
+      if (two_way) {  // query rows' factors at [0, M), key columns' at [M, M + L)
+        pass(std::true_type{}, std::true_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
+             plan.splits_dq, dqhat, 0, m);
+        pass(std::false_type{}, std::true_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
+             plan.splits_dk, dkhat, m, 0);
         return;
       }
       pass(std::true_type{}, std::false_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
-           plan.splits_dq, dqhat);
+           plan.splits_dq, dqhat, 0, 0);
       pass(std::false_type{}, std::false_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
-           plan.splits_dk, dkhat);
+           plan.splits_dk, dkhat, 0, 0);
     });
     // Back through the normalization, summing the split slices: grad = (dxhat - xhat <xhat, dxhat>) / |x|.
     auto norm_backward = [&](const at::Tensor& x, const at::Tensor& dxhat, int64_t n, int64_t grid, int64_t splits,

@@ -19,6 +19,10 @@ enum class Path : int {
   kCudaForward,
   kCudaBackwardSymmetric,
   kCudaBackwardGeneral,
+  kCpuForwardTwoWay,         // CLIP: query rows' and key columns' log-sum-exps from the same tiles
+  kCpuBackwardTwoWay,        // CLIP: one pass, tiles recomputed once, multiplied for dq and dk
+  kCudaForwardTwoWay,        // the forward kernel once per direction
+  kCudaBackwardTwoWay,       // dQ and dK passes with both sides' factors
   kCount
 };
 
