@@ -4,6 +4,7 @@ SIMCLR_EXT_CUDA=auto (default) builds the CUDA kernels when a CUDA toolkit is fo
 (failing clearly when none is found), 0 builds the CPU kernels only. Every csrc/**/*.cpp is compiled;
 csrc/**/*.cu only in the CUDA build. Without a visible GPU set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0").
 """
+import ast
 import glob
 import os
 import sys
@@ -19,7 +20,18 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+
+
+def _version():
+    """The version, written once in simclr_ext/_version.py; parsed, not imported: importing the package
+    would load the extension this script is about to build."""
+    path = os.path.join(ROOT, "simclr_ext", "_version.py")
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    sys.exit(f"{path} must assign __version__ = \"X.Y.Z\"")
 
 
 def _want_cuda():
@@ -93,7 +105,7 @@ def _extension():
 
 setup(
     name="simclr_ext",
-    version=VERSION,
+    version=_version(),
     description="Fused C++/CUDA NT-Xent loss and batched augmentations for SimCLR in PyTorch",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU machine (README "GPU check"; DESIGN.md "GPU work without a GPU").
+# The one script for a lent GPU machine (README "GPU check"; docs/DESIGN.md "GPU work without a GPU").
 # Run blind, once, from anywhere in the repository, as ONE device command (the device ends a command
 # at 600 s; this script plans for GPU_CHECK_BUDGET_S = 540 s and ends by itself):
 #
@@ -26,8 +26,8 @@
 #              duration, model FLOP/s, SM and memory throughput, occupancy
 # Why this order: correctness first, and what loses least when time runs short. The build can take
 # minutes on an unknown toolchain; the tests decide whether anything else means anything, so they come
-# right after it. The sanitizers come before any timing (DESIGN.md): a memory error or a race makes the
-# numbers void, and they are short and capped. The benchmarks are elastic (--max-seconds, --repeats
+# right after it. The sanitizers come before any timing (docs/DESIGN.md, "GPU work without a GPU"): a
+# memory error or a race makes the numbers void, and they are short and capped. The benchmarks are elastic (--max-seconds, --repeats
 # follow the cap), so a slow build costs table rows, not whole checks; ncu is an extra, last.
 #
 # Output: $OUT/summary.txt (also printed last: the device returns the end of the output) and ONE archive,

@@ -211,7 +211,8 @@ def _kernel_short(name):
 
 def report_ncu(path, n2, dim):
     """One row per profiled kernel; the GEMM-like kernels get FLOP/s from the op's model count:
-    the forward does one (2N x D)(D x 2N) product, the backward two (DESIGN.md), 2 (2N)^2 D flops each."""
+    the forward does one (2N x D)(D x 2N) product, the backward two (the symmetric path, docs/DESIGN.md
+    "Backward"), 2 (2N)^2 D flops each."""
     kernels = parse_ncu_csv(open(path, errors="replace").read())
     if not kernels:
         print("ncu produced no kernel rows")
