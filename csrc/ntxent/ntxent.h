@@ -306,10 +306,11 @@ SIMCLR_HD SmemLayout smem_layout(int64_t elem_bytes, int64_t acc_bytes, bool wit
 }
 
 // Lane map of the per-row work on a warp's 16 x kCudaTile score strip: lane l serves row (l & 15) and
-// the half (l >> 4) of the columns; its c-th column (c < 32) is rotated by the row so that the 16 rows
-// read by a warp at once fall on distinct banks.
+// the half (l >> 4) of the columns; its c-th column (c < 32) is rotated by the lane so that the 32 reads
+// of a step fall on 32 distinct banks of the float score strip (row stride 68 words: bank 5r + c + 16 h;
+// a rotation by the row alone put the two halves on the same 16 banks, a 2-way conflict).
 SIMCLR_HDC int strip_row(int lane) { return lane & 15; }
-SIMCLR_HDC int strip_col(int lane, int c) { return (lane >> 4) * 32 + ((c + (lane & 15)) & 31); }
+SIMCLR_HDC int strip_col(int lane, int c) { return (lane >> 4) * 32 + ((c + lane) & 31); }
 
 // Lane map of the SIMT (exact fp32 / fp64) products on a warp's 16-row strip: lane l owns rows
 // (l >> 3) + 4 r (r < 4) and columns (l & 7) + 8 c, so that the 8 lanes of a row group read 8 distinct
@@ -320,7 +321,12 @@ SIMCLR_HDC int simt_col(int lane, int c) { return (lane & 7) + 8 * c; }
 // Power of two in (m / 2, m] (1 when m is not positive and finite). The backward divides dL/dcos by it
 // before the products and multiplies the sums back, so that float16 operands neither underflow
 // (dL/dcos ~ 1 / (2N) for the mean over a large batch) nor overflow: |dL/dcos| <= m gives operands of
-// magnitude < 2. A power of two keeps the scaling exact in every format.
+// magnitude < 2. A power of two keeps the scaling exact in every format. m is taken over the rows that
+// have a positive (the others' gradients are 0 whatever their incoming gradient), times max(1, |w|) with
+// DCLW's weights. What remains: an operand is g p / m with p a softmax probability, ~1 / L for the
+// negatives of a row, and float16's smallest normal is 2^-14 = 1 / 16384: from L ~ 16k keys those terms
+// are float16 subnormals (one bit of precision less per doubling of L; zero below 2^-24, L ~ 16M). They
+// are the small terms of each sum, but for L >= 16k prefer bfloat16 (float32's exponent range).
 template <typename acc_t>
 SIMCLR_HD acc_t pow2_scale(acc_t m) {
   if (!(m > acc_t(0)) || !(m <= std::numeric_limits<acc_t>::max())) return acc_t(1);
@@ -333,9 +339,12 @@ SIMCLR_HD acc_t pow2_scale(acc_t m) {
 // so the other rows' tiles are cut into `splits` contiguous ranges, one per block (grid.y in forward,
 // grid.z in backward); each writes partial results that a second kernel sums in split order, which keeps
 // the result deterministic. Splits are only added until every SM has `blocks_per_sm` blocks.
+// The blocks per SM are also the kernels' __launch_bounds__ (ptxas then caps the registers to fit them):
+// forward 4 (<= 128 registers, ~52 KB of shared memory; float64: 165 registers, 68 KB: 3), backward 2
+// (191-246 registers, ~80 KB of shared memory for 16-bit inputs; float64: 135 KB: 1).
 constexpr int64_t kCudaMaxSplits = 8;
-constexpr int64_t kCudaFwdBlocksPerSm = 4;  // forward: ~52 KB of shared memory, <= 128 registers
-constexpr int64_t kCudaBwdBlocksPerSm = 2;  // backward: ~80 KB (16-bit) to ~140 KB (fp64), ~200 registers
+SIMCLR_HDC int64_t fwd_blocks_per_sm(int64_t elem_bytes) { return elem_bytes == 8 ? 3 : 4; }
+SIMCLR_HDC int64_t bwd_blocks_per_sm(int64_t elem_bytes) { return elem_bytes == 8 ? 1 : 2; }
 
 SIMCLR_HDC int64_t num_splits(int64_t base_blocks, int64_t tiles, int64_t sm_count, int64_t blocks_per_sm) {
   int64_t s = ceil_div(blocks_per_sm * sm_count, base_blocks);
@@ -371,9 +380,9 @@ SIMCLR_HD CudaPlan make_cuda_plan(int64_t m, int64_t l, int64_t d, int64_t elem_
   p.grid_k = p.rows_k / kCudaTile;
   p.tiles_q = ceil_div(m, kCudaTile);
   p.tiles_k = ceil_div(l, kCudaTile);
-  p.splits_fwd = num_splits(p.grid_q, p.tiles_k, sm_count, kCudaFwdBlocksPerSm);
-  p.splits_dq = num_splits(p.grid_q * p.out_chunks, p.tiles_k, sm_count, kCudaBwdBlocksPerSm);
-  p.splits_dk = num_splits(p.grid_k * p.out_chunks, p.tiles_q, sm_count, kCudaBwdBlocksPerSm);
+  p.splits_fwd = num_splits(p.grid_q, p.tiles_k, sm_count, fwd_blocks_per_sm(elem_bytes));
+  p.splits_dq = num_splits(p.grid_q * p.out_chunks, p.tiles_k, sm_count, bwd_blocks_per_sm(elem_bytes));
+  p.splits_dk = num_splits(p.grid_k * p.out_chunks, p.tiles_q, sm_count, bwd_blocks_per_sm(elem_bytes));
   p.norm_grid_q = ceil_div(p.rows_q, kCudaNormRowsPerBlock);
   p.norm_grid_k = ceil_div(p.rows_k, kCudaNormRowsPerBlock);
   p.smem_fwd = smem_layout(elem_bytes, acc_bytes, false).total;

@@ -422,7 +422,7 @@ struct RowPartials {
 
 // Forward: one block per kCudaTile query rows and split of the key tiles (blockIdx.y).
 template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kCudaThreads)
+__global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
     forward_kernel(const T* __restrict__ qhat, const T* __restrict__ khat, const int64_t* __restrict__ q_labels,
                    const int64_t* __restrict__ k_labels, int64_t m, int64_t l, int64_t dim,
                    Temperature<acc_of<T>> temperature, int64_t self_offset, bool exclude_positives,
@@ -519,7 +519,7 @@ __global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t sp
 //   two_way (CLIP; query rows' factors at 0, key columns' at M): the dQ and the dK pass.
 // dhat holds gridDim.z slices of own rows_padded x dim; normalize_backward sums them.
 template <typename T, bool kTensorCores, bool kOwnIsQuery, bool kBothFactors>
-__global__ void __launch_bounds__(kCudaThreads)
+__global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
     grad_kernel(const T* __restrict__ own_hat, const T* __restrict__ other_hat, const int64_t* __restrict__ own_labels,
                 const int64_t* __restrict__ other_labels, int64_t own_n, int64_t other_n, int64_t dim,
                 const acc_of<T>* __restrict__ lse, const acc_of<T>* __restrict__ grad, const int* __restrict__ npos,
@@ -923,7 +923,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     const at::Tensor dkhat =
         symmetric ? at::Tensor() : at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
-    const at::Tensor grad_bound = times_inverse_temperature(g.abs().amax(), temp);  // on the stream: no sync
+    // Bound of |dL/dcos| for the float16 operand scale (pow2_scale, ntxent.h), on the stream: no sync.
+    at::Tensor g_bound = g.abs().masked_fill(npos == 0, 0);
+    if (weight.defined()) g_bound = g_bound * weight.abs().clamp_min(1);
+    const at::Tensor grad_bound = times_inverse_temperature(g_bound.amax(), temp);
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
       constexpr bool kTC = decltype(tensor_cores)::value;
       // One pass: dhat of the own rows (queries: dQ, keys: dK) from the other side's tiles.

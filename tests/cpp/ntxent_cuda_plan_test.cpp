@@ -94,15 +94,14 @@ static void check_maps() {
   for (int v : seen) CHECK(v == 1, "strip map covers an element %d times", v);
   // Lanes l and l ^ 16 serve the same row (the kernels combine them with __shfl_xor_sync(..., 16)).
   for (int lane = 0; lane < 32; ++lane) CHECK(strip_row(lane) == strip_row(lane ^ 16), "lane pair");
-  // At each step the 16 lanes of a half read 16 distinct banks of the float score strip.
-  const int64_t ld_s = smem_layout(2, 4, true).ld_s;
-  for (int c = 0; c < 32; ++c) {
-    for (int half = 0; half < 2; ++half) {
+  // At each step the 32 lanes read 32 distinct banks of the float score strip (no 2-way conflict between the
+  // halves), and write 32 distinct banks of a float32 dL/dcos strip (TF32 and exact fp32 paths).
+  for (const int64_t ld : {smem_layout(2, 4, true).ld_s, smem_layout(4, 4, true).ld_p}) {
+    for (int c = 0; c < 32; ++c) {
       unsigned banks = 0;
-      for (int lane = 16 * half; lane < 16 * half + 16; ++lane) {
-        banks |= 1u << ((strip_row(lane) * ld_s + strip_col(lane, c)) % 32);
-      }
-      CHECK(__builtin_popcount(banks) == 16, "strip reads at step %d fall on %d banks", c, __builtin_popcount(banks));
+      for (int lane = 0; lane < 32; ++lane) banks |= 1u << ((strip_row(lane) * ld + strip_col(lane, c)) % 32);
+      CHECK(__builtin_popcount(banks) == 32, "strip accesses at step %d (row stride %lld) fall on %d banks", c,
+            static_cast<long long>(ld), __builtin_popcount(banks));
     }
   }
   // simt_row / simt_col: 32 lanes x 4 rows x (cols / 8) columns cover a 16 x cols patch exactly once.
@@ -152,8 +151,8 @@ static void check_plans() {
             }
           }
           // Splits only fill the machine: a launch that already gives each SM its blocks is not split.
-          CHECK(p.grid_q < kCudaFwdBlocksPerSm * sms || p.splits_fwd == 1, "forward split without need");
-          CHECK(p.grid_q * p.out_chunks < kCudaBwdBlocksPerSm * sms || p.splits_dq == 1, "dQ split without need");
+          CHECK(p.grid_q < fwd_blocks_per_sm(t.elem) * sms || p.splits_fwd == 1, "forward split without need");
+          CHECK(p.grid_q * p.out_chunks < bwd_blocks_per_sm(t.elem) * sms || p.splits_dq == 1, "dQ split without need");
           CHECK(p.rows_q >= m && p.rows_q % kCudaTile == 0 && p.rows_q - m < kCudaTile, "rows_q %lld for %lld",
                 (long long)p.rows_q, (long long)m);
           CHECK(p.rows_k >= l && p.rows_k % kCudaTile == 0 && p.rows_k - l < kCudaTile, "rows_k");
@@ -188,6 +187,11 @@ static void check_plans() {
           CHECK(p.smem_fwd == smem_layout(t.elem, t.acc, false).total &&
                     p.smem_bwd == smem_layout(t.elem, t.acc, true).total,
                 "plan smem");
+          // The blocks per SM the split plan and the __launch_bounds__ assume fit an H100's shared memory.
+          CHECK(p.smem_fwd * fwd_blocks_per_sm(t.elem) <= kSm90Smem && p.smem_bwd * bwd_blocks_per_sm(t.elem) <= kSm90Smem,
+                "%lld forward / %lld backward blocks per SM do not fit (%lld / %lld bytes each)",
+                (long long)fwd_blocks_per_sm(t.elem), (long long)bwd_blocks_per_sm(t.elem), (long long)p.smem_fwd,
+                (long long)p.smem_bwd);
           // Byte offsets of the largest element index stay in 64 bits (the kernels index with int64_t).
           CHECK((double)p.rows_k * (double)p.dim * 8.0 * (double)p.splits_dk < 9.2e18, "64-bit offsets");
         }
