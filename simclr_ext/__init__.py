@@ -1,5 +1,8 @@
 """simclr_ext: fused C++/CUDA NT-Xent loss, batched SimCLR augmentations and a training recipe.
 
+The library (ops, losses, augmentations, distributed helpers) is imported here; the training recipe
+(simclr_ext.recipe: trainer, datasets, models, CLI) only on first use of one of its names below.
+
 SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020.
 """
@@ -12,18 +15,31 @@ from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
 from .ops import set_tf32, tf32_enabled
 from .supcon_loss import SupConLoss, supcon_loss
-from .train import PretrainConfig, knn_eval, linear_eval, pretrain
 
-# The per-sample transform needs torchvision (an optional dependency): imported on first use.
-_LAZY = {"SimCLRTransform": "transforms", "ragged_collate": "transforms"}
+# Imported on first use (PEP 562): the per-sample transform needs torchvision (an optional dependency),
+# and the training recipe pulls in the trainer, the datasets and their dependencies.
+_LAZY = {
+    "SimCLRTransform": "transforms",
+    "ragged_collate": "transforms",
+    "PretrainConfig": "recipe.recipes",
+    "pretrain": "recipe.train",
+    "linear_eval": "recipe.train",
+    "knn_eval": "recipe.train",
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

@@ -186,29 +186,3 @@ def test_gather_collectives_shape_checks_and_distributed_bank(tmp_path):
         start = (0, 6, 0)[step]  # 6 rows per step into 10: the second fills the end and drops 2 (lightly's rule)
         take = min(6, 10 - start)
         torch.testing.assert_close(per_rank[0]["bank"][start:start + take], rows[:take])
-
-
-def _pretrain_worker(rank, port, out_dir):
-    from simclr_ext.train import pretrain
-
-    torch.set_num_threads(1)  # two processes on a small shared CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        summary = pretrain(epochs=2, batch_size=128, width=4, proj_dim=16, knn_every=1, eval=False,
-                           progress=False, out=out_dir, device="cpu")
-        torch.save(summary, os.path.join(out_dir, f"summary{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_pretrain_smoke(tmp_path):
-    mp.spawn(_pretrain_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert ckpt["world_size"] == WORLD and ckpt["epoch"] == 2
-    assert len(ckpt["rng"]["augment"]) == WORLD
-    summaries = [torch.load(tmp_path / f"summary{r}.pt") for r in range(WORLD)]
-    # Both ranks report the loss averaged over ranks, so they agree; it is finite and positive.
-    assert summaries[0]["final_loss"] == summaries[1]["final_loss"]
-    assert 0 < summaries[0]["final_loss"] < 10
-    assert (tmp_path / "summary.json").exists() and (tmp_path / "metrics.jsonl").exists()

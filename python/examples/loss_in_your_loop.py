@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import simclr_ext
-from simclr_ext.data import load_dataset
+from simclr_ext.recipe.data import load_dataset
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 digits = load_dataset("digits")                       # uint8 (N, 1, 8, 8) images, no download

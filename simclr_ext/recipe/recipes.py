@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from . import data as data_lib
-from .augment import SimCLRAugment
+from ..augment import SimCLRAugment
 
 __all__ = ["PretrainConfig", "RECIPES", "DATASET_RECIPE", "AUGMENT_PRESETS", "AUGMENT_RECIPES", "PRECISIONS",
            "build_augment"]

@@ -10,7 +10,7 @@ import typing
 
 
 def _info(args):
-    from .info import info
+    from ..info import info
 
     print(json.dumps(info(), indent=2))
     return 0
@@ -19,7 +19,7 @@ def _info(args):
 # ----- pretrain --------------------------------------------------------------------------------
 _HELP = {
     "recipe": "the recipe filling unset fields (default: the dataset's; imagefolder: imagenet, or imagenet_small "
-              "for one or two GPUs; see simclr_ext.recipes.RECIPES)",
+              "for one or two GPUs; see simclr_ext.recipe.recipes.RECIPES)",
     "dataset": "digits (embedded, no download), mnist, cifar10, cifar100, stl10 or imagefolder",
     "data_dir": "folder holding the dataset (torchvision datasets: default ./data)",
     "download": "download a torchvision dataset into --data-dir",
@@ -142,7 +142,7 @@ def _export(args):
 
     settings = export_encoder(args.checkpoint, args.out)
     print(f"encoder ({settings['arch']}, {settings['feature_dim']}-d features, {settings['image_size']} px "
-          f"{settings['dataset']} input) written to {args.out}; load with simclr_ext.checkpoint.load_encoder")
+          f"{settings['dataset']} input) written to {args.out}; load with simclr_ext.recipe.checkpoint.load_encoder")
     return 0
 
 
@@ -160,7 +160,8 @@ def build_parser():
     p_info.set_defaults(func=_info)
     p_pre = sub.add_parser("pretrain", help="SimCLR pretraining, then evaluation against a random-init encoder",
                            description="SimCLR pretraining. Settings left out come from the dataset's recipe "
-                                       "(simclr_ext.recipes.RECIPES, each number cited); with no arguments: the embedded digits demo.")
+                                       "(simclr_ext.recipe.recipes.RECIPES, each number cited); with no arguments: "
+                                       "the embedded digits demo.")
     _add_config_arguments(p_pre)
     p_pre.set_defaults(func=_pretrain)
     p_lin = sub.add_parser("linear-eval", help="linear probe (top-1/top-5) of a checkpoint's frozen encoder")

@@ -10,15 +10,15 @@ import textwrap
 import pytest
 import torch
 
-from simclr_ext.checkpoint import CheckpointError, read_checkpoint
-from simclr_ext.train import (NonFiniteLossError, PretrainConfig, RunDirectoryError, Trainer, pretrain,
-                              save_checkpoint_atomic)
+from simclr_ext.recipe.checkpoint import CheckpointError, read_checkpoint
+from simclr_ext.recipe.train import (NonFiniteLossError, PretrainConfig, RunDirectoryError, Trainer, pretrain,
+                                     save_checkpoint_atomic)
 
 # 1007 digits / 256 = 3 steps per epoch; a 4-wide CNN keeps every run to a few seconds.
 TINY = dict(epochs=2, batch_size=256, width=4, proj_dim=16, knn_every=0, eval=False, progress=False,
             device="cpu", warmup_epochs=1)
 STEPS_PER_EPOCH = 3
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def _config(out, **kw):
@@ -83,7 +83,7 @@ def test_interrupt_then_resume_reproduces_the_losses_exactly(tmp_path, uninterru
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from simclr_ext.train import PretrainConfig, Trainer
+    from simclr_ext.recipe.train import PretrainConfig, Trainer
     kw = dict(epochs=2, batch_size=256, width=4, proj_dim=16, knn_every=0, eval=False, progress=False,
               device="cpu", warmup_epochs=1)
     trainer = Trainer(PretrainConfig(out=sys.argv[1], **kw))
@@ -121,7 +121,7 @@ def test_resumed_tensorboard_purges_the_steps_after_the_checkpoint(tmp_path, mon
     """TensorBoard (optional) is told to drop its events from the step after the checkpoint on."""
     import types
 
-    from simclr_ext.metrics import MetricsLog
+    from simclr_ext.recipe.metrics import MetricsLog
 
     made = []
 
@@ -202,7 +202,7 @@ def test_rng_states_round_trip():
 
     import numpy as np
 
-    from simclr_ext.checkpoint import pack_rng, unpack_rng
+    from simclr_ext.recipe.checkpoint import pack_rng, unpack_rng
 
     random.gauss(0, 1)  # a cached gaussian in Python's state
     packed = pack_rng()
@@ -290,7 +290,7 @@ def test_missing_training_dependency_is_named_before_training(tmp_path, monkeypa
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
-    from simclr_ext.train import MissingDependencyError
+    from simclr_ext.recipe.train import MissingDependencyError
 
     with pytest.raises(MissingDependencyError, match=r"scikit-learn \(for the digits dataset\).*simclr_ext\[train\]"):
         Trainer(_config(tmp_path))
@@ -341,7 +341,7 @@ def test_bf16_autocast_and_accumulation_take_effect(tmp_path):
 
 
 def test_recipes_fill_unset_fields():
-    from simclr_ext.recipes import RECIPES
+    from simclr_ext.recipe.recipes import RECIPES
 
     small = PretrainConfig().resolved()
     assert (small.arch, small.optimizer, small.width, small.threads, small.epochs) == ("small_cnn", "adamw", 32, 1, 100)
@@ -372,7 +372,7 @@ def test_loss_decreases(tmp_path):
 
 def test_trainer_augments_with_the_fused_simclr_augment(tmp_path):
     from simclr_ext import SimCLRAugment
-    from simclr_ext.train import AUGMENT_RECIPES
+    from simclr_ext.recipe.train import AUGMENT_RECIPES
 
     trainer = Trainer(_config(tmp_path))
     aug = trainer.aug
@@ -394,7 +394,8 @@ def test_trainer_augments_with_the_fused_simclr_augment(tmp_path):
 def test_normalization_statistics_live_in_one_place():
     import importlib
 
-    from simclr_ext import data, stats
+    from simclr_ext import stats
+    from simclr_ext.recipe import data
 
     augment = importlib.import_module("simclr_ext.augment")  # the module (simclr_ext.augment is the function)
     assert augment.CIFAR10_MEAN is stats.CIFAR10_MEAN and augment.IMAGENET_STD is stats.IMAGENET_STD

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_ext.models import ProjectionHead, SimCLRModel, SmallCNN, build_model, resnet_encoder
+from simclr_ext.recipe.models import ProjectionHead, SimCLRModel, SmallCNN, build_model, resnet_encoder
 
 
 @pytest.mark.parametrize("size", [8, 16, 28])

@@ -1,18 +1,70 @@
 """The simclr-ext command line, run in-process through cli.main: what it prints and its exit codes."""
+import importlib
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from simclr_ext import cli
+from simclr_ext.recipe import cli
 
 TINY = ["--epochs", "1", "--batch-size", "256", "--width", "4", "--proj-dim", "16", "--knn-every", "0",
         "--no-progress", "--device", "cpu"]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+
+
+def _resolve(dotted):
+    """The object a dotted name such as simclr_ext.recipe.recipes.RECIPES names (longest importable module
+    prefix, then attributes)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
 def test_info_prints_json(capsys):
     assert cli.main(["info"]) == 0
     assert isinstance(json.loads(capsys.readouterr().out), dict)
+
+
+def test_python_dash_m_runs_the_cli():
+    import simclr_ext
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "simclr_ext", "info"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["version"] == simclr_ext.__version__
+    proc = subprocess.run([sys.executable, "-m", "simclr_ext", "pretrain", "--batch-size", "0"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "batch_size" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [[], ["pretrain"], ["linear-eval"], ["knn"], ["export"], ["info"]],
+                         ids=lambda c: c[0] if c else "top")
+def test_module_paths_in_the_help_resolve(command, capsys):
+    """Every simclr_ext.* name the help points users to can be imported (guards against moved modules)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    named = set(re.findall(r"simclr_ext(?:\.\w+)+", help_text))
+    if command == ["pretrain"]:
+        assert "simclr_ext.recipe.recipes.RECIPES" in named
+    for dotted in named:
+        assert _resolve(dotted) is not None, dotted
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +106,13 @@ def test_linear_eval_and_knn_on_the_checkpoint(run_dir, capsys):
 
 
 def test_export_writes_the_encoder_alone(run_dir, tmp_path, capsys):
-    from simclr_ext.checkpoint import load_encoder, load_pretrained
+    from simclr_ext.recipe.checkpoint import load_encoder, load_pretrained
 
     out, _ = run_dir
     assert cli.main(["export", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "enc.pt")]) == 0
-    assert "written to" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "written to" in printed
+    assert _resolve(re.search(r"load with (simclr_ext[\w.]*\w)", printed).group(1)) is load_encoder
     saved = torch.load(tmp_path / "enc.pt", weights_only=True)
     assert set(saved) == {"format", "encoder", "settings"} and not any(k.startswith("head") for k in saved["encoder"])
     encoder, settings = load_encoder(str(tmp_path / "enc.pt"))

@@ -125,7 +125,7 @@ def load_pretrained(checkpoint: str, device: Optional[str] = None):
 def export_encoder(checkpoint: str, out: str) -> Dict:
     """Write the encoder of a pretraining checkpoint alone (state dict + what rebuilds it) to `out`,
     atomically; returns the saved settings. Load it with `load_encoder`."""
-    from .stats import DATASET_STATS
+    from ..stats import DATASET_STATS
 
     model, cfg = load_pretrained(checkpoint, "cpu")
     mean, std = DATASET_STATS[cfg.dataset]

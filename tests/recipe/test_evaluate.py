@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from simclr_ext import evaluate
-from simclr_ext.evaluate import evaluate_features, fewshot_probe, knn_classify, linear_probe, shard_range
+from simclr_ext.recipe import evaluate
+from simclr_ext.recipe.evaluate import evaluate_features, fewshot_probe, knn_classify, linear_probe, shard_range
 
 
 def _clusters(gen, n_per_class, classes=4, dim=6, spread=0.3):
@@ -113,14 +113,14 @@ def _free_port() -> int:
 
 
 def _encoder():
-    from simclr_ext.models import build_encoder
+    from simclr_ext.recipe.models import build_encoder
 
     torch.manual_seed(3)
     return build_encoder("small_cnn", 1, width=4, pool=1, final_relu=False)
 
 
 def _evaluate(full_batch_max_elements):
-    from simclr_ext.data import load_dataset
+    from simclr_ext.recipe.data import load_dataset
 
     s = load_dataset("digits")
     return evaluate.evaluate_encoder(_encoder(), s.train, s.test, s.image_size, s.mean, s.std, validation=s.validation,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .stats import DATASET_STATS
+from ..stats import DATASET_STATS
 
 __all__ = ["DATASETS", "DEFAULT_AUGMENT", "DataNotFoundError", "ImageSet", "DataSplits", "load_dataset", "eval_transform",
            "digits_splits", "carve_validation", "eval_resize_side", "VALIDATION_FRACTION", "SPLIT_SEED"]

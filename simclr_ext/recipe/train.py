@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as data_lib
-from . import distributed as dist_lib
+from .. import distributed as dist_lib
 from .checkpoint import (PRETRAIN_FORMAT, CheckpointError, load_pretrained, pack_rng, read_checkpoint,
                          save_checkpoint_atomic, unpack_rng)
 from .evaluate import evaluate_encoder, knn_classify, linear_probe, shard_range, sharded_features
@@ -137,7 +137,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.net = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                     if self.distributed else self.model)
-        from .loss import NTXentLoss
+        from ..loss import NTXentLoss
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=self.distributed)
 
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)

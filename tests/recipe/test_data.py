@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from simclr_ext import data
+from simclr_ext.recipe import data
 
 
 def _rows(images, labels):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_ext.optim import LARS, WarmupCosine, build_optimizer, build_scheduler, param_groups, scaled_lr
+from simclr_ext.recipe.optim import LARS, WarmupCosine, build_optimizer, build_scheduler, param_groups, scaled_lr
 
 
 def _net():
