@@ -1,21 +1,29 @@
 // CPU forward and backward of the contrastive op (math in ntxent.h).
 //
+// Tiles come from the raw rows: one BLAS product of raw q and k rows per tile, each entry scaled by the two
+// rows' inverse norms (cosine() in ntxent.h), so that no normalized copy of q or k is made (float16 /
+// bfloat16 inputs are widened once for BLAS). Extra memory: the inverse norms, one tile per thread and the
+// gradients' accumulators (written in place for float32 / float64 inputs).
 // Forward, streamed: query rows are processed in blocks of kCpuRowBlock against key tiles of kCpuKeyBlock;
-// each tile of cosines comes from one BLAS product of the normalized rows and is consumed at once (online
-// log-sum-exp), so the M x L matrix never exists. Extra memory is the normalized copies of q and k, their
-// gradients, and one tile per thread.
+// each tile is consumed at once (online log-sum-exp), so the M x L matrix never exists. two_way (CLIP): the
+// same tiles also feed each key column's log-sum-exp, kept per task and merged in task order.
 // Forward, kept (small problems, when the caller asks for it: keep_probs): each row block's full row of
 // cosines is written straight into an M x L buffer of softmax probabilities, which the op returns and the
 // backward reads instead of recomputing scores and exps. simclr_ext/ops.py asks for it only below a size
 // limit (see _KEEP_PROBS_MAX_ELEMENTS there for how it was chosen).
 //
-// Backward, in every case each output row is owned by exactly one task, which accumulates it in a fixed
-// order: the result is deterministic whatever the thread count, and no per-thread copy of dk is needed.
+// Backward. The products run on G = dL/dcos scaled by both rows' inverse norms, against the raw rows; the
+// normalization backward turns their results into the gradients.
 //   symmetric (q is k, same labels, self_offset 0): S is symmetric, dL/dzhat = (dS + dS^T) zhat: one pass
 //       over row blocks, each tile recomputed once (or read from the kept probabilities) into
 //       H = dS + dS^T and multiplied once: three GEMM passes in all (two with kept probabilities).
 //   general: a dq pass over query blocks and a dk pass over key blocks, each recomputing its tiles from
 //       the saved log-sum-exp (or reading the kept probabilities).
+//   In both, each output row is owned by exactly one task, which accumulates it in a fixed order: the
+//   result is deterministic whatever the thread count.
+//   two_way: one pass over query blocks, each tile recomputed once and multiplied twice (dq rows owned,
+//       dk accumulated per task and summed in task order: deterministic for a given thread count); four
+//       GEMM passes in all.
 // Which path ran is counted (ntxent_paths.h) so that tests can assert it.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
