@@ -248,8 +248,8 @@ def main(argv=None):
               + ("; CUDA-event timings" if args.device == "cuda" else "") + "; load average read before each row",
               "peak memory: " + ("resident-set growth of one call in a fresh process, at the row's thread count"
                                  if args.device == "cpu" else
-                                 "torch.cuda.max_memory_allocated() above the inputs during the first call "
-                                 "(backward: above the kept forward graph)")]
+                                 "torch.cuda.max_memory_allocated() above the inputs during the first call")
+              + "; backward: above the kept forward graph"]
     md, paths = run.finish(rows, table(rows, args.providers), method, args.out, not args.no_write)
     common.report(md, paths)
     return 0

@@ -16,8 +16,8 @@ full (forward + backward, a training step). Metrics (--metrics): time, the media
 one process (plain, lightly, fused, gemm_floor, plain, ...; CUDA-event timings on the GPU); peak memory,
 on the CPU the resident-set growth in a fresh process (1 thread, one process per provider, mode, dtype
 and D, the sizes in turn), on CUDA torch.cuda.max_memory_allocated() above the inputs during the first,
-untimed call (backward: above the kept forward graph). Ratios: <peer> / fused (> 1: fused faster),
-fused / gemm_floor, and fused / plain for memory; fused TFLOP/s counts the GEMM passes' flops.
+untimed call; in backward mode both count above the kept forward graph. Ratios: <peer> / fused (> 1:
+fused faster), fused / gemm_floor, and fused / plain for memory; fused TFLOP/s counts the GEMM flops.
 
     python benchmarks/bench_ntxent.py --device cpu     # --sizes 256 512 2048 8192 16384 --dims 128 512
                                                        # --threads 1 2 --dtypes fp32 --modes full
@@ -316,8 +316,8 @@ def method_lines(args, device, names):
     if "memory" in args.metrics:
         lines.append("peak memory: " + ("resident-set growth of one call, 1 thread, one fresh process per provider, "
                                         "mode, dtype and D" if device == "cpu" else
-                                        "torch.cuda.max_memory_allocated() above the inputs during the first call "
-                                        "(backward: above the kept forward graph)"))
+                                        "torch.cuda.max_memory_allocated() above the inputs during the first call")
+                     + "; backward: above the kept forward graph")
     if device == "cuda":
         lines.append(f"float32 matmul precision: {torch.get_float32_matmul_precision()} (all providers; "
                      f"simclr_ext TF32: {_tf32()})")

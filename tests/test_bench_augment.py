@@ -63,6 +63,7 @@ def test_profile_table(tmp_path):
     assert "Where the fused op's time goes" in text
 
 
+@pytest.mark.slow
 def test_memory_metric_adds_the_peak_of_each_provider(tmp_path):
     bench_augment.main(["--device", "cpu", "--threads", "1", "--cases", "32x32", "--providers", "fused", "tv2",
                         "--reps", "1", "--out", str(tmp_path), "--metrics", "time", "memory"])

@@ -63,6 +63,7 @@ def test_run_writes_the_format_and_never_overwrites(tmp_path):
     assert data["command"] == "python benchmarks/bench_ntxent.py --sizes 8"
 
 
+@pytest.mark.slow
 def test_ntxent_rows_ratios_and_tables(tmp_path):
     bench_ntxent.main(["--device", "cpu", "--sizes", "16", "24", "--dims", "8", "--threads", "1", "--reps", "2",
                        "--modes", "backward", "full", "--providers", "plain", "fused", "gemm_floor",
