@@ -1,7 +1,8 @@
 """The augmentation benchmark script's contract (not its timings): results in the harness's format (device,
 date, git SHA: tests/test_bench_harness.py checks the format itself), a provider that cannot be imported
-is reported as unavailable instead of failing the run (the GPU machine has no kornia unless its wheels are carried), --max-seconds skips what it cannot afford and still
-writes results, --profile adds the per-stage table and --metrics memory the peak per provider."""
+is reported as unavailable instead of failing the run (the GPU machine has no kornia unless its wheels
+are carried), --max-seconds skips what it cannot afford and still writes results, --profile adds the
+per-stage table and --metrics memory the peak per provider."""
 import json
 import os
 import sys
