@@ -29,7 +29,8 @@ demo: setup
 	$(PYTHON) -m simclr_ext pretrain --out runs/demo --overwrite
 
 bench: setup
-	$(PYTHON) benchmarks/bench_ntxent_cpu.py --write
+	$(PYTHON) benchmarks/bench_ntxent.py --device cpu
+	$(PYTHON) benchmarks/bench_losses.py --device cpu
 	$(PYTHON) benchmarks/bench_augment.py --device cpu --threads 1,2 --profile
 
 # Wheels the GPU machine lacks (kornia + kornia_rs for Python 3.12), into the git-ignored .whl/ that a

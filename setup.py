@@ -117,7 +117,7 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.22"],
     extras_require={
         "train": ["torchvision>=0.19", "scikit-learn>=1.0", "tqdm>=4.0", "matplotlib>=3.5"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn>=1.0", "torchvision>=0.19", "expecttest", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "scikit-learn>=1.0", "torchvision>=0.19", "expecttest", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["simclr-ext=simclr_ext.recipe.cli:main"]},
     zip_safe=False,

@@ -1,8 +1,9 @@
 """Images/second of the full SimCLR augmentation (two views per image) against the usual alternatives.
 
-    python benchmarks/bench_augment.py --device cpu --threads 1,2 --out benchmarks/results
+    python benchmarks/bench_augment.py --device cpu [--threads 1,2] [--cases 32x32,224x224] [--reps 5]
     python benchmarks/bench_augment.py --device cuda --out $OUT
     python benchmarks/bench_augment.py --device cpu --threads 1 --profile   # + where the fused op's time goes
+    python benchmarks/bench_augment.py --device cpu --metrics time memory   # + peak memory per provider
 
 Providers (the same pipeline: RandomResizedCrop, flip, color jitter p=0.8 in random order, grayscale p=0.2,
 blur p=0.5 with a ~10% kernel (off at 32x32, as in the paper for CIFAR), normalize; two views):
@@ -15,26 +16,30 @@ blur p=0.5 with a ~10% kernel (off at 32x32, as in the paper for CIFAR), normali
                listed as unavailable in the results instead of failing the run
 Each repeat runs every provider once, in turn (A B C A B C ...); we report medians and the ratios of the
 fused op's rate to each other provider's. For CUDA we also report the fused op's global-memory traffic
-model against the minimum (read every source once, write every output once).
+model against the minimum (read every source once, write every output once). Mode: forward only (uint8
+images in, nothing to differentiate). Metrics: time (default); with --metrics time memory also the peak
+memory of one call (CPU: resident-set growth in a fresh process after a warm-up call; CUDA:
+torch.cuda.max_memory_allocated() above the inputs during the first call).
+Results: benchmarks/results/augment_<device>_<YYYYMMDD-HHMM>.{md,json} (benchmarks/common.py), unless
+--no-write.
 """
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")]
+sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")) if p not in sys.path]
 
 import simclr_ext  # noqa: E402
 from simclr_ext.augment import default_blur_kernel  # noqa: E402
-from common import loadavg  # noqa: E402
+import common  # noqa: E402
+from common import MODES  # noqa: E402
+
+PROVIDERS = ("fused", "tv2", "tv1_pil", "kornia")
 
 CASES = {  # name: (source side, output side, batch on CPU, batch on CUDA)
     "32x32": (32, 32, 256, 1024),
@@ -120,51 +125,63 @@ def _have(module):
         return False
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def bench_case(name, device, threads, repeats, providers, deadline=None):
-    """Interleaved repeats of every provider on one case; after the first repeat, stops early once
-    time.perf_counter() passes `deadline` (each row records how many repeats it has)."""
-    src, out, b_cpu, b_cuda = CASES[name]
+def _images(name, device):
+    """The case's uint8 batch on the CPU and on `device` (the same values)."""
+    src, _, b_cpu, b_cuda = CASES[name]
     batch = b_cuda if device == "cuda" else b_cpu
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (batch, 3, src, src), generator=g, dtype=torch.uint8)
-    dev_images = images.to(device)
-    fns = {}
-    for p in providers:
-        fns[p] = globals()["make_" + p](out, device)
-    times = {p: [] for p in providers}
-    cpu = {p: [] for p in providers}  # process CPU time: what a loaded, shared machine inflates least
-    for p, fn in fns.items():  # warm-up (kernel caches, lazy imports, PIL conversion)
-        fn(images if p == "tv1_pil" else dev_images)
-        _sync(device)
-    for rep in range(repeats):
-        if rep > 0 and deadline is not None and time.perf_counter() > deadline:
-            break
-        for p, fn in fns.items():
-            x = images if p == "tv1_pil" else dev_images
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn(x)
-            _sync(device)
-            times[p].append(time.perf_counter() - t0)
-            cpu[p].append(time.process_time() - c0)
+    return images, images.to(device)
+
+
+def _call(provider, fn, images, dev_images):
+    """The provider's call on its input: PIL images come from the CPU batch, the rest from the device's."""
+    x = images if provider == "tv1_pil" else dev_images
+    return lambda: fn(x)
+
+
+def bench_case(name, device, threads, repeats, providers, deadline=None, memory=False):
+    """Interleaved repeats of every provider on one case (the first call of each, untimed, warms up: kernel
+    caches, lazy imports, PIL conversion; on CUDA with `memory` it also measures the peak); after the first
+    repeat, stops early once time.perf_counter() passes `deadline` (each row records how many repeats it has)."""
+    _, out, _, _ = CASES[name]
+    images, dev_images = _images(name, device)
+    batch = images.shape[0]
+    calls = {p: _call(p, globals()["make_" + p](out, device), images, dev_images) for p in providers}
+    peaks = {}
+    for p, call in calls.items():
+        if memory and device == "cuda":
+            peaks[p] = common.cuda_peak_growth(call) / 2**20
+        else:
+            call()
+            common.sync(device)
+    times = common.interleaved(calls, repeats, device, deadline)  # CPU time too: a loaded machine inflates it least
     rows = []
     for p in providers:
-        med = statistics.median(times[p])
-        rows.append(dict(case=name, device=device, threads=threads, provider=p, batch=batch, median_s=med,
-                         repeats=len(times[p]), cpu_s=statistics.median(cpu[p]),
-                         images_per_s=batch / med, runs=[round(t, 6) for t in times[p]]))
+        med = statistics.median(times[p]["wall"])
+        rows.append(dict(case=name, device=device, threads=threads, mode="forward", provider=p, batch=batch,
+                         time_s=med, reps=len(times[p]["wall"]), cpu_s=statistics.median(times[p]["cpu"]),
+                         images_per_s=batch / med, runs=[round(t, 6) for t in times[p]["wall"]]))
+        if p in peaks:
+            rows[-1]["peak_mib"] = peaks[p]
     fused = next(r for r in rows if r["provider"] == "fused")
     for r in rows:
         r["fused_speedup"] = fused["images_per_s"] / r["images_per_s"]
         r["fused_speedup_cpu"] = r["cpu_s"] / fused["cpu_s"] if fused["cpu_s"] > 0 else float("nan")
+        if r.get("peak_mib") and "peak_mib" in fused:
+            r["fused_memory_ratio"] = fused["peak_mib"] / r["peak_mib"]
     if device == "cuda":
-        fused.update(traffic_model(batch, src, out, fused["median_s"]))
+        fused.update(traffic_model(batch, CASES[name][0], out, fused["time_s"]))
     return rows
+
+
+def probe(name, provider):
+    """In this fresh process (CPU): peak resident-set growth (bytes) of one call on the case's batch, after
+    one warm-up call on it (one-time allocations and the PIL conversion are not counted)."""
+    images, _ = _images(name, "cpu")
+    call = _call(provider, globals()["make_" + provider](CASES[name][1], "cpu"), images, images)
+    call()
+    return common.peak_rss_growth(call)
 
 
 def traffic_model(batch, src, out, seconds, jitter_p=0.8):
@@ -246,73 +263,33 @@ def profile_markdown(rows):
     return "\n".join(lines) + "\n"
 
 
-def git_sha():
-    try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("+uncommitted" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+METHOD = [
+    "pipeline: RandomResizedCrop + flip + jitter(0.8,0.8,0.8,0.2, p=0.8) + grayscale(0.2) + blur(p=0.5, kernel ~10% "
+    "of the side; none at 32x32) + normalize; two views per image; mode forward (the op has no backward: uint8 in)",
+    "rate: source images per second (each gives two views); medians over interleaved repeats",
+    "fused: uint8 in, float32 out, bilinear without antialiasing; tv2: uint8 tensors, torchvision's defaults "
+    "(antialiased resize, uint8 intermediates); tv1_pil: PIL images (conversion not timed); kornia: float32 batch "
+    "(uint8 -> float conversion timed); threads = torch.set_num_threads",
+    "cpu s: median process CPU time of the same runs (all threads together); on a loaded machine its ratio "
+    "(fused speedup, CPU) is the steadier one at 1 thread, the wall-clock one the real one on a quiet machine",
+]
 
 
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def machine(device):
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    desc = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}"
-    try:
-        import torchvision
-        desc += f", torchvision {torchvision.__version__}"
-    except ImportError:
-        pass
-    if _have("kornia"):
-        import kornia
-        desc += f", kornia {kornia.__version__}"
-    if device == "cuda":
-        desc += f", GPU {torch.cuda.get_device_name()}"
-    return desc
-
-
-def to_markdown(rows, device, note, meta, unavailable=(), profile=None):
-    lines = [f"# SimCLR augmentation benchmark ({device})", "", f"- date: {meta['date']}",
-             f"- device: {meta['device_name']}", f"- machine: {meta['machine']}", f"- git: {meta['git_sha']}",
-             f"- load average (1, 5, 15 min) before / after: {meta['load_before']} / {meta['load_after']}",
-             "- pipeline: RandomResizedCrop + flip + jitter(0.8,0.8,0.8,0.2, p=0.8) + grayscale(0.2) + "
-             "blur(p=0.5, kernel ~10% of the side; none at 32x32) + normalize; two views per image",
-             "- rate: source images per second (each gives two views); medians over interleaved repeats",
-             "- fused: uint8 in, float32 out, bilinear without antialiasing; tv2: uint8 tensors, torchvision's "
-             "defaults (antialiased resize, uint8 intermediates); tv1_pil: PIL images (conversion not timed); "
-             "kornia: float32 batch (uint8 -> float conversion timed); threads = torch.set_num_threads",
-             f"- note: {note}", ""]
-    for p, why in unavailable:
-        lines.append(f"- {p}: {why}")
-    if unavailable:
-        lines.append("")
-    lines += ["- cpu s: median process CPU time of the same runs (all threads together); on a loaded machine "
-              "its ratio (fused speedup, CPU) is the steadier one at 1 thread, the wall-clock one the real one "
-              "on a quiet machine", "",
-              "| case | threads | provider | batch | median s | images/s | fused speedup | cpu s | fused speedup, CPU |",
-              "|---|---|---|---|---|---|---|---|---|"]
+def to_markdown(rows, profile=None):
+    """The tables: rate per case, threads and provider; the CUDA traffic model; the --profile stages."""
+    memory = any("peak_mib" in r for r in rows)
+    head = ["case", "threads", "provider", "batch", "reps", "median s", "images/s", "fused speedup", "cpu s",
+            "fused speedup, CPU"] + (["peak MiB", "fused / provider memory"] if memory else [])
+    body = []
     for r in rows:
-        lines.append(f"| {r['case']} | {r['threads']} | {r['provider']} | {r['batch']} | {r['median_s']:.4f} | "
-                     f"{r['images_per_s']:.1f} | {r['fused_speedup']:.2f}x | {r['cpu_s']:.4f} | "
-                     f"{r['fused_speedup_cpu']:.2f}x |")
+        cells = [r["case"], r["threads"], r["provider"], r["batch"], r["reps"], f"{r['time_s']:.4f}",
+                 f"{r['images_per_s']:.1f}", f"{r['fused_speedup']:.2f}x", f"{r['cpu_s']:.4f}",
+                 f"{r['fused_speedup_cpu']:.2f}x"]
+        if memory:
+            ratio = r.get("fused_memory_ratio")
+            cells += [common.fmt_mib(r.get("peak_mib")), "-" if ratio is None else f"{100 * ratio:.1f}%"]
+        body.append(cells)
+    lines = [common.markdown_table(head, body)]
     traffic = [r for r in rows if "bytes_model" in r]
     if traffic:
         lines += ["", "Fused op global-memory traffic (model, two views): bytes vs the minimum "
@@ -328,76 +305,92 @@ def to_markdown(rows, device, note, meta, unavailable=(), profile=None):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def cpu_memory(rows, threads):
+    """Adds peak_mib (resident-set growth in a fresh process at `threads` threads) to the CPU rows."""
+    for r in rows:
+        got = common.probe_in_fresh_process(__file__, [r["case"], r["provider"]], threads=threads)
+        r["peak_mib"] = got[-1] / 2**20
+    fused = {r["case"]: r["peak_mib"] for r in rows if r["provider"] == "fused"}
+    for r in rows:
+        if r["peak_mib"] > 0 and r["case"] in fused:
+            r["fused_memory_ratio"] = fused[r["case"]] / r["peak_mib"]
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    common.add_harness_args(ap, PROVIDERS, modes_help="forward, the only one (no backward)", metrics_help="time",
+                            reps_help="interleaved repeats per case (default: 5)")
     ap.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts (torch.set_num_threads)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="directory for the results")
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
-    ap.add_argument("--providers", default="fused,tv2,tv1_pil,kornia")
-    ap.add_argument("--note", default="", help="free text for the results file (e.g. machine shared)")
-    ap.add_argument("--max-seconds", type=float, default=None,
-                    help="time budget: the first case always runs once; after that, stop repeating once it is spent "
-                         "and skip the cases not started (listed in the results); results are written either way")
     ap.add_argument("--profile", action="store_true",
                     help="also time the fused op per stage (CPU only, 1 thread, the 224x224 case)")
     ap.add_argument("--profile-repeats", type=int, default=9)
+    ap.add_argument("--probe", nargs=2, metavar=("CASE", "PROVIDER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but torch.cuda.is_available() is False")
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = [p for p in providers if "make_" + p not in globals()]
-    if unknown:
-        sys.exit(f"--providers: unknown {unknown}; known: fused, tv2, tv1_pil, kornia")
-    unknown = [c for c in args.cases.split(",") if c not in CASES]
-    if unknown:
-        sys.exit(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
-    unavailable = []
+    if args.probe:
+        return args
+    args.providers = common.parse_list(args.providers, "--providers", PROVIDERS)
+    args.cases = common.parse_list(args.cases, "--cases", list(CASES))
+    args.modes = common.parse_list(args.modes or ["forward"], "--modes", MODES)
+    if args.modes != ["forward"]:
+        raise SystemExit(f"--modes: the augmentation has only a forward (uint8 images in, no gradient), got "
+                         f"{args.modes}")
+    args.metrics = common.parse_list(args.metrics or ["time"], "--metrics", common.METRICS)
+    if "time" not in args.metrics:
+        raise SystemExit("--metrics: time is needed (the memory probes follow the timed cases)")
+    args.reps = 5 if args.reps is None else args.reps
+    if args.reps < 1:
+        raise SystemExit(f"--reps: must be >= 1, got {args.reps}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.probe:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        print(probe(*args.probe))
+        return 0
+    common.check_device(args.device)
+    run = common.Run("augment", args.device, f"SimCLR augmentation benchmark ({args.device})", __file__, args, argv)
+    providers = list(args.providers)
     for p, module in (("kornia", "kornia"), ("tv1_pil", "PIL"), ("tv2", "torchvision")):
         if p in providers and not _have(module):
-            print(f"{p}: {module} is not installed: reported as unavailable", file=sys.stderr)
-            unavailable.append((p, f"unavailable: {module} is not installed"))
+            run.skip(p, f"unavailable: {module} is not installed")
             providers.remove(p)
     if args.device == "cuda" and "tv1_pil" in providers:
         providers.remove("tv1_pil")  # PIL runs on the CPU only
     if "fused" not in providers:
         providers.insert(0, "fused")  # the speedup column needs it
-    threads = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [torch.get_num_threads()]
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                device_name=device_name(args.device), machine=machine(args.device), git_sha=git_sha(),
-                load_before=loadavg())
-    print(f"{meta['device_name']} | git {meta['git_sha']} | load average {meta['load_before']}", flush=True)
+    threads = common.parse_list(args.threads, "--threads", convert=int) if args.device == "cpu" else \
+        [torch.get_num_threads()]
+    print(run.header(), flush=True)
     deadline = None if args.max_seconds is None else time.perf_counter() + args.max_seconds
+    memory = "memory" in args.metrics
     rows = []
     for t in threads:
         torch.set_num_threads(t)
-        for case in args.cases.split(","):
+        for case in args.cases:
             if rows and deadline is not None and time.perf_counter() > deadline:
-                print(f"{case} threads={t}: skipped (--max-seconds {args.max_seconds} spent)", flush=True)
-                unavailable.append((f"{case} threads={t}", f"skipped: --max-seconds {args.max_seconds} spent"))
+                run.skip(f"{case} threads={t}", f"skipped: --max-seconds {args.max_seconds:g} spent")
                 continue
-            for r in bench_case(case, args.device, t, args.repeats, providers, deadline):
+            got = bench_case(case, args.device, t, args.reps, providers, deadline, memory)
+            if memory and args.device == "cpu":
+                cpu_memory(got, t)
+            for r in got:
+                r["loadavg"] = common.loadavg()
                 rows.append(r)
                 print(f"{r['case']:>8} threads={t} {r['provider']:>8}: {r['images_per_s']:10.1f} images/s "
-                      f"(median {r['median_s']:.4f} s, fused {r['fused_speedup']:.2f}x; CPU {r['cpu_s']:.4f} s, "
+                      f"(median {r['time_s']:.4f} s, fused {r['fused_speedup']:.2f}x; CPU {r['cpu_s']:.4f} s, "
                       f"fused {r['fused_speedup_cpu']:.2f}x)", flush=True)
     profile = None
     if args.profile and args.device == "cpu" and (deadline is None or time.perf_counter() < deadline):
         profile = profile_stages("224x224", args.profile_repeats)
         print(profile_markdown(profile), flush=True)
-    meta["load_after"] = loadavg()
-    print(f"load average after: {meta['load_after']}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
-    base = os.path.join(args.out, f"augment_{args.device}_{stamp}")
-    with open(base + ".md", "w") as f:
-        f.write(to_markdown(rows, args.device, args.note or "-", meta, unavailable, profile))
-    with open(base + ".json", "w") as f:
-        json.dump(dict(meta, note=args.note, rows=rows, unavailable=dict(unavailable), profile=profile), f,
-                  indent=1)
-    print(f"wrote {base}.md and {base}.json")
+    md, paths = run.finish(rows, to_markdown(rows, profile), METHOD, args.out, not args.no_write,
+                           extra={"providers": providers, "profile": profile})
+    common.report(md, paths)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

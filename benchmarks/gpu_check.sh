@@ -20,14 +20,14 @@
 #   memcheck   small parity tests under compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1
 #              (so an out-of-bounds access inside a cached block is seen)
 #   racecheck  a few under racecheck, --report-api-errors no (torch probes some APIs on purpose)
-#   bench_loss benchmarks/bench_ntxent_cuda.py, --max-seconds from its cap
+#   bench_loss benchmarks/bench_ntxent.py --device cuda, --max-seconds from its cap
 #   bench_aug  benchmarks/bench_augment.py --device cuda (kornia when the wheels were carried)
 #   ncu        (optional, when time is left and ncu runs here) the fused forward + backward kernels:
 #              duration, model FLOP/s, SM and memory throughput, occupancy
 # Why this order: correctness first, and what loses least when time runs short. The build can take
 # minutes on an unknown toolchain; the tests decide whether anything else means anything, so they come
 # right after it. The sanitizers come before any timing (docs/DESIGN.md, "GPU work without a GPU"): a
-# memory error or a race makes the numbers void, and they are short and capped. The benchmarks are elastic (--max-seconds, --repeats
+# memory error or a race makes the numbers void, and they are short and capped. The benchmarks are elastic (--max-seconds, --reps
 # follow the cap), so a slow build costs table rows, not whole checks; ncu is an extra, last.
 #
 # Output: $OUT/summary.txt (also printed last: the device returns the end of the output) and ONE archive,
@@ -407,14 +407,15 @@ step_sanitizer() {  # step_sanitizer NAME TOOL K-EXPRESSION ENV...
 step_bench_loss() {
   needs bench_loss || return
   local c log=$LOGDIR/bench_loss.log dir=$LOGDIR/bench_loss; c=$(cap bench_loss)
-  local script=benchmarks/bench_ntxent_cuda.py
-  if [ "$MODE" = dry ]; then check_flags bench_loss "$c" "$script" --out --sizes --dims --dtypes --max-seconds bf16 fp32; return; fi
+  local script=benchmarks/bench_ntxent.py
+  if [ "$MODE" = dry ]; then check_flags bench_loss "$c" "$script" --device --out --sizes --dims --dtypes --max-seconds \
+    --note bf16 fp32; return; fi
   # it writes its files only at the end: leave room for start-up and the configuration that is running
   local margin=$(( c / 3 )); [ $margin -lt "$(s 25)" ] && margin=$(s 25)
   local maxs=$(( c - margin ))
   # the target row (bf16, 2N = 16384, D = 128) first: the configurations run in this order until time is up
-  run bench_loss "$c" "$log" "$PY" $script --out "$dir" --sizes 16384,65536,4096 --dims 128,512 \
-    --dtypes bf16,fp32 --max-seconds "$maxs"
+  run bench_loss "$c" "$log" "$PY" $script --device cuda --out "$dir" --sizes 16384,65536,4096 --dims 128,512 \
+    --dtypes bf16,fp32 --max-seconds "$maxs" --note "gpu_check.sh on $CARD, driver $DRIVER"
   bench_status bench_loss "$c" "$log" loss "$dir"
 }
 
@@ -422,12 +423,12 @@ step_bench_aug() {
   needs bench_aug || return
   local c log=$LOGDIR/bench_aug.log dir=$LOGDIR/bench_augment; c=$(cap bench_aug)
   local script=benchmarks/bench_augment.py
-  if [ "$MODE" = dry ]; then check_flags bench_aug "$c" "$script" --device --out --repeats --cases --providers --note --max-seconds cuda 224x224 32x32 \
+  if [ "$MODE" = dry ]; then check_flags bench_aug "$c" "$script" --device --out --reps --cases --providers --note --max-seconds cuda 224x224 32x32 \
     fused tv2 kornia; return; fi
   local reps=5; [ "$c" -lt "$(s 80)" ] && reps=3
   # it stops repeating and skips cases not started once --max-seconds is spent, and still writes results
   local maxs=$(( c - c / 4 ))
-  run bench_aug "$c" "$log" "$PY" $script --device cuda --out "$dir" --repeats $reps --cases 224x224,32x32 \
+  run bench_aug "$c" "$log" "$PY" $script --device cuda --out "$dir" --reps $reps --cases 224x224,32x32 \
     --providers fused,tv2,kornia --max-seconds "$maxs" --note "gpu_check.sh on $CARD, driver $DRIVER"
   bench_status bench_aug "$c" "$log" augment "$dir"
 }

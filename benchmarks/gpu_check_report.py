@@ -130,22 +130,35 @@ def _is_bf16(v):
 
 
 def report_loss(folder):
-    """The target row: bf16, 2N = 16384, D = 128, forward + backward; every ratio-like field it has."""
+    """The target row of bench_ntxent.py: bf16, 2N = 16384, D = 128, full (forward + backward): the fused
+    time, each other provider's time over it (fused / gemm_floor for the floor) and the memory ratio."""
     found = _json_files(folder)
     if not found:
         print(f"no result JSON under {folder}")
         return
     rows = [r for _, _, rs in found for r in rs]
-    key = [r for r in rows if _is_bf16(r.get("dtype")) and r.get("n2") == 16384 and r.get("d") == 128
-           and r.get("mode") in ("both", "fwd+bwd")]
-    if not key:
-        print(f"{len(rows)} rows; no bf16 2N=16384 D=128 forward+backward row")
+    key = [r for r in rows if _is_bf16(r.get("dtype")) and r.get("two_n") == 16384 and r.get("dim") == 128
+           and r.get("mode") == "full"]
+    fused = next((r for r in key if r.get("provider") == "fused"), None)
+    if fused is None:
+        print(f"{len(rows)} rows; no bf16 2N=16384 D=128 full row of the fused provider")
         return
-    row = key[0]
-    ratio_keys = [k for k in row if re.search(r"speedup|over_floor|vs_|ratio", k)]
-    fused = row.get("fused")
-    ms = f"fused {fused['median_ms']:.3f} ms, " if isinstance(fused, dict) and _num(fused.get("median_ms")) else ""
-    print(f"bf16 2N=16384 D=128 fwd+bwd: {ms}{_fmt_ratios(row, ratio_keys) or 'no ratios'} ({len(rows)} rows)")
+    if not _num(fused.get("time_s")):
+        print(f"bf16 2N=16384 D=128 full: fused {fused.get('status', 'not timed')} ({len(rows)} rows)")
+        return
+    parts = [f"fused {fused['time_s'] * 1e3:.3f} ms"]
+    for r in key:
+        if r is fused or not _num(r.get("fused_speedup")):
+            continue
+        if r.get("provider") == "gemm_floor":
+            parts.append(f"fused / gemm_floor {1 / r['fused_speedup']:.2f}x")
+        else:
+            parts.append(f"{r.get('provider')} / fused {r['fused_speedup']:.2f}x")
+    parts += [f"{r.get('provider')} OOM" for r in key if r.get("status") == "OOM"]
+    plain = next((r for r in key if r.get("provider") == "plain"), {})
+    if _num(plain.get("fused_memory_ratio")):
+        parts.append(f"memory fused / plain {100 * plain['fused_memory_ratio']:.2f}%")
+    print(f"bf16 2N=16384 D=128 full: {', '.join(parts)} ({len(rows)} rows)")
 
 
 def report_augment(folder):

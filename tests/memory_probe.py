@@ -1,7 +1,7 @@
 """Run as a script: prints the peak resident-memory increase (bytes) of one NT-Xent forward+backward.
 
 Usage: python memory_probe.py PROVIDER TWO_N D [TWO_N ...]; PROVIDER is fused, plain (simclr_reference's
-F.cross_entropy formulation), lightly, gemm_floor (benchmarks/common.py) or reference (the float64-style
+F.cross_entropy formulation), lightly, gemm_floor (benchmarks/bench_ntxent.py) or reference (the float64-style
 oracle). Prints one line per TWO_N, in the order given. Runs in its own process so that the peak (VmHWM,
 reset through /proc/self/clear_refs before each size) belongs to that computation alone.
 """
@@ -12,7 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from common import gemm_floor_step, peak_rss_growth  # noqa: E402
+from bench_ntxent import gemm_floor_step  # noqa: E402
+from common import peak_rss_growth  # noqa: E402
 
 
 def _step(which):

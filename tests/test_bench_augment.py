@@ -1,7 +1,8 @@
-"""The augmentation benchmark script's contract (not its timings): results carry the device, date and git
-SHA, a provider that cannot be imported is reported as unavailable instead of failing the run (the GPU
-machine has no kornia unless its wheels are carried), --max-seconds skips what it cannot afford and still
-writes results, and --profile adds the per-stage table."""
+"""The augmentation benchmark script's contract (not its timings): results in the harness's format (device,
+date, git SHA: tests/test_bench_harness.py checks the format itself), a provider that cannot be imported
+is reported as unavailable instead of failing the run (the GPU machine has no kornia unless its wheels
+are carried), --max-seconds skips what it cannot afford and still writes results, --profile adds the
+per-stage table and --metrics memory the peak per provider."""
 import json
 import os
 import sys
@@ -29,30 +30,33 @@ def _results(out_dir):
 def test_missing_provider_is_reported_unavailable(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "kornia", None)  # import kornia now raises ImportError
     bench_augment.main(["--device", "cpu", "--threads", "1", "--cases", "32x32", "--providers", "fused,kornia",
-                        "--repeats", "1", "--out", str(tmp_path), "--note", "test"])
+                        "--reps", "1", "--out", str(tmp_path), "--note", "test"])
     text, data = _results(tmp_path)
-    assert "- kornia: unavailable: kornia is not installed" in text
-    assert data["unavailable"] == {"kornia": "unavailable: kornia is not installed"}
+    assert "- not run: kornia: unavailable: kornia is not installed" in text
+    assert data["skipped"] == [{"what": "kornia", "why": "unavailable: kornia is not installed"}]
     assert [r["provider"] for r in data["rows"]] == ["fused"]
     row = data["rows"][0]
-    assert row["images_per_s"] > 0 and row["cpu_s"] >= 0 and row["repeats"] == 1
-    for key in ("date", "device_name", "git_sha", "load_before", "load_after"):
-        assert data[key] and data[key] != "unknown" or key == "git_sha", key
-        assert f"{data[key]}" in text
-    assert data["note"] == "test"
+    assert row["images_per_s"] > 0 and row["cpu_s"] >= 0 and row["reps"] == 1 and row["mode"] == "forward"
+    assert row["images_per_s"] == pytest.approx(row["batch"] / row["time_s"])
+    assert "peak_mib" not in row  # memory is not a default metric of this script
+    for key in ("date_utc", "load_before", "load_after"):
+        assert data[key] and f"{data[key]}" in text, key
+    assert data["git"]["sha"] in text and data["machine"]["cpu"] in text
+    assert data["op"] == "augment" and data["device"] == "cpu" and data["note"] == "test"
 
 
 def test_max_seconds_skips_cases_and_still_writes(tmp_path):
     bench_augment.main(["--device", "cpu", "--threads", "1", "--cases", "32x32,224x224", "--providers", "fused",
-                        "--repeats", "3", "--out", str(tmp_path), "--max-seconds", "0"])
+                        "--reps", "3", "--out", str(tmp_path), "--max-seconds", "0"])
     text, data = _results(tmp_path)
-    assert [r["case"] for r in data["rows"]] == ["32x32"] and data["rows"][0]["repeats"] == 1
-    assert "224x224 threads=1" in data["unavailable"] and "skipped" in text
+    assert [r["case"] for r in data["rows"]] == ["32x32"] and data["rows"][0]["reps"] == 1
+    assert [s["what"] for s in data["skipped"]] == ["224x224 threads=1"]
+    assert "- not run: 224x224 threads=1: skipped: --max-seconds 0 spent" in text
 
 
 def test_profile_table(tmp_path):
     bench_augment.main(["--device", "cpu", "--threads", "1", "--cases", "32x32", "--providers", "fused",
-                        "--repeats", "1", "--out", str(tmp_path), "--profile", "--profile-repeats", "1"])
+                        "--reps", "1", "--out", str(tmp_path), "--profile", "--profile-repeats", "1"])
     text, data = _results(tmp_path)
     stages = [r["stage"] for r in data["profile"]]
     assert stages[0].startswith("crop/resample") and "+ 23-tap blur" in stages and len(stages) == 6
@@ -60,7 +64,20 @@ def test_profile_table(tmp_path):
     assert "Where the fused op's time goes" in text
 
 
-@pytest.mark.parametrize("argv", [["--providers", "fused,nope"], ["--cases", "64x64"]])
-def test_bad_arguments_name_what_is_known(argv, tmp_path):
-    with pytest.raises(SystemExit, match="known"):
+@pytest.mark.slow
+def test_memory_metric_adds_the_peak_of_each_provider(tmp_path):
+    bench_augment.main(["--device", "cpu", "--threads", "1", "--cases", "32x32", "--providers", "fused", "tv2",
+                        "--reps", "1", "--out", str(tmp_path), "--metrics", "time", "memory"])
+    text, data = _results(tmp_path)
+    peaks = {r["provider"]: r["peak_mib"] for r in data["rows"]}
+    assert set(peaks) == {"fused", "tv2"} and all(v >= 0 for v in peaks.values())
+    # two float32 views of 256 images of 3 x 32 x 32 are 6 MiB: the fused call's peak holds at least those
+    assert peaks["fused"] >= 2 * 256 * 3 * 32 * 32 * 4 / 2**20 * 0.9
+    assert "peak MiB" in text
+
+
+@pytest.mark.parametrize("argv, match", [(["--providers", "fused,nope"], "known"), (["--cases", "64x64"], "known"),
+                                         (["--modes", "full"], "only a forward"), (["--metrics", "memory"], "time")])
+def test_bad_arguments_name_what_is_known(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
         bench_augment.main(["--device", "cpu", "--out", str(tmp_path)] + argv)

@@ -109,22 +109,33 @@ def test_report_of_test_records(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- the readers
-LOSS_ROWS = [
-    {"n2": 16384, "d": 128, "dtype": "bfloat16", "mode": "fwd", "fused": {"median_ms": 0.5}},
-    {"n2": 16384, "d": 128, "dtype": "bfloat16", "mode": "both", "fused": {"median_ms": 1.25, "peak_mb": 3.0},
-     "speedup_vs_torch": 6.2, "fused_over_floor": 1.4, "reference": "OOM"},
+LOSS_ROWS = [  # bench_ntxent.py's rows: one per (configuration, mode, provider)
+    {"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "forward", "provider": "fused", "time_s": 0.0005},
+    {"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "plain", "time_s": 0.00775,
+     "fused_speedup": 6.2, "peak_mib": 300.0, "fused_memory_ratio": 0.01},
+    {"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "fused", "time_s": 0.00125,
+     "fused_speedup": 1.0, "peak_mib": 3.0},
+    {"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "lightly", "status": "OOM"},
+    {"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "gemm_floor", "time_s": 0.0008,
+     "fused_speedup": 0.64},
+    {"two_n": 4096, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "plain", "time_s": 0.001,
+     "fused_speedup": 2.0},
 ]
 
 
 def test_loss_reader_finds_the_target_row_in_any_json(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "whatever_name.json").write_text(json.dumps({"meta": {}, "rows": LOSS_ROWS}))
+    (tmp_path / "sub" / "whatever_name.json").write_text(json.dumps({"op": "ntxent", "rows": LOSS_ROWS}))
     (tmp_path / "broken.json").write_text("{")
     report.report_loss(str(tmp_path))
-    assert capsys.readouterr().out.strip() == ("bf16 2N=16384 D=128 fwd+bwd: fused 1.250 ms, speedup_vs_torch 6.20, "
-                                               "fused_over_floor 1.40 (2 rows)")
+    assert capsys.readouterr().out.strip() == ("bf16 2N=16384 D=128 full: fused 1.250 ms, plain / fused 6.20x, "
+                                               "fused / gemm_floor 1.56x, lightly OOM, memory fused / plain 1.00% "
+                                               "(6 rows)")
     report.report_loss(str(tmp_path / "sub" / "nothing"))
     assert capsys.readouterr().out.startswith("no result JSON")
+    (tmp_path / "sub" / "whatever_name.json").write_text(json.dumps({"rows": LOSS_ROWS[:1] + LOSS_ROWS[-1:]}))
+    report.report_loss(str(tmp_path))
+    assert capsys.readouterr().out.strip() == "2 rows; no bf16 2N=16384 D=128 full row of the fused provider"
 
 
 def test_augment_reader_reports_speedups_per_case(tmp_path, capsys):
@@ -240,7 +251,8 @@ FAKES = {
         echo "========= ERROR SUMMARY: 1 error"; exit 99""",
     "racecheck": "sleep 300",
     "bench_loss": """out=$(printf '%s\\n' "$@" | sed -n '/^--out$/{n;p}'); mkdir -p "$out"
-        echo '{"rows": [{"n2": 16384, "d": 128, "dtype": "bfloat16", "mode": "both", "fused": {"median_ms": 1.5}, "speedup_vs_torch": 5.5}]}' >"$out/x.json" """,
+        echo '{"rows": [{"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "fused", "time_s": 0.0015},
+                        {"two_n": 16384, "dim": 128, "dtype": "bf16", "mode": "full", "provider": "plain", "time_s": 0.00825, "fused_speedup": 5.5}]}' >"$out/x.json" """,
     "bench_aug": """echo 'Traceback (most recent call last):'; echo '  File "bench_augment.py", line 3'
         echo 'RuntimeError: CUDA error: an illegal memory access was encountered'; exit 1""",
     "ncu": """if printf '%s\\n' "$@" | grep -q -- --import; then echo "$NCU_CSV"
@@ -325,7 +337,7 @@ def test_whole_run_reports_every_failure_and_stays_in_budget(tmp_path):
     assert "ERROR SUMMARY: 1 error" in summary and "Invalid __global__ read of size 4 bytes" in summary
     assert "killed at its cap after 6s" in summary
     assert "RuntimeError: CUDA error: an illegal memory access was encountered" in summary
-    assert "bf16 2N=16384 D=128 fwd+bwd: fused 1.500 ms, speedup_vs_torch 5.50" in summary
+    assert "bf16 2N=16384 D=128 full: fused 1.500 ms, plain / fused 5.50x (2 rows)" in summary
     # two files come back: the summary and one archive with every log
     assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "summary.txt"]
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
