@@ -107,9 +107,9 @@ __global__ void __launch_bounds__(kThreads) luma_partials_kernel(const T* __rest
   __shared__ BlockSample<T> sample;
   const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
   decode_sample(sample, src, offsets, shapes, params, nullptr, b, L);
-  const View& v = sample.v;
-  if (!v.jitter) return;  // uniform over the block: no contrast, no mean needed
-  const Source<T>& s = sample.s;
+  const View v = sample.v;  // copies: registers, as when every thread decoded for itself
+  if (!v.jitter) return;    // uniform over the block: no contrast, no mean needed
+  const Source<T> s = sample.s;
   int x0, y0;
   tile_origin(L.g, t, &x0, &y0);
   const int tile = L.g.tile;
@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
   __shared__ BlockSample<T> sample;
   const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
   decode_sample(sample, src, offsets, shapes, params, means, b, L);
-  const View& v = sample.v;
-  const Source<T>& s = sample.s;
+  const View v = sample.v;  // copies: registers, as when every thread decoded for itself
+  const Source<T> s = sample.s;
   const float mean = sample.mean;
   int x0, y0;
   tile_origin(L.g, t, &x0, &y0);
