@@ -8,7 +8,7 @@
 //   augment_main:  geometry + all color ops per pixel; without blur it finishes and writes at once; with
 //                  blur it fills a haloed tile in shared memory (reflect padding), blurs it horizontally
 //                  then vertically, and finishes and writes.
-// Thread 0 of each block decodes the block's sample (parameters, source) into shared memory once.
+// Thread 0 of each block decodes the block's sample (parameters, source, mean) into shared memory once.
 // The blur's dynamic shared memory (and a smaller tile where it does not fit) is requested only when a
 // sample of the batch blurs; the launch plan is csrc/augment/augment_cuda_plan.h.
 // The per-pixel math is csrc/augment/augment.h, the same helpers the CPU kernel runs.
@@ -67,9 +67,9 @@ struct BlockSample {
   float mean;  // contrast mean; 0 without jitter or before it is known
 };
 
-// Thread 0 decodes and the block reads the result from shared memory: load_view's double-precision
-// fmod/cos/sin are too costly per thread. Every thread sees the values it used to compute itself (the
-// same function on the same inputs), so the per-pixel arithmetic and its results do not change.
+// Thread 0 decodes and every thread copies the result from shared memory into registers: load_view's
+// double-precision fmod/cos/sin are too costly per thread. Each thread gets the values it used to compute
+// itself (the same function on the same inputs), so the per-pixel arithmetic and its results do not change.
 // means == nullptr: the mean is not known yet (luma pass). Contains a barrier: call from every thread.
 template <typename T>
 __device__ __forceinline__ void decode_sample(BlockSample<T>& out, const T* src, const int64_t* offsets,
