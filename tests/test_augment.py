@@ -12,6 +12,8 @@ rounding step is >= 1e-3). For float16 /
 bfloat16 outputs the op may be at most 2x as far from the float64 reference as the reference itself rounded
 to that dtype (the flash-attention criterion), plus the float32 allowance.
 """
+from dataclasses import fields, replace
+
 import pytest
 import torch
 
@@ -299,3 +301,48 @@ def test_cpu_results_do_not_depend_on_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def _subset(params, index):
+    """The samples `index` of params, as their own AugmentParams."""
+    return replace(params, **{f.name: getattr(params, f.name)[index] for f in fields(params)
+                              if f.name not in ("size", "kernel_size")})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_view_does_not_depend_on_the_rest_of_the_batch(device):
+    """A sample's view is the same bits whether other samples of its batch blur or not, and alone or in a
+    batch. On CUDA the blur's shared memory (and the smaller tiles it forces for large kernels) is planned
+    only when a sample blurs, and each block decodes its sample's parameters once; neither may leak into
+    another sample (the contrast mean is summed over the same tiles either way). blur_kernel 101 is large
+    enough that the blur path's tile is smaller than the contrast-mean tiles on sm_80 and sm_90."""
+    images = _images(6, 3, 150, 141, seed=19)
+    aug = SimCLRAugment(size=(120, 113), rotation_degrees=30.0, jitter_p=1.0, solarize_p=0.5, blur_kernel=101)
+    params = aug.sample(images, torch.Generator().manual_seed(19))
+    params.blur.copy_(torch.tensor([True, False, True, False, False, True]))
+    mixed = _check(images, aug, params, device)
+    plain = _check(images, aug, replace(params, blur=torch.zeros_like(params.blur)), device)
+    keep = ~params.blur
+    assert torch.equal(mixed[keep], plain[keep])
+    assert (mixed[~keep] - plain[~keep]).abs().max() > 0.05  # the blur really ran
+    dev_images = images.to(device)
+    for i in range(len(params)):
+        alone = augment(dev_images[i:i + 1], _subset(params, [i]), mean=aug.mean, std=aug.std)
+        assert torch.equal(alone[0], mixed[i]), f"sample {i} differs alone and in its batch"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_blur_shared_memory_is_needed_only_when_a_sample_blurs():
+    """blur_kernel 255 needs more shared memory per block than any GPU offers: a batch in which no sample
+    blurs runs without it (and matches the reference); once a sample blurs the op refuses clearly."""
+    images = _images(3, 3, 140, 137, seed=20)
+    aug = SimCLRAugment(size=(130, 129), rotation_degrees=20.0, jitter_p=1.0, blur_p=0.0, blur_kernel=255)
+    params = aug.sample(images, torch.Generator().manual_seed(20))
+    assert not params.blur.any()
+    _check(images, aug, params, "cuda")
+    params.blur[1] = True
+    params.sigma[1] = 1.5
+    with pytest.raises(RuntimeError, match=r"blur_kernel 255 needs \d+ bytes of shared memory per block, "
+                                           r"the device allows \d+"):
+        augment(images.cuda(), params, mean=aug.mean, std=aug.std)

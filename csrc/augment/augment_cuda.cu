@@ -8,6 +8,9 @@
 //   augment_main:  geometry + all color ops per pixel; without blur it finishes and writes at once; with
 //                  blur it fills a haloed tile in shared memory (reflect padding), blurs it horizontally
 //                  then vertically, and finishes and writes.
+// Thread 0 of each block decodes the block's sample (parameters, source, mean) into shared memory once.
+// The blur's dynamic shared memory (and a smaller tile where it does not fit) is requested only when a
+// sample of the batch blurs; the launch plan is csrc/augment/augment_cuda_plan.h.
 // The per-pixel math is csrc/augment/augment.h, the same helpers the CPU kernel runs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,6 +25,9 @@
 
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
+#include "augment/augment_cuda_plan.h"
+#include "augment/device_attributes.h"
+#include "augment/per_device_cache.h"
 
 namespace simclr_ext {
 namespace augment {
@@ -31,8 +37,8 @@ constexpr int kThreads = 256;
 
 // Per-launch constants, passed by value.
 struct Launch {
-  int channels, out_h, out_w, radius, tile, tiles_x;
-  int64_t tiles;  // tiles per sample
+  int channels, out_h, out_w, radius;
+  Tiling g;
   bool src_cl;
   float threshold;
   float mean[3], inv_std[3];
@@ -51,6 +57,30 @@ __device__ __forceinline__ Source<T> source_of(const T* src, const int64_t* offs
   s.sy = L.src_cl ? w * L.channels : w;
   s.sx = L.src_cl ? L.channels : 1;
   return s;
+}
+
+// The sample a block works on, decoded once per block (every block covers a tile of exactly one sample).
+template <typename T>
+struct BlockSample {
+  View v;
+  Source<T> s;
+  float mean;  // contrast mean; 0 without jitter or before it is known
+};
+
+// Thread 0 decodes and every thread copies the result from shared memory into registers: load_view's
+// double-precision fmod/cos/sin are too costly per thread. Each thread gets the values it used to compute
+// itself (the same function on the same inputs), so the per-pixel arithmetic and its results do not change.
+// means == nullptr: the mean is not known yet (luma pass). Contains a barrier: call from every thread.
+template <typename T>
+__device__ __forceinline__ void decode_sample(BlockSample<T>& out, const T* src, const int64_t* offsets,
+                                              const int64_t* shapes, const float* params, const float* means,
+                                              int64_t b, const Launch& L) {
+  if (threadIdx.x == 0) {
+    out.v = load_view(params + b * kNumParams);
+    out.s = source_of(src, offsets, shapes, b, L);
+    out.mean = means != nullptr && out.v.jitter ? means[b] : 0.f;
+  }
+  __syncthreads();
 }
 
 // Sum over the block; the result is valid in thread 0. blockDim.x == kThreads.
@@ -74,14 +104,18 @@ __global__ void __launch_bounds__(kThreads) luma_partials_kernel(const T* __rest
                                                                    const float* __restrict__ params,
                                                                    float* __restrict__ partials, Launch L) {
   __shared__ float shared32[32];
-  const int64_t b = blockIdx.x / L.tiles, t = blockIdx.x % L.tiles;
-  const View v = load_view(params + b * kNumParams);
-  if (!v.jitter) return;  // uniform over the block: no contrast, no mean needed
-  const Source<T> s = source_of(src, offsets, shapes, b, L);
-  const int y0 = static_cast<int>(t / L.tiles_x) * L.tile, x0 = static_cast<int>(t % L.tiles_x) * L.tile;
+  __shared__ BlockSample<T> sample;
+  const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
+  decode_sample(sample, src, offsets, shapes, params, nullptr, b, L);
+  const View v = sample.v;  // copies: registers, as when every thread decoded for itself
+  if (!v.jitter) return;    // uniform over the block: no contrast, no mean needed
+  const Source<T> s = sample.s;
+  int x0, y0;
+  tile_origin(L.g, t, &x0, &y0);
+  const int tile = L.g.tile;
   float sum = 0.f;
-  for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
-    const int y = y0 + i / L.tile, x = x0 + i % L.tile;
+  for (int i = threadIdx.x; i < tile * tile; i += kThreads) {
+    const int y = y0 + i / tile, x = x0 + i % tile;
     if (y >= L.out_h || x >= L.out_w) continue;
     float p[3];
     sample_geometry(s, v, x, y, L.out_w, L.out_h, C, p);
@@ -101,7 +135,7 @@ __global__ void luma_means_kernel(const float* __restrict__ partials, const floa
     return;
   }
   double sum = 0.0;
-  for (int64_t t = 0; t < L.tiles; ++t) sum += partials[b * L.tiles + t];
+  for (int64_t t = 0; t < L.g.tiles; ++t) sum += partials[b * L.g.tiles + t];
   means[b] = static_cast<float>(sum / (static_cast<double>(L.out_h) * L.out_w));
 }
 
@@ -130,16 +164,20 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
                                                                   const float* __restrict__ params,
                                                                   const float* __restrict__ means,
                                                                   O* __restrict__ out, Launch L) {
-  extern __shared__ float smem[];
-  const int64_t b = blockIdx.x / L.tiles, t = blockIdx.x % L.tiles;
-  const View v = load_view(params + b * kNumParams);
-  const Source<T> s = source_of(src, offsets, shapes, b, L);
-  const float mean = v.jitter ? means[b] : 0.f;
-  const int y0 = static_cast<int>(t / L.tiles_x) * L.tile, x0 = static_cast<int>(t % L.tiles_x) * L.tile;
+  extern __shared__ float smem[];  // blur path only; no dynamic shared memory when no sample blurs
+  __shared__ BlockSample<T> sample;
+  const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
+  decode_sample(sample, src, offsets, shapes, params, means, b, L);
+  const View v = sample.v;  // copies: registers, as when every thread decoded for itself
+  const Source<T> s = sample.s;
+  const float mean = sample.mean;
+  int x0, y0;
+  tile_origin(L.g, t, &x0, &y0);
+  const int tile = L.g.tile;
 
   if (!v.blur) {
-    for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
-      const int y = y0 + i / L.tile, x = x0 + i % L.tile;
+    for (int i = threadIdx.x; i < tile * tile; i += kThreads) {
+      const int y = y0 + i / tile, x = x0 + i % tile;
       if (y >= L.out_h || x >= L.out_w) continue;
       float p[3];
       colored_pixel<C>(s, v, L, mean, x, y, p);
@@ -148,10 +186,12 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
     return;
   }
 
-  const int r = L.radius, k = 2 * r + 1, ext = L.tile + 2 * r;
-  float* w = smem;                                    // k weights, then their sum
-  float* tin = smem + (kMaxBlurKernel + 1);           // C x ext x ext colored pixels (haloed tile)
-  float* th = tin + static_cast<int64_t>(C) * ext * ext;  // C x ext x tile after the horizontal pass
+  const BlurLayout lay = blur_layout(C, tile, L.radius);
+  const int r = L.radius, k = 2 * r + 1, ext = lay.ext;
+  float* w = smem + lay.weights;  // k weights
+  float* w_sum = smem + lay.sum;  // their sum
+  float* tin = smem + lay.tin;    // C x ext x ext colored pixels (haloed tile)
+  float* th = smem + lay.th;      // C x ext x tile after the horizontal pass
   for (int i = threadIdx.x; i < k; i += kThreads) w[i] = gauss_tap(i - r, v.sigma);
   // Halo pixels past the last output row/column + r are never read; clamping keeps reflect() in range.
   for (int i = threadIdx.x; i < ext * ext; i += kThreads) {
@@ -166,61 +206,88 @@ __global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restr
   if (threadIdx.x == 0) {
     float total = 0.f;
     for (int i = 0; i < k; ++i) total += w[i];
-    w[kMaxBlurKernel] = total;
+    *w_sum = total;
   }
   __syncthreads();
-  const float inv_total = 1.f / w[kMaxBlurKernel];
+  const float inv_total = 1.f / *w_sum;
   for (int i = threadIdx.x; i < k; i += kThreads) w[i] *= inv_total;
   __syncthreads();
-  for (int i = threadIdx.x; i < ext * L.tile; i += kThreads) {
-    const int ly = i / L.tile, lx = i % L.tile;
+  for (int i = threadIdx.x; i < ext * tile; i += kThreads) {
+    const int ly = i / tile, lx = i % tile;
     for (int c = 0; c < C; ++c) {
       const float* row = tin + (c * ext + ly) * ext + lx;
       float acc = 0.f;
       for (int j = 0; j < k; ++j) acc += w[j] * row[j];
-      th[(c * ext + ly) * L.tile + lx] = acc;
+      th[(c * ext + ly) * tile + lx] = acc;
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < L.tile * L.tile; i += kThreads) {
-    const int ly = i / L.tile, lx = i % L.tile;
+  for (int i = threadIdx.x; i < tile * tile; i += kThreads) {
+    const int ly = i / tile, lx = i % tile;
     const int y = y0 + ly, x = x0 + lx;
     if (y >= L.out_h || x >= L.out_w) continue;
     float p[3];
     for (int c = 0; c < C; ++c) {
-      const float* col = th + (c * ext + ly) * L.tile + lx;
+      const float* col = th + (c * ext + ly) * tile + lx;
       float acc = 0.f;
-      for (int j = 0; j < k; ++j) acc += w[j] * col[j * L.tile];
+      for (int j = 0; j < k; ++j) acc += w[j] * col[j * tile];
       p[c] = acc;
     }
     write_pixel<C>(out, L, b, y, x, p, v.solarize);
   }
 }
 
-size_t blur_smem_bytes(int channels, int tile, int radius) {
-  const size_t ext = static_cast<size_t>(tile) + 2 * radius;
-  return sizeof(float) * (kMaxBlurKernel + 1 + channels * ext * ext + channels * ext * tile);
+// Static shared memory of the main kernel (its BlockSample) on `device`: the blur's dynamic shared memory
+// may use the opt-in limit minus this. Asked once per device, like the device's own attributes.
+template <typename T, typename O, int C>
+int64_t main_kernel_static_smem(int device) {
+  static PerDeviceCache<int64_t> cache(c10::cuda::device_count());
+  return cache.get(device, [](int d) {
+    const c10::cuda::CUDAGuard on(static_cast<c10::DeviceIndex>(d));
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, augment_main_kernel<T, O, C>));
+    return static_cast<int64_t>(attr.sharedSizeBytes);
+  });
 }
 
+// Plans the launches (failing before any kernel is queued if the plan is impossible), then runs the
+// three kernels. `L` has every field but the tiling.
 template <typename T, typename O, int C>
 void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes, const at::Tensor& params,
-            const Launch& L, int64_t batch, size_t smem, at::Tensor& out, cudaStream_t stream) {
-  const int64_t blocks = batch * L.tiles;
+            Launch L, int64_t batch, bool blurs, int64_t blur_kernel, at::Tensor& out, cudaStream_t stream) {
+  const int device = src.device().index();
+  Launch luma = L;
+  luma.g = make_tiling(L.out_h, L.out_w, kMaxTile);
+  L.g = luma.g;
+  size_t smem = 0;
+  if (blurs) {
+    const int64_t limit = device_attributes(device).max_shared_memory_per_block_optin -
+                          main_kernel_static_smem<T, O, C>(device);
+    const BlurPlan plan = plan_blur(C, L.radius, limit);
+    TORCH_CHECK(plan.fits, "augment: blur_kernel ", blur_kernel, " needs ", plan.bytes,
+                " bytes of shared memory per block, the device allows ", limit);
+    L.g = make_tiling(L.out_h, L.out_w, plan.tile);
+    smem = plan.bytes;
+  }
+  const int64_t blocks = batch * L.g.tiles;  // >= batch * luma.g.tiles: the luma tiles are the largest
   TORCH_CHECK(blocks < (int64_t{1} << 31), "augment: too many tiles (", blocks, ") for one launch");
+  const int64_t luma_blocks = batch * luma.g.tiles;
   const T* s = src.data_ptr<T>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* shp = shapes.data_ptr<int64_t>();
   const float* prm = params.data_ptr<float>();
-  at::Tensor partials = at::empty({blocks}, params.options());
+  at::Tensor partials = at::empty({luma_blocks}, params.options());
   at::Tensor means = at::empty({batch}, params.options());
-  luma_partials_kernel<T, C><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s, off, shp, prm,
-                                                                                  partials.data_ptr<float>(), L);
+  luma_partials_kernel<T, C><<<static_cast<unsigned>(luma_blocks), kThreads, 0, stream>>>(
+      s, off, shp, prm, partials.data_ptr<float>(), luma);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   luma_means_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(
-      partials.data_ptr<float>(), prm, means.data_ptr<float>(), batch, L);
+      partials.data_ptr<float>(), prm, means.data_ptr<float>(), batch, luma);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto kernel = augment_main_kernel<T, O, C>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (smem > 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(s, off, shp, prm, means.data_ptr<float>(),
                                                                      out.data_ptr<O>(), L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,24 +304,14 @@ at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const 
                              out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (cfg.batch == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(src.device().index()).stream();
-
-  // The largest tile whose blur working set fits the device's opt-in shared memory.
-  int device_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, src.device().index()));
-  int tile = 32;
-  while (tile > 8 && blur_smem_bytes(cfg.channels, tile, cfg.radius) > static_cast<size_t>(device_smem)) tile /= 2;
-  const size_t smem = blur_smem_bytes(cfg.channels, tile, cfg.radius);
-  TORCH_CHECK(smem <= static_cast<size_t>(device_smem), "augment: blur_kernel ", blur_kernel,
-              " needs ", smem, " bytes of shared memory per block, the device allows ", device_smem);
+  // params is a host tensor (checked): whether the blur path is needed is known before any launch.
+  const bool blurs = any_sample_blurs(params.data_ptr<float>(), cfg.batch);
 
   Launch L;
   L.channels = cfg.channels;
   L.out_h = cfg.out_h;
   L.out_w = cfg.out_w;
   L.radius = cfg.radius;
-  L.tile = tile;
-  L.tiles_x = (cfg.out_w + tile - 1) / tile;
-  L.tiles = static_cast<int64_t>(L.tiles_x) * ((cfg.out_h + tile - 1) / tile);
   L.src_cl = src_channels_last;
   L.threshold = cfg.threshold;
   for (int c = 0; c < 3; ++c) {
@@ -273,12 +330,16 @@ at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const 
   const bool u8 = src.scalar_type() == at::kByte;
   const bool rgb = cfg.channels == 3;
   // 2 source types x 3 output types x 2 channel counts: the channel loops unroll and stay in registers.
-#define SIMCLR_AUGMENT_LAUNCH(O)                                                                         \
-  do {                                                                                                   \
-    if (u8 && rgb) launch<uint8_t, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream); \
-    else if (u8) launch<uint8_t, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);   \
-    else if (rgb) launch<float, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);    \
-    else launch<float, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, smem, out, stream);             \
+#define SIMCLR_AUGMENT_LAUNCH(O)                                                                     \
+  do {                                                                                               \
+    if (u8 && rgb) launch<uint8_t, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, blurs,     \
+                                         blur_kernel, out, stream);                                  \
+    else if (u8) launch<uint8_t, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, blurs,       \
+                                       blur_kernel, out, stream);                                    \
+    else if (rgb) launch<float, O, 3>(src, d_offsets, d_shapes, d_params, L, cfg.batch, blurs,        \
+                                      blur_kernel, out, stream);                                     \
+    else launch<float, O, 1>(src, d_offsets, d_shapes, d_params, L, cfg.batch, blurs, blur_kernel,    \
+                             out, stream);                                                           \
   } while (0)
   if (out_dtype == at::kFloat) {
     SIMCLR_AUGMENT_LAUNCH(float);
