@@ -65,15 +65,19 @@ TORCH_LIBRARY(simclr_ext, m) {
   // temperature (0-d, accumulation dtype, on q's device).
   // probs: the forward's, when kept. When q is k (same labels tensor, self_offset 0, not two_way) the whole
   // gradient of that one tensor is returned as grad_q and grad_k is zero.
+  // output_mask: which of (grad_q, grad_k, grad_temperature) to compute; the others come back undefined
+  // (None), and the passes only they need are skipped (keys detached: no dK pass; ntxent_checks.h).
   m.def(
       "_ntxent_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, "
       "Tensor lse, Tensor npos, Tensor temperature, int self_offset, bool allow_tf32, Tensor? probs=None, "
-      "bool exclude_positives=False, Tensor? positive_weight=None, bool two_way=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool exclude_positives=False, Tensor? positive_weight=None, bool two_way=False, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
   // How the extension was built, for simclr_ext.info().
   m.def("_build_info() -> str", &build_info);
-  // Debug counters of the kernels' code paths (csrc/ntxent/ntxent_paths.h): "name=count;...".
+  // Debug counters of the kernels' code paths and backward passes (csrc/ntxent/ntxent_paths.h):
+  // "name=count;..."; the reset clears both.
   m.def("_ntxent_path_counts() -> str", &simclr_ext::ntxent::path_counts);
+  m.def("_ntxent_pass_counts() -> str", &simclr_ext::ntxent::pass_counts);
   m.def("_ntxent_reset_path_counts() -> ()", &simclr_ext::ntxent::reset_path_counts);
   // Fused SimCLR augmentation (see csrc/augment/augment.h for the pipeline and the params columns).
   // src: packed images, 1-D uint8 or float32 on the op's device; image b starts at offsets[b] and is

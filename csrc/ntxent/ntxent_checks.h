@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
 
@@ -115,6 +116,21 @@ inline bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return a.is_
 inline bool is_symmetric_case(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
                               const at::Tensor& k_labels, int64_t self_offset) {
   return self_offset == 0 && same_tensor(q, k) && same_tensor(q_labels, k_labels);
+}
+
+// The backward's output mask: which of (grad_q, grad_k, grad_temperature) the caller needs (autograd passes
+// needs_input_grad). An output left out comes back undefined (None in Python), as with ATen's own
+// output_mask backwards; the fake kernel returns None there too. A pass runs only when an output needs it:
+// dq for grad_q and for the temperature, whose gradient is the sum of the dq pass's radial dots (ntxent.h);
+// dk for grad_k only. The symmetric pass (q is k) is the dq pass; its grad_k is zeros when asked for.
+using OutputMask = std::array<bool, 3>;
+
+struct BackwardPasses {
+  bool dq, dk;
+};
+
+inline BackwardPasses backward_passes(const OutputMask& mask, bool symmetric) {
+  return {mask[0] || mask[2], mask[1] && !symmetric};
 }
 
 // The softmax probabilities the forward keeps for the backward: empty (not kept), or (M, L) contiguous

@@ -659,16 +659,20 @@ void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
 }
 
 // a_q = G k and a_k = G^T q of the two-way case in one pass over query blocks: each tile is recomputed once
-// and multiplied twice. a_q rows have one owner; a_k is accumulated by every task, task 0 into a_k itself
-// and the others into their own copies, summed in task order (deterministic for a given thread count).
+// and multiplied for each side asked for (dq null: no a_q; dk_out undefined: no a_k). a_q rows have one
+// owner; a_k is accumulated by every task, task 0 into a_k itself and the others into their own copies,
+// summed in task order (deterministic for a given thread count).
 template <typename acc_t>
 void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
   const int64_t d = a.d, blocks = ceil_div(a.m, kCpuRowBlock), tasks = num_tasks(blocks);
-  dk_out.zero_();
+  const bool with_dk = dk_out.defined();
   std::vector<at::Tensor> copies;
-  for (int64_t t = 1; t < tasks; ++t) copies.push_back(at::zeros_like(dk_out));
+  if (with_dk) {
+    dk_out.zero_();
+    for (int64_t t = 1; t < tasks; ++t) copies.push_back(at::zeros_like(dk_out));
+  }
   for_each_task(blocks, [&](int64_t task, int64_t b_begin, int64_t b_end) {
-    acc_t* dk = (task == 0 ? dk_out : copies[task - 1]).template data_ptr<acc_t>();
+    acc_t* dk = with_dk ? (task == 0 ? dk_out : copies[task - 1]).template data_ptr<acc_t>() : nullptr;
     std::vector<acc_t> buffer(kCpuRowBlock * kCpuKeyBlock);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t r0 = b * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
@@ -676,8 +680,8 @@ void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
         const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
         gemm_abt(rows, keys, d, a.q + r0 * d, d, a.k + k0 * d, d, buffer.data(), keys);  // = the forward's
         two_way_tile_grad(buffer.data(), r0, rows, k0, keys, a);
-        gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
-        gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
+        if (dq) gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
+        if (dk) gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
       }
     }
   });
@@ -740,11 +744,13 @@ Path backward_path(bool symmetric, bool two_way, bool kept) {
   return kept ? Path::kCpuBackwardGeneralKept : Path::kCpuBackwardGeneral;
 }
 
+// Runs the passes the output mask asks for (backward_passes, ntxent_checks.h) and returns the outputs it
+// asks for; the others are undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
     const at::Tensor& k_labels, const at::Tensor& lse, const at::Tensor& npos, const at::Tensor& temperature_t,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs_in, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
   check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight,
                       two_way);
   const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
@@ -754,15 +760,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor grad_q, grad_k, grad_t;
   if (m == 0 || l == 0) {
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
-            at::zeros({}, q.options().dtype(acc_type(q.scalar_type())))};
+    if (output_mask[0]) grad_q = at::zeros(q.sizes(), q.options());
+    if (output_mask[1]) grad_k = at::zeros(k.sizes(), k.options());
+    if (output_mask[2]) grad_t = at::zeros({}, q.options().dtype(acc));
+    return {grad_q, grad_k, grad_t};
   }
   const bool symmetric = !two_way && is_symmetric_case(q, k, q_labels, k_labels, self_offset);
+  const BackwardPasses passes = backward_passes(output_mask, symmetric);
   count_path(backward_path(symmetric, two_way, kept));
-  const auto acc = acc_type(q.scalar_type());
+  if (passes.dq) count_pass(Pass::kCpuDq);
+  if (passes.dk) count_pass(Pass::kCpuDk);
+  // The symmetric case's grad_k: the whole gradient of the one input is grad_q (autograd adds zero to it).
+  if (symmetric && output_mask[1]) grad_k = at::zeros(k.sizes(), k.options());
+  if (!passes.dq && !passes.dk) return {grad_q, grad_k, grad_t};
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
-  at::Tensor grad_q, grad_k, grad_t;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -774,27 +788,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
                                     exclude_positives, two_way},
                                    &factors,
                                    kept ? probs.data_ptr<acc_t>() : nullptr};
-    std::vector<acc_t> radial(m);
     // The products' outputs a (dzhat / |z|), turned into the gradients in place for float32 / float64.
-    at::Tensor a_q = at::empty({m, d}, q.options().dtype(acc));
+    at::Tensor a_q = passes.dq ? at::empty({m, d}, q.options().dtype(acc)) : at::Tensor();
+    at::Tensor a_k = passes.dk ? at::empty({l, d}, q.options().dtype(acc)) : at::Tensor();
     if (symmetric) {
-      // The whole gradient of the one input comes back as grad_q; autograd adds grad_k (zero) to it.
       symmetric_pass(args, a_q.data_ptr<acc_t>());
-      grad_q = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
-      grad_k = at::zeros(k.sizes(), k.options());
-      grad_t = at::scalar_tensor(temperature_grad(radial, temperature, true), q.options().dtype(acc));
-      return;
-    }
-    at::Tensor a_k = at::empty({l, d}, q.options().dtype(acc));
-    if (two_way) {
-      two_way_pass(args, a_q.data_ptr<acc_t>(), a_k);
+    } else if (two_way) {
+      two_way_pass(args, passes.dq ? a_q.data_ptr<acc_t>() : nullptr, a_k);
     } else {
-      general_pass(args, false, a_q.data_ptr<acc_t>());
-      general_pass(args, true, a_k.data_ptr<acc_t>());
+      if (passes.dq) general_pass(args, false, a_q.data_ptr<acc_t>());
+      if (passes.dk) general_pass(args, true, a_k.data_ptr<acc_t>());
     }
-    grad_q = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
-    grad_k = normalization_backward<scalar_t, acc_t>(sk, a_k, k.scalar_type());
-    grad_t = at::scalar_tensor(temperature_grad(radial, temperature, false), q.options().dtype(acc));
+    if (passes.dq) {
+      std::vector<acc_t> radial(m);
+      const at::Tensor dq = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
+      if (output_mask[0]) grad_q = dq;
+      if (output_mask[2]) {
+        grad_t = at::scalar_tensor(temperature_grad(radial, temperature, symmetric), q.options().dtype(acc));
+      }
+    }
+    if (passes.dk) grad_k = normalization_backward<scalar_t, acc_t>(sk, a_k, k.scalar_type());
   });
   return {grad_q, grad_k, grad_t};
 }
@@ -802,31 +815,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
-// Path counters (ntxent_paths.h), shared with the CUDA backend.
+// Path and pass counters (ntxent_paths.h), shared with the CUDA backend.
 namespace {
 std::array<std::atomic<int64_t>, static_cast<size_t>(Path::kCount)> g_path_counts{};
+std::array<std::atomic<int64_t>, static_cast<size_t>(Pass::kCount)> g_pass_counts{};
 constexpr const char* kPathNames[] = {
     "cpu_forward_streamed",  "cpu_forward_kept",   "cpu_backward_symmetric", "cpu_backward_symmetric_kept",
     "cpu_backward_general",  "cpu_backward_general_kept", "cuda_forward",    "cuda_backward_symmetric",
     "cuda_backward_general", "cpu_forward_two_way",       "cpu_backward_two_way", "cuda_forward_two_way",
     "cuda_backward_two_way"};
+constexpr const char* kPassNames[] = {"cpu_dq", "cpu_dk", "cuda_dq", "cuda_dk"};
 static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(Path::kCount),
               "one name per path");
-}  // namespace
+static_assert(sizeof(kPassNames) / sizeof(kPassNames[0]) == static_cast<size_t>(Pass::kCount),
+              "one name per pass");
 
-void count_path(Path path) { g_path_counts[static_cast<size_t>(path)].fetch_add(1, std::memory_order_relaxed); }
-
-std::string path_counts() {
+template <size_t N>
+std::string format_counts(const std::array<std::atomic<int64_t>, N>& counts, const char* const* names) {
   std::string out;
-  for (size_t i = 0; i < g_path_counts.size(); ++i) {
+  for (size_t i = 0; i < N; ++i) {
     if (i) out += ";";
-    out += std::string(kPathNames[i]) + "=" + std::to_string(g_path_counts[i].load(std::memory_order_relaxed));
+    out += std::string(names[i]) + "=" + std::to_string(counts[i].load(std::memory_order_relaxed));
   }
   return out;
 }
+}  // namespace
+
+void count_path(Path path) { g_path_counts[static_cast<size_t>(path)].fetch_add(1, std::memory_order_relaxed); }
+void count_pass(Pass pass) { g_pass_counts[static_cast<size_t>(pass)].fetch_add(1, std::memory_order_relaxed); }
+
+std::string path_counts() { return format_counts(g_path_counts, kPathNames); }
+std::string pass_counts() { return format_counts(g_pass_counts, kPassNames); }
 
 void reset_path_counts() {
   for (auto& c : g_path_counts) c.store(0, std::memory_order_relaxed);
+  for (auto& c : g_pass_counts) c.store(0, std::memory_order_relaxed);
 }
 
 TORCH_LIBRARY_IMPL(simclr_ext, CPU, m) {

@@ -828,7 +828,7 @@ void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_
 
 // keep_probs is a CPU-only optimization (small problems, where recomputing costs more than the memory):
 // the CUDA kernels always recompute, and the fourth output is empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in, const at::Tensor& k_labels_in,
     const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/, bool exclude_positives,
     const std::optional<at::Tensor>& positive_weight, bool two_way) {
@@ -880,7 +880,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in,
     const at::Tensor& k_labels_in, const at::Tensor& lse_in, const at::Tensor& npos_in, const at::Tensor& temperature,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
   check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset,
                       positive_weight, two_way);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
@@ -891,18 +891,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
   const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
   const at::Tensor& q = in.q;
   const at::Tensor& k = in.k;
-  at::Tensor grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor grad_q, grad_k, grad_t;
   if (m == 0 || l == 0) {
-    grad_q.zero_();
-    grad_k.zero_();
-    return {grad_q, grad_k, at::zeros({}, q.options().dtype(acc_dtype(q)))};
+    if (output_mask[0]) grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
+    if (output_mask[1]) grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
+    if (output_mask[2]) grad_t = at::zeros({}, q.options().dtype(acc_dtype(q)));
+    return {grad_q, grad_k, grad_t};
   }
   // q is k (NT-Xent, multi-view, SupCon): one pass gives the whole gradient (H = dS + dS^T), returned as
-  // grad_q; grad_k is zero.
+  // grad_q; grad_k is zero. Only the passes the output mask needs run (backward_passes, ntxent_checks.h).
   const bool symmetric = !two_way && is_symmetric_case(q_in, k_in, q_labels_in, k_labels_in, self_offset);
+  const BackwardPasses passes = backward_passes(output_mask, symmetric);
   count_path(two_way ? Path::kCudaBackwardTwoWay
                      : (symmetric ? Path::kCudaBackwardSymmetric : Path::kCudaBackwardGeneral));
+  if (passes.dq) count_pass(Pass::kCudaDq);
+  if (passes.dk) count_pass(Pass::kCudaDk);
+  if (symmetric && output_mask[1]) grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  if (!passes.dq && !passes.dk) return {grad_q, grad_k, grad_t};
+  // The dq pass's output also when only the temperature needs it (its radial dots); dropped below then.
+  const at::Tensor grad_q_buffer = passes.dq ? at::empty_like(q, at::MemoryFormat::Contiguous) : at::Tensor();
+  if (passes.dk) grad_k = at::empty_like(k, at::MemoryFormat::Contiguous);
   const auto acc = acc_dtype(q);
   const at::Tensor g = grad_loss.to(acc).contiguous();
   const at::Tensor lse = lse_in.contiguous();
@@ -919,9 +927,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     const Normalized nz = normalize_inputs<T>(in, stream);
     const CudaPlan& plan = nz.plan;
     // One slice of partial sums per split of the streamed tiles; normalize_backward adds them up.
-    const at::Tensor dqhat = at::empty({plan.splits_dq, plan.rows_q, plan.dim}, q.options().dtype(acc));
+    const at::Tensor dqhat =
+        passes.dq ? at::empty({plan.splits_dq, plan.rows_q, plan.dim}, q.options().dtype(acc)) : at::Tensor();
     const at::Tensor dkhat =
-        symmetric ? at::Tensor() : at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc));
+        passes.dk ? at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc)) : at::Tensor();
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
     // Bound of |dL/dcos| for the float16 operand scale (pow2_scale, ntxent.h), on the stream: no sync.
     at::Tensor g_bound = g.abs().masked_fill(npos == 0, 0);
@@ -951,16 +960,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
         return;
       }
       if (two_way) {  // query rows' factors at [0, M), key columns' at [M, M + L)
-        pass(std::true_type{}, std::true_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
-             plan.splits_dq, dqhat, 0, m);
-        pass(std::false_type{}, std::true_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
-             plan.splits_dk, dkhat, m, 0);
+        if (passes.dq) {
+          pass(std::true_type{}, std::true_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
+               plan.splits_dq, dqhat, 0, m);
+        }
+        if (passes.dk) {
+          pass(std::false_type{}, std::true_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
+               plan.splits_dk, dkhat, m, 0);
+        }
         return;
       }
-      pass(std::true_type{}, std::false_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
-           plan.splits_dq, dqhat, 0, 0);
-      pass(std::false_type{}, std::false_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
-           plan.splits_dk, dkhat, 0, 0);
+      if (passes.dq) {
+        pass(std::true_type{}, std::false_type{}, nz.qhat, nz.khat, in.q_labels, in.k_labels, m, l, plan.grid_q,
+             plan.splits_dq, dqhat, 0, 0);
+      }
+      if (passes.dk) {
+        pass(std::false_type{}, std::false_type{}, nz.khat, nz.qhat, in.k_labels, in.q_labels, l, m, plan.grid_k,
+             plan.splits_dk, dkhat, 0, 0);
+      }
     });
     // Back through the normalization, summing the split slices: grad = (dxhat - xhat <xhat, dxhat>) / |x|.
     auto norm_backward = [&](const at::Tensor& x, const at::Tensor& dxhat, int64_t n, int64_t grid, int64_t splits,
@@ -970,22 +987,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
           radial_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q, ptr<acc_t>(radial));
-    if (symmetric) {
-      grad_k.zero_();
-    } else {
-      norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k, nullptr);
+    if (passes.dq) {
+      norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q_buffer, ptr<acc_t>(radial));
     }
+    if (passes.dk) norm_backward(k, dkhat, l, plan.norm_grid_k, plan.splits_dk, plan.rows_k, grad_k, nullptr);
   });
+  if (output_mask[0]) grad_q = grad_q_buffer;
   // dL/dt = -(1/t) sum_i <qhat_i, dqhat_i>, halved when the rows count both sides (q is k); on the stream.
-  const at::Tensor grad_t = times_inverse_temperature(radial.sum(), temp).mul(symmetric ? -0.5 : -1.0);
+  if (output_mask[2]) grad_t = times_inverse_temperature(radial.sum(), temp).mul(symmetric ? -0.5 : -1.0);
   return {grad_q, grad_k, grad_t};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(simclr_ext, CUDA, m) {
-  m.impl("ntxent", &ntxent_cuda);
+  m.impl("ntxent", &ntxent_forward_cuda);
   m.impl("_ntxent_backward", &ntxent_backward_cuda);
 }
 
