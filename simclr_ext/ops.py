@@ -6,8 +6,10 @@ from . import _C  # noqa: F401  (loads the shared library, which registers the o
 
 _ops = torch.ops.simclr_ext
 
-__all__ = ["ntxent_forward", "ntxent_path_counts", "reset_ntxent_path_counts", "tf32_enabled",
-           "set_tf32", "resolve_tf32"]
+# One name per op: the wrapper is named like its schema (simclr_ext::ntxent -> ntxent, simclr_ext::augment ->
+# augment); the backward op is reached through autograd only.
+__all__ = ["ntxent", "augment", "ntxent_path_counts", "ntxent_pass_counts", "reset_ntxent_path_counts",
+           "tf32_enabled", "set_tf32", "resolve_tf32"]
 
 # None: follow PyTorch's float32 matmul precision; True / False: simclr_ext's own override (set_tf32).
 _TF32_OVERRIDE = None
@@ -92,7 +94,7 @@ def _weight_arg(positive_weight, q):
     return None if positive_weight is None else positive_weight.to(_acc_dtype(q.dtype)).contiguous()
 
 
-def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
+def ntxent(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
                    positive_weight=None, two_way=False):
     """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h).
     temperature: a number or a 0-d floating tensor (its gradient flows); exclude_positives: DCL;
@@ -241,7 +243,7 @@ torch.library.register_autograd("simclr_ext::_ntxent_backward", _no_double_backw
 # Fused augmentation (simclr_ext/augment.py builds the arguments; csrc/augment/ has the kernels)
 
 
-def augment_op(src, offsets, shapes, params, channels, src_channels_last, out_h, out_w, blur_kernel,
+def augment(src, offsets, shapes, params, channels, src_channels_last, out_h, out_w, blur_kernel,
                solarize_threshold, mean, std, out_dtype, out_channels_last):
     """The raw op: packed images -> (B, channels, out_h, out_w) views (see csrc/ops.cpp for the schema)."""
     return _ops.augment.default(src, offsets, shapes, params, int(channels), bool(src_channels_last), int(out_h),

@@ -94,7 +94,7 @@ def test_detached_keys_skip_the_dk_pass(kind, learned_t, device, gen):
         t = torch.tensor(0.2, dtype=torch.float64, device=device, requires_grad=learned_t)
         k = q.detach() if k0 is None else k0.clone().requires_grad_(keys_need_grad)
         if kind == "two_way":
-            per_row, _, _ = ops.ntxent_forward(q, k, labels, k_labels, t, -1, False, two_way=True)
+            per_row, _, _ = ops.ntxent(q, k, labels, k_labels, t, -1, False, two_way=True)
         else:
             kl = labels if kind == "moco" else torch.full((100,), -1, device=device)
             per_row = simclr_ext.contrastive_loss(q, k, labels, kl, t, reduction="none")
