@@ -9,6 +9,8 @@
 #include <cmath>
 #include <optional>
 
+#include "common/acc_type.h"
+
 namespace simclr_ext {
 namespace ntxent {
 
@@ -54,7 +56,7 @@ inline void check_temperature(const at::Tensor& temperature, const at::Tensor& q
 // DCLW's per-row weights of the positive term: (M,) in the accumulation dtype, on q's device.
 inline void check_positive_weight(const std::optional<at::Tensor>& weight, const at::Tensor& q) {
   if (!weight.has_value()) return;
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(weight->dim() == 1 && weight->size(0) == q.size(0) && weight->scalar_type() == acc &&
                   weight->device() == q.device(),
               "positive_weight must be a ", acc, " tensor of shape [", q.size(0), "] on ", q.device(), ", got ",
@@ -91,7 +93,7 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
                                 const std::optional<at::Tensor>& positive_weight, bool two_way) {
   check_forward_args(q, k, q_labels, k_labels, temperature, self_offset, positive_weight);
   const int64_t m = two_way ? q.size(0) + k.size(0) : q.size(0);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == m, "grad_loss must have shape [", m, "], got ",
               grad_loss.sizes());
   TORCH_CHECK(grad_loss.is_floating_point(), "grad_loss must be floating, got ", grad_loss.scalar_type());
@@ -105,7 +107,8 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
   }
 }
 
-// One tensor passed twice (SimCLR's q = k = cat(z1, z2)). Identity, not equal memory: k = q.detach() (MoCo
+// One tensor passed twice (SimCLR's q = k = cat(z1, z2)), decided here for both backends (which then prepare
+// or normalize it once, and take the symmetric backward with one labels tensor). Identity, not equal memory: k = q.detach() (MoCo
 // style) shares q's memory but only q's role may receive a gradient. Autograd hands saved inputs back as
 // the same tensors, so identity survives into the backward.
 inline bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return a.is_same(b); }
@@ -137,7 +140,7 @@ inline BackwardPasses backward_passes(const OutputMask& mask, bool symmetric) {
 // in the accumulation dtype.
 inline void check_probs(const at::Tensor& probs, const at::Tensor& q, const at::Tensor& k) {
   if (!probs.defined() || probs.numel() == 0) return;
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(probs.dim() == 2 && probs.size(0) == q.size(0) && probs.size(1) == k.size(0) &&
                   probs.scalar_type() == acc && probs.is_contiguous() && probs.device() == q.device(),
               "probs must be empty or the forward's contiguous ", acc, " (M, L) = [", q.size(0), ", ", k.size(0),

@@ -18,7 +18,6 @@
 //       the saved log-sum-exp (or reading the kept probabilities).
 // Which path ran is counted (ntxent_paths.h) so that tests can assert it.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -30,6 +29,9 @@
 #include <limits>
 #include <vector>
 
+#include "common/acc_type.h"
+#include "common/dispatch.h"
+#include "common/simd.h"
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_checks.h"
 #include "ntxent/ntxent_paths.h"
@@ -37,8 +39,6 @@
 namespace simclr_ext {
 namespace ntxent {
 namespace {
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // One side (q or k) as the kernels read it: the raw rows in the accumulation dtype (the input itself when it
 // is contiguous in that dtype: no copy; float16 / bfloat16 are widened once, for BLAS) and their norms. The
@@ -158,17 +158,12 @@ void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse,
 
 // The hot loops below are written as plain passes over contiguous arrays (no per-element branches,
 // labels or indices) so that the compiler vectorizes them; the few positives and the single self
-// entry of a row are handled by scalar fix-ups afterwards. They are compiled twice, for AVX2+FMA and
-// for the baseline ISA, and the loader picks the version the CPU supports.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SIMCLR_HOT_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SIMCLR_HOT_LOOP
-#endif
+// entry of a row are handled by scalar fix-ups afterwards. They are compiled once per ISA of the SIMD-clone
+// policy (csrc/common/simd.h) and the loader picks the version the CPU supports.
 
 // Whether any of labels[0, n) equals `label`: a vectorized pre-check, since most tiles hold no
 // positive of a given row and the scalar loop that handles positives is then skipped.
-SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t label) {
+SIMCLR_SIMD_CLONES inline bool any_label(const int64_t* labels, int64_t n, int64_t label) {
   int64_t hits = 0;
 #pragma omp simd reduction(+ : hits)
   for (int64_t j = 0; j < n; ++j) hits += labels[j] == label ? 1 : 0;
@@ -200,7 +195,7 @@ struct ColumnStates {
 // (and to the key columns' with `cols`, two-way) and returns the row's maximum logit (NaN skipped; -inf when
 // none).
 template <typename acc_t>
-SIMCLR_HOT_LOOP acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
+SIMCLR_SIMD_CLONES acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
                                  const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
                                  bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -237,7 +232,7 @@ void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
 // Folds one row of a tile of raw dot products (keys [key0, key0 + n)) into the row's running state.
 // Overwrites `row` with logits.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
+SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
                                    const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
                                    bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st, cols);
@@ -256,7 +251,7 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
 // max and a sum of exps per tile (vectorized along the keys). The two-way mode has no -inf entries (no self
 // key, no DCL), so a column max of -inf means an all-NaN column, whose sum is then NaN: NaN reaches the loss.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t n, int64_t key0, acc_t* col_max,
+SIMCLR_SIMD_CLONES void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t n, int64_t key0, acc_t* col_max,
                                        acc_t* col_sum, ColumnStates<acc_t>& cols) {
   std::fill(col_max, col_max + n, -std::numeric_limits<acc_t>::infinity());
   std::fill(col_sum, col_sum + n, acc_t(0));
@@ -276,7 +271,7 @@ SIMCLR_HOT_LOOP void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t 
 // Turns a full row of raw dot products (all L keys) into the row's softmax probabilities in place (self
 // entry: 0) and its state. One exp per entry, as in the streamed forward; the backward then needs none.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
+SIMCLR_SIMD_CLONES void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
                                acc_t inv_t, acc_t rq, const acc_t* rk, bool exclude_positives, RowState<acc_t>& st) {
   const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st,
                                    static_cast<ColumnStates<acc_t>*>(nullptr));
@@ -438,7 +433,7 @@ struct BackwardArgs : Operands<acc_t> {
 // dL/dcos -> G = dL/dcos * (1 / |x_i|) (1 / |y_j|) over one tile row: the products then run on the raw rows
 // (a_i = sum_j G_ij y_j = dzhat_i / |z_i|, see normalization_backward).
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
+SIMCLR_SIMD_CLONES void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) t[j] *= r_i * r[j];
 }
@@ -446,7 +441,7 @@ SIMCLR_HOT_LOOP void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
 // General case, recomputed: turns a (queries x keys) tile of raw dot products into G in place; indices global.
 // DCL: a positive's softmax term is 0 (the kept probabilities already are).
 template <typename acc_t>
-SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = (*a.f)[row];
@@ -470,7 +465,7 @@ SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, 
 // Symmetric case, recomputed: turns a tile of raw dot products (rows [r0, r0 + nr) x columns [c0, c0 + nc)
 // of the one matrix) into G from H = dS + dS^T in place.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+SIMCLR_SIMD_CLONES void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                          const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + c0;
@@ -500,7 +495,7 @@ SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, in
 // Two-way case (CLIP): turns a (queries x keys) tile of raw dot products into G, with the query rows'
 // factors and the key columns' (entries M + j of the factors); no self pair, no DCL terms.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+SIMCLR_SIMD_CLONES void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
                                        const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + a.m + k0;
@@ -526,7 +521,7 @@ SIMCLR_HOT_LOOP void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int6
 
 // Symmetric case, kept: rows [r0, r0 + nr) of G from H = dS + dS^T (all n columns) from the probabilities.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const int64_t n = a.m;
   for (int64_t i = 0; i < nr; ++i) {
@@ -562,7 +557,7 @@ SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const
 
 // General case, kept: rows [q0, q0 + nq) of G (all L columns), for the dq pass.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = (*a.f)[row];
@@ -710,8 +705,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
   }
   count_path(keep_probs ? Path::kCpuForwardKept : (two_way ? Path::kCpuForwardTwoWay : Path::kCpuForwardStreamed));
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating(q.scalar_type(), "ntxent_forward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_t_of<scalar_t>;
     const Side<acc_t> sq = prepare<acc_t>(q);
     const Side<acc_t> sk = same_tensor(q, k) ? sq : prepare<acc_t>(k);
     const Operands<acc_t> args{sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, q.size(1),
@@ -777,8 +773,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
   if (symmetric && output_mask[1]) grad_k = at::zeros(k.sizes(), k.options());
   if (!passes.dq && !passes.dk) return {grad_q, grad_k, grad_t};
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating(q.scalar_type(), "ntxent_backward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_t_of<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
     const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
     const Side<acc_t> sq = prepare<acc_t>(q);
