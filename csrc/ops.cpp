@@ -1,5 +1,24 @@
 // Every op schema of simclr_ext, in one place. Kernels register per backend in their own files
-// (csrc/<family>/<family>_<backend>.{cpp,cu}); Python adds fake kernels and autograd in simclr_ext/ops.py.
+// (csrc/<op>/<op>_<backend>.{cpp,cu}, functions <op>_forward_<backend> / <op>_backward_<backend>); Python
+// adds fake kernels in simclr_ext/ops.py, whose wrappers are named like the schemas. Shared by both op
+// families: csrc/common/ (host/device macro, accumulation type, dispatch, SIMD-clone policy).
+//
+// Index: public function -> wrapper -> schema -> kernel files -> tests -> benchmark
+//   contrastive_loss, nt_xent, NTXentLoss, clip_loss, ClipLoss, supcon_loss, SupConLoss, dcl_loss, dclw_loss,
+//   DCLLoss, DCLWLoss (simclr_ext/loss.py, clip_loss.py, supcon_loss.py, dcl_loss.py)
+//     -> simclr_ext.ops.ntxent -> simclr_ext::ntxent, simclr_ext::_ntxent_backward
+//     -> csrc/ntxent/: ntxent.h (math), ntxent_checks.h, ntxent_cpu.cpp (ntxent_forward_cpu,
+//        ntxent_backward_cpu), ntxent_cuda.cu (ntxent_forward_cuda, ntxent_backward_cuda) with
+//        ntxent_cuda_kernels.cuh and ntxent_cuda_plan.h, ntxent_autograd.cpp, ntxent_paths.h
+//     -> tests/test_ntxent_*.py (tests/cpp/ntxent_cuda_plan_test.cpp via test_ntxent_cuda_host.py),
+//        tests/test_clip_loss.py, test_supcon_loss.py, test_dcl_loss.py, test_losses_*.py
+//     -> benchmarks/bench_ntxent_cpu.py, bench_ntxent_cuda.py, bench_losses.py
+//   augment, SimCLRAugment, SimCLRTransform (simclr_ext/augment.py, transforms.py)
+//     -> simclr_ext.ops.augment -> simclr_ext::augment
+//     -> csrc/augment/: augment.h (math), augment_checks.h, augment_cpu.cpp (augment_forward_cpu),
+//        augment_cuda.cu (augment_forward_cuda)
+//     -> tests/test_augment*.py, tests/test_transforms.py
+//     -> benchmarks/bench_augment.py
 #include <Python.h>
 #include <torch/library.h>
 
@@ -65,15 +84,19 @@ TORCH_LIBRARY(simclr_ext, m) {
   // temperature (0-d, accumulation dtype, on q's device).
   // probs: the forward's, when kept. When q is k (same labels tensor, self_offset 0, not two_way) the whole
   // gradient of that one tensor is returned as grad_q and grad_k is zero.
+  // output_mask: which of (grad_q, grad_k, grad_temperature) to compute; the others come back undefined
+  // (None), and the passes only they need are skipped (keys detached: no dK pass; ntxent_checks.h).
   m.def(
       "_ntxent_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, "
       "Tensor lse, Tensor npos, Tensor temperature, int self_offset, bool allow_tf32, Tensor? probs=None, "
-      "bool exclude_positives=False, Tensor? positive_weight=None, bool two_way=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool exclude_positives=False, Tensor? positive_weight=None, bool two_way=False, "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
   // How the extension was built, for simclr_ext.info().
   m.def("_build_info() -> str", &build_info);
-  // Debug counters of the kernels' code paths (csrc/ntxent/ntxent_paths.h): "name=count;...".
+  // Debug counters of the kernels' code paths and backward passes (csrc/ntxent/ntxent_paths.h):
+  // "name=count;..."; the reset clears both.
   m.def("_ntxent_path_counts() -> str", &simclr_ext::ntxent::path_counts);
+  m.def("_ntxent_pass_counts() -> str", &simclr_ext::ntxent::pass_counts);
   m.def("_ntxent_reset_path_counts() -> ()", &simclr_ext::ntxent::reset_path_counts);
   // Fused SimCLR augmentation (see csrc/augment/augment.h for the pipeline and the params columns).
   // src: packed images, 1-D uint8 or float32 on the op's device; image b starts at offsets[b] and is

@@ -236,7 +236,7 @@ def augment(images, params: AugmentParams, out_dtype: torch.dtype = torch.float3
     out_h, out_w = _size_pair(tuple(params.size), "params.size")
     src, offsets, src_cl = _pack(images, layout)
     shapes = torch.stack([hs, ws], dim=1).contiguous()
-    return ops.augment_op(src, offsets, shapes, params.packed(), c, src_cl, out_h, out_w, int(params.kernel_size),
+    return ops.augment(src, offsets, shapes, params.packed(), c, src_cl, out_h, out_w, int(params.kernel_size),
                           float(solarize_threshold), [float(m) for m in mean or []], [float(s) for s in std or []],
                           out_dtype, memory_format == torch.channels_last)
 

@@ -62,7 +62,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, gathe
     labels = torch.arange(n, device=image_features.device)
     if not (gather_distributed and distributed.is_distributed()):
         # One op call, both directions: the image rows' and the text columns' losses from the same tiles.
-        per_row, _, _ = ops.ntxent_forward(image_features, text_features, labels, labels, temperature, -1,
+        per_row, _, _ = ops.ntxent(image_features, text_features, labels, labels, temperature, -1,
                                            ops.resolve_tf32(allow_tf32), two_way=True)
         return per_row.mean()
     # This rank's images against every rank's texts, and its texts against every rank's images: the other

@@ -133,7 +133,7 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     else:
         offset = int(self_offset)
     tf32 = ops.resolve_tf32(allow_tf32)
-    per_row, _, npos = ops.ntxent_forward(q, k, q_labels, k_labels, temperature, offset, tf32,
+    per_row, _, npos = ops.ntxent(q, k, q_labels, k_labels, temperature, offset, tf32,
                                           exclude_positives=bool(exclude_positives), positive_weight=positive_weight)
     return _reduce(per_row, npos, reduction)
 

@@ -6,8 +6,10 @@ from . import _C  # noqa: F401  (loads the shared library, which registers the o
 
 _ops = torch.ops.simclr_ext
 
-__all__ = ["ntxent_forward", "ntxent_path_counts", "reset_ntxent_path_counts", "tf32_enabled",
-           "set_tf32", "resolve_tf32"]
+# One name per op: the wrapper is named like its schema (simclr_ext::ntxent -> ntxent, simclr_ext::augment ->
+# augment); the backward op is reached through autograd only.
+__all__ = ["ntxent", "augment", "ntxent_path_counts", "ntxent_pass_counts", "reset_ntxent_path_counts",
+           "tf32_enabled", "set_tf32", "resolve_tf32"]
 
 # None: follow PyTorch's float32 matmul precision; True / False: simclr_ext's own override (set_tf32).
 _TF32_OVERRIDE = None
@@ -92,7 +94,7 @@ def _weight_arg(positive_weight, q):
     return None if positive_weight is None else positive_weight.to(_acc_dtype(q.dtype)).contiguous()
 
 
-def ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
+def ntxent(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
                    positive_weight=None, two_way=False):
     """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h).
     temperature: a number or a 0-d floating tensor (its gradient flows); exclude_positives: DCL;
@@ -109,15 +111,26 @@ def ntxent_path_counts():
     """How many calls took each code path of the contrastive kernels since the last reset, as a dict
     {"cpu_forward_streamed": n, "cpu_backward_symmetric": n, ...} (csrc/ntxent/ntxent_paths.h). For tests
     and debugging: which backward a call ran (symmetric or general, recomputed or from kept probabilities)."""
+    return _parse_counts(_ops._ntxent_path_counts.default())
+
+
+def ntxent_pass_counts():
+    """How many gradient products the contrastive backward ran since the last reset, per backend, as a dict
+    {"cpu_dq": n, "cpu_dk": n, "cuda_dq": n, "cuda_dk": n} (csrc/ntxent/ntxent_paths.h): a backward
+    with detached keys runs no dk product, one that needs neither grad_q nor the temperature's no dq."""
+    return _parse_counts(_ops._ntxent_pass_counts.default())
+
+
+def _parse_counts(text):
     counts = {}
-    for item in _ops._ntxent_path_counts.default().split(";"):
+    for item in text.split(";"):
         name, value = item.split("=")
         counts[name] = int(value)
     return counts
 
 
 def reset_ntxent_path_counts():
-    """Sets every counter of `ntxent_path_counts` to 0."""
+    """Sets every counter of `ntxent_path_counts` and `ntxent_pass_counts` to 0."""
     _ops._ntxent_reset_path_counts.default()
 
 
@@ -125,18 +138,72 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_fake_args(q, temperature, positive_weight):
-    # The kernels' shape checks (ntxent_checks.h), so that a torch.compile trace rejects bad input too.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# The kernels' argument checks (csrc/ntxent/ntxent_checks.h: ranks, dtypes, devices, shapes, with the same
+# messages), so that a torch.compile trace or a FakeTensorMode run rejects bad input before any kernel runs.
+# Values (a temperature's sign) are only checked by the kernels: fake tensors have none.
+def _check_labels_fake(labels, name, rows, q):
+    torch._check(labels.dim() == 1 and labels.shape[0] == rows,
+                 lambda: f"{name} must have shape [{rows}], got {list(labels.shape)}")
+    torch._check(labels.dtype == torch.int64, lambda: f"{name} must be int64, got {labels.dtype}")
+    torch._check(labels.device == q.device,
+                 lambda: f"{name} must be on the device of q ({q.device}), got {labels.device}")
+
+
+def _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, positive_weight, two_way,
+                        keep_probs=False, exclude_positives=False):
+    torch._check(q.dim() == 2, lambda: f"q must be 2-D (M, D), got shape {list(q.shape)}")
+    torch._check(k.dim() == 2, lambda: f"k must be 2-D (L, D), got shape {list(k.shape)}")
+    torch._check(q.dtype in _FLOAT_DTYPES, lambda: f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    torch._check(k.dtype == q.dtype, lambda: f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    torch._check(k.device == q.device, lambda: f"k must be on the device of q ({q.device}), got {k.device}")
+    torch._check(q.shape[1] == k.shape[1], lambda: f"q and k must have the same feature dimension D, got q "
+                                                   f"{list(q.shape)} and k {list(k.shape)}")
+    _check_labels_fake(q_labels, "q_labels", q.shape[0], q)
+    _check_labels_fake(k_labels, "k_labels", k.shape[0], q)
     torch._check(temperature.dim() == 0, lambda: f"temperature must be a 0-d tensor, got shape {list(temperature.shape)}")
+    torch._check(temperature.dtype.is_floating_point,
+                 lambda: f"temperature must be a floating tensor, got {temperature.dtype}")
+    torch._check(temperature.device.type == "cpu" or temperature.device == q.device,
+                 lambda: f"temperature must be on the CPU or on the device of q ({q.device}), got {temperature.device}")
+    torch._check(self_offset == -1 or (self_offset >= 0 and self_offset + q.shape[0] <= k.shape[0]),
+                 lambda: f"self_offset must be -1 or in [0, L - M], got {self_offset}")
     if positive_weight is not None:
-        torch._check(positive_weight.shape == (q.shape[0],),
-                     lambda: f"positive_weight must have shape [{q.shape[0]}], got {list(positive_weight.shape)}")
+        acc = _acc_dtype(q.dtype)
+        torch._check(positive_weight.shape == (q.shape[0],) and positive_weight.dtype == acc
+                     and positive_weight.device == q.device,
+                     lambda: f"positive_weight must be a {acc} tensor of shape [{q.shape[0]}] on {q.device}, got "
+                             f"{positive_weight.dtype} {list(positive_weight.shape)} on {positive_weight.device}")
+    if two_way:
+        torch._check(self_offset == -1,
+                     lambda: f"two_way needs self_offset = -1 (no query is one of the keys), got {self_offset}")
+        torch._check(not keep_probs, lambda: "two_way does not keep probabilities: pass keep_probs=False")
+        torch._check(not exclude_positives and positive_weight is None,
+                     lambda: "two_way does not take exclude_positives or positive_weight (DCL / DCLW terms)")
+
+
+def _check_backward_fake(grad_loss, q, k, lse, npos, two_way):
+    rows = q.shape[0] + k.shape[0] if two_way else q.shape[0]
+    acc = _acc_dtype(q.dtype)
+    torch._check(grad_loss.dim() == 1 and grad_loss.shape[0] == rows,
+                 lambda: f"grad_loss must have shape [{rows}], got {list(grad_loss.shape)}")
+    torch._check(grad_loss.dtype.is_floating_point, lambda: f"grad_loss must be floating, got {grad_loss.dtype}")
+    torch._check(lse.dim() == 1 and lse.shape[0] == rows and lse.dtype == acc,
+                 lambda: f"lse must be {acc} of shape [{rows}], got {lse.dtype} {list(lse.shape)}")
+    torch._check(npos.dim() == 1 and npos.shape[0] == rows and npos.dtype == torch.int32,
+                 lambda: f"npos must be int32 of shape [{rows}], got {npos.dtype} {list(npos.shape)}")
+    for t in (grad_loss, lse, npos):
+        torch._check(t.device == q.device,
+                     lambda: f"grad_loss, lse and npos must be on the device of q ({q.device}), got {t.device}")
 
 
 @torch.library.register_fake("simclr_ext::ntxent")
 def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs=False,
                  exclude_positives=False, positive_weight=None, two_way=False):
-    _check_fake_args(q, temperature, positive_weight)
+    _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, positive_weight, two_way, keep_probs,
+                        exclude_positives)
     m = q.shape[0] + k.shape[0] if two_way else q.shape[0]
     acc = _acc_dtype(q.dtype)
     probs_shape = (q.shape[0], k.shape[0]) if keep_probs and q.device.type == "cpu" else (0, 0)
@@ -144,13 +211,19 @@ def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
             q.new_empty(probs_shape, dtype=acc))
 
 
+# output_mask: an output left out is None (an undefined tensor from the kernels), as with ATen's own
+# output_mask backwards (convolution_backward, native_layer_norm_backward).
 @torch.library.register_fake("simclr_ext::_ntxent_backward")
 def _ntxent_backward_fake(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
-                          probs=None, exclude_positives=False, positive_weight=None, two_way=False):
-    _check_fake_args(q, temperature, positive_weight)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            q.new_empty((), dtype=_acc_dtype(q.dtype)))
+                          probs=None, exclude_positives=False, positive_weight=None, two_way=False,
+                          output_mask=(True, True, True)):
+    _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, positive_weight, two_way,
+                        probs is not None and probs.numel() > 0, exclude_positives)
+    _check_backward_fake(grad_loss, q, k, lse, npos, two_way)
+    grad_q = torch.empty_like(q, memory_format=torch.contiguous_format) if output_mask[0] else None
+    grad_k = torch.empty_like(k, memory_format=torch.contiguous_format) if output_mask[1] else None
+    grad_t = q.new_empty((), dtype=_acc_dtype(q.dtype)) if output_mask[2] else None
+    return grad_q, grad_k, grad_t
 
 
 # Autograd of simclr_ext::ntxent is registered in C++ (csrc/ntxent/ntxent_autograd.cpp): a Python
@@ -170,7 +243,7 @@ torch.library.register_autograd("simclr_ext::_ntxent_backward", _no_double_backw
 # Fused augmentation (simclr_ext/augment.py builds the arguments; csrc/augment/ has the kernels)
 
 
-def augment_op(src, offsets, shapes, params, channels, src_channels_last, out_h, out_w, blur_kernel,
+def augment(src, offsets, shapes, params, channels, src_channels_last, out_h, out_w, blur_kernel,
                solarize_threshold, mean, std, out_dtype, out_channels_last):
     """The raw op: packed images -> (B, channels, out_h, out_w) views (see csrc/ops.cpp for the schema)."""
     return _ops.augment.default(src, offsets, shapes, params, int(channels), bool(src_channels_last), int(out_h),

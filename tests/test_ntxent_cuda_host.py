@@ -1,5 +1,5 @@
 """What of the CUDA kernels can be checked without a GPU: the tiling and launch plan shared through
-csrc/ntxent/ntxent.h (compiled here as plain C++ and checked exhaustively by tests/cpp/), and that a CUDA
+csrc/ntxent/ntxent_cuda_plan.h (compiled here as plain C++ and checked exhaustively by tests/cpp/), and that a CUDA
 build really registered the CUDA kernels."""
 import os
 import shutil
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tiling_plan_and_index_maps(tmp_path):
-    """Builds tests/cpp/ntxent_cuda_plan_test.cpp against the kernels' header and runs it: shared-memory
+    """Builds tests/cpp/ntxent_cuda_plan_test.cpp against the kernels' headers (ntxent_cuda_plan.h, ntxent.h) and runs it: shared-memory
     layout (alignment for wmma, no overlaps, fits sm_80/sm_90), grids covering every padded row, D chunks
     adding up, lane maps covering each strip element once and bank-conflict free, online log-sum-exp merges,
     and the symmetric backward's per-pair gradient H = dS + dS^T (shared with the CPU kernel)."""

@@ -273,13 +273,13 @@ def _precision(setting):
 def captured_tf32(monkeypatch):
     """The allow_tf32 flag each call hands to the op."""
     seen = []
-    real = ops.ntxent_forward
+    real = ops.ntxent
 
     def spy(*args, **kwargs):
-        seen.append(args[6])  # ntxent_forward(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, ...)
+        seen.append(args[6])  # ntxent(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, ...)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "ntxent_forward", spy)
+    monkeypatch.setattr(ops, "ntxent", spy)
     return seen
 
 

@@ -23,7 +23,7 @@ def _sample(m, l, d, gen, dtype=torch.float64, classes=3):
 
 
 def _two_way(q, k, ql, kl, t):
-    return ops.ntxent_forward(q, k, ql, kl, t, -1, False, two_way=True)
+    return ops.ntxent(q, k, ql, kl, t, -1, False, two_way=True)
 
 
 def _oracle(q, k, ql, kl, t):

@@ -14,13 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef SIMCLR_HD
-#if defined(__CUDACC__)
-#define SIMCLR_HD __host__ __device__ __forceinline__
-#else
-#define SIMCLR_HD inline
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace simclr_ext {
 namespace augment {

@@ -7,11 +7,10 @@
 //   3. the vertical half of the Gaussian blur, which solarizes, normalizes and writes the output.
 // Whichever of passes 1 and 2 finishes a row's colors also writes it out (no blur) or blurs it
 // horizontally while it is in L1 (blur). Without jitter, pass 1 finishes every row.
-// Every step is a loop over a contiguous row of one plane, multiversioned for AVX-512 / AVX2 / baseline:
+// Every step is a loop over a contiguous row of one plane, multiversioned (csrc/common/simd.h):
 // bilinear rows by explicit gathers, one loop per color op, the blur with its accumulators in registers
 // over the taps that carry weight, normalize fused with the output store. Each output element goes
 // through the same operations in the same order whatever the ISA and the thread count.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,6 +24,9 @@
 #endif
 #include <vector>
 
+#include "common/dispatch.h"
+#include "common/simd.h"
+
 // Our kernels (everything below, the shared header included) never rely on floating-point traps; without
 // them GCC if-converts the compares of adjust_hue and the row loops vectorize. Results are unchanged:
 // rounding is not affected, only the assumption that a compare may trap.
@@ -34,15 +36,8 @@
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
 
-// The hot row loops are compiled three times, for AVX-512, AVX2 and the baseline ISA, and picked at load
-// time (GCC function multiversioning): up to four times the vector width where the CPU has it, a portable
-// .so either way. The build passes -ffp-contract=off, so no clone fuses a multiply-add and all of them
-// round identically: results do not depend on the machine's ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SIMCLR_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define SIMCLR_ROW_KERNEL
-#endif
+// The hot row loops are compiled once per ISA of the SIMD-clone policy (csrc/common/simd.h) and picked at
+// load time: results do not depend on the machine's ISA.
 
 namespace simclr_ext {
 namespace augment {
@@ -115,7 +110,7 @@ inline void finish_values(const float* x, int n, float thr, float m, float is, O
 }
 
 template <typename O>
-SIMCLR_ROW_KERNEL void write_values(const float* x, int n, bool solarize, float thr, float m, float is, O* o,
+SIMCLR_SIMD_CLONES void write_values(const float* x, int n, bool solarize, float thr, float m, float is, O* o,
                                     int64_t sx) {
   if (solarize) {
     finish_values<true>(x, n, thr, m, is, o, sx);
@@ -139,7 +134,7 @@ struct Row {
 };
 
 // Its own function so that the three planes are known not to alias: the loop then vectorizes.
-SIMCLR_ROW_KERNEL void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n,
+SIMCLR_SIMD_CLONES void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n,
                                        float hue) {
   for (int i = 0; i < n; ++i) {
     float p[3] = {r[i], g[i], b[i]};
@@ -152,16 +147,16 @@ SIMCLR_ROW_KERNEL void hue_row(float* __restrict r, float* __restrict g, float* 
 
 // One loop per op, the factor in a local and the planes __restrict: a store cannot alias the factor, so
 // each op is a single vector loop over the row.
-SIMCLR_ROW_KERNEL void brightness_row(float* __restrict x, int n, float f) {
+SIMCLR_SIMD_CLONES void brightness_row(float* __restrict x, int n, float f) {
   for (int i = 0; i < n; ++i) x[i] = clamp01(x[i] * f);
 }
 
 // clamp01(f * x + (1 - f) * mean), the loop-invariant second term computed once (the same float value).
-SIMCLR_ROW_KERNEL void contrast_row(float* __restrict x, int n, float f, float offset) {
+SIMCLR_SIMD_CLONES void contrast_row(float* __restrict x, int n, float f, float offset) {
   for (int i = 0; i < n; ++i) x[i] = clamp01(f * x[i] + offset);
 }
 
-SIMCLR_ROW_KERNEL void saturation_row(float* __restrict r, float* __restrict g, float* __restrict b, int n, float f) {
+SIMCLR_SIMD_CLONES void saturation_row(float* __restrict r, float* __restrict g, float* __restrict b, int n, float f) {
   const float f1 = 1.f - f;
   for (int i = 0; i < n; ++i) {
     const float l = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
@@ -188,7 +183,7 @@ inline void jitter_row(int op, const Row& row, int C, const View& v, float mean)
   }
 }
 
-SIMCLR_ROW_KERNEL void gray_row(const Row& row, int C) {
+SIMCLR_SIMD_CLONES void gray_row(const Row& row, int C) {
   if (C != 3) return;
   float* r = row.ch[0];
   float* g = row.ch[1];
@@ -203,7 +198,7 @@ typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));
 // Sum of the row's luma (the contrast mean's numerator) in 16 fixed lanes, element i in lane i % 16, then
 // the lanes and the tail in a fixed order: a serial float sum would be one dependent add per pixel, and
 // this order does not depend on the ISA or the thread count.
-SIMCLR_ROW_KERNEL double luma_row_sum(const Row& row, int C) {
+SIMCLR_SIMD_CLONES double luma_row_sum(const Row& row, int C) {
   constexpr int L = 16;
   const int n = row.n;
   const float* r = row.ch[0];
@@ -235,7 +230,7 @@ inline void finish_row(const Row& row, int C, int y, const View& v, const Config
 // The crop's span of one source row as floats (raw values, uint8 not yet scaled), one element longer than
 // the crop: the copy of its last pixel there is what the clamped tap i1 = i0 = crop_w - 1 reads, so every
 // tap reads (i0, i0 + 1) and the result is the same as with the clamped index.
-SIMCLR_ROW_KERNEL void source_row(const uint8_t* p, int64_t sx, int n, float* f) {
+SIMCLR_SIMD_CLONES void source_row(const uint8_t* p, int64_t sx, int n, float* f) {
   if (sx == 1) {
     for (int i = 0; i < n; ++i) f[i] = static_cast<float>(p[i]);
   } else {
@@ -243,7 +238,7 @@ SIMCLR_ROW_KERNEL void source_row(const uint8_t* p, int64_t sx, int n, float* f)
   }
   f[n] = f[n - 1];
 }
-SIMCLR_ROW_KERNEL void source_row(const float* p, int64_t sx, int n, float* f) {
+SIMCLR_SIMD_CLONES void source_row(const float* p, int64_t sx, int n, float* f) {
   if (sx == 1) {
     std::memcpy(f, p, sizeof(float) * n);
   } else {
@@ -291,7 +286,7 @@ inline void lerp_x_row(const float* f, const int* i0, const float* w0, const flo
 
 // Vertical half: output row from the two horizontally interpolated source rows.
 template <typename T>
-SIMCLR_ROW_KERNEL void lerp_y_row(const float* top, const float* bot, int W, const Tap& ty, float* o) {
+SIMCLR_SIMD_CLONES void lerp_y_row(const float* top, const float* bot, int W, const Tap& ty, float* o) {
   for (int x = 0; x < W; ++x) o[x] = lerp_y<T>(top[x], bot[x], ty);
 }
 
@@ -364,7 +359,7 @@ inline void sym_taps_chunk(const float* const* p, const float* w, int r, int x, 
   for (int j = 0; j < NV; ++j) reinterpret_cast<Lanes*>(o + x)[j] = a[j];
 }
 
-SIMCLR_ROW_KERNEL void sym_taps_row(const float* const* p, const float* w, int r, int n, float* o) {
+SIMCLR_SIMD_CLONES void sym_taps_row(const float* const* p, const float* w, int r, int n, float* o) {
   constexpr int V = 16;  // floats per Lanes
   int x = 0;
   for (; x + 4 * V <= n; x += 4 * V) sym_taps_chunk<4>(p, w, r, x, o);
@@ -504,7 +499,7 @@ void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, c
   });
 }
 
-at::Tensor augment_cpu(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
+at::Tensor augment_forward_cpu(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
                        const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
                        int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
                        c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
@@ -517,7 +512,8 @@ at::Tensor augment_cpu(const at::Tensor& src, const at::Tensor& offsets, const a
   const int64_t* shp = shapes.data_ptr<int64_t>();
   const float* prm = params.data_ptr<float>();
   const bool u8 = src.scalar_type() == at::kByte;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "simclr_ext::augment (cpu)", [&] {
+  dispatch_floating(out_dtype, "simclr_ext::augment (cpu)", [&](auto tag) {
+    using scalar_t = decltype(tag);
     if (u8) {
       run<uint8_t, scalar_t>(src, off, shp, prm, src_channels_last, cfg, out, out_channels_last);
     } else {
@@ -529,7 +525,7 @@ at::Tensor augment_cpu(const at::Tensor& src, const at::Tensor& offsets, const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(simclr_ext, CPU, m) { m.impl("augment", &augment_cpu); }
+TORCH_LIBRARY_IMPL(simclr_ext, CPU, m) { m.impl("augment", &augment_forward_cpu); }
 
 }  // namespace augment
 }  // namespace simclr_ext

@@ -293,7 +293,7 @@ void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
+at::Tensor augment_forward_cuda(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
                         const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
                         int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
                         c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
@@ -354,7 +354,7 @@ at::Tensor augment_cuda(const at::Tensor& src, const at::Tensor& offsets, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(simclr_ext, CUDA, m) { m.impl("augment", &augment_cuda); }
+TORCH_LIBRARY_IMPL(simclr_ext, CUDA, m) { m.impl("augment", &augment_forward_cuda); }
 
 }  // namespace augment
 }  // namespace simclr_ext

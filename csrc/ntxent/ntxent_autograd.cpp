@@ -41,16 +41,17 @@ BackwardOut call_backward(const at::Tensor& grad_loss, const at::Tensor& q, cons
                           const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
                           const at::Tensor& npos, const at::Tensor& temperature, int64_t self_offset, bool allow_tf32,
                           const std::optional<at::Tensor>& probs, bool exclude_positives,
-                          const std::optional<at::Tensor>& positive_weight, bool two_way) {
+                          const std::optional<at::Tensor>& positive_weight, bool two_way,
+                          const OutputMask& output_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::_ntxent_backward", "")
           .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                              bool, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&,
-                             bool)>();
+                             bool, OutputMask)>();
   return op.call(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, probs,
-                 exclude_positives, positive_weight, two_way);
+                 exclude_positives, positive_weight, two_way, output_mask);
 }
 
 class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
@@ -88,27 +89,29 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
     const bool two_way = ctx->saved_data["two_way"].toBool();
     // Empty (0, 0) when the forward did not keep them: the kernels tell by its size.
     const std::optional<at::Tensor> kept = probs;
+    // Only what autograd needs: detached keys (a queue, k = q.detach()) skip the dK pass. The symmetric
+    // backward returns the one input's whole gradient as grad_q (and zeros as grad_k): leaving grad_k out
+    // spares allocating and adding those zeros.
+    const OutputMask mask{ctx->needs_input_grad(0),
+                          ctx->needs_input_grad(1) && !ctx->saved_data["one_input"].toBool(),
+                          ctx->needs_input_grad(4)};
     at::Tensor grad_q, grad_k, grad_t;
     if (torch::autograd::GradMode::is_enabled()) {
       // create_graph=True: through the backward op's own autograd, which refuses a second derivative.
       std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
                                                        self_offset, allow_tf32, kept, exclude_positives, weight,
-                                                       two_way);
+                                                       two_way, mask);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
                                                        self_offset, allow_tf32, kept, exclude_positives, weight,
-                                                       two_way);
+                                                       two_way, mask);
     }
     variable_list out = none;
+    out[0] = grad_q;
+    out[1] = grad_k;
     // The temperature's gradient comes back on q's device in the accumulation dtype: the temperature's own.
-    if (ctx->needs_input_grad(4)) out[4] = grad_t.to(temperature.options());
-    const auto needs = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
-    if (!needs) return out;
-    out[0] = ctx->needs_input_grad(0) ? grad_q : at::Tensor();
-    // The symmetric backward returns the one input's whole gradient as grad_q (and zeros as grad_k):
-    // leaving grad_k out spares autograd adding those zeros.
-    out[1] = ctx->needs_input_grad(1) && !ctx->saved_data["one_input"].toBool() ? grad_k : at::Tensor();
+    if (grad_t.defined()) out[4] = grad_t.to(temperature.options());
     return out;
   }
 };

@@ -5,8 +5,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
+
+#include "common/acc_type.h"
 
 namespace simclr_ext {
 namespace ntxent {
@@ -53,7 +56,7 @@ inline void check_temperature(const at::Tensor& temperature, const at::Tensor& q
 // DCLW's per-row weights of the positive term: (M,) in the accumulation dtype, on q's device.
 inline void check_positive_weight(const std::optional<at::Tensor>& weight, const at::Tensor& q) {
   if (!weight.has_value()) return;
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(weight->dim() == 1 && weight->size(0) == q.size(0) && weight->scalar_type() == acc &&
                   weight->device() == q.device(),
               "positive_weight must be a ", acc, " tensor of shape [", q.size(0), "] on ", q.device(), ", got ",
@@ -90,7 +93,7 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
                                 const std::optional<at::Tensor>& positive_weight, bool two_way) {
   check_forward_args(q, k, q_labels, k_labels, temperature, self_offset, positive_weight);
   const int64_t m = two_way ? q.size(0) + k.size(0) : q.size(0);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == m, "grad_loss must have shape [", m, "], got ",
               grad_loss.sizes());
   TORCH_CHECK(grad_loss.is_floating_point(), "grad_loss must be floating, got ", grad_loss.scalar_type());
@@ -104,7 +107,8 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
   }
 }
 
-// One tensor passed twice (SimCLR's q = k = cat(z1, z2)). Identity, not equal memory: k = q.detach() (MoCo
+// One tensor passed twice (SimCLR's q = k = cat(z1, z2)), decided here for both backends (which then prepare
+// or normalize it once, and take the symmetric backward with one labels tensor). Identity, not equal memory: k = q.detach() (MoCo
 // style) shares q's memory but only q's role may receive a gradient. Autograd hands saved inputs back as
 // the same tensors, so identity survives into the backward.
 inline bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return a.is_same(b); }
@@ -117,11 +121,26 @@ inline bool is_symmetric_case(const at::Tensor& q, const at::Tensor& k, const at
   return self_offset == 0 && same_tensor(q, k) && same_tensor(q_labels, k_labels);
 }
 
+// The backward's output mask: which of (grad_q, grad_k, grad_temperature) the caller needs (autograd passes
+// needs_input_grad). An output left out comes back undefined (None in Python), as with ATen's own
+// output_mask backwards; the fake kernel returns None there too. A pass runs only when an output needs it:
+// dq for grad_q and for the temperature, whose gradient is the sum of the dq pass's radial dots (ntxent.h);
+// dk for grad_k only. The symmetric pass (q is k) is the dq pass; its grad_k is zeros when asked for.
+using OutputMask = std::array<bool, 3>;
+
+struct BackwardPasses {
+  bool dq, dk;
+};
+
+inline BackwardPasses backward_passes(const OutputMask& mask, bool symmetric) {
+  return {mask[0] || mask[2], mask[1] && !symmetric};
+}
+
 // The softmax probabilities the forward keeps for the backward: empty (not kept), or (M, L) contiguous
 // in the accumulation dtype.
 inline void check_probs(const at::Tensor& probs, const at::Tensor& q, const at::Tensor& k) {
   if (!probs.defined() || probs.numel() == 0) return;
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(probs.dim() == 2 && probs.size(0) == q.size(0) && probs.size(1) == k.size(0) &&
                   probs.scalar_type() == acc && probs.is_contiguous() && probs.device() == q.device(),
               "probs must be empty or the forward's contiguous ", acc, " (M, L) = [", q.size(0), ", ", k.size(0),

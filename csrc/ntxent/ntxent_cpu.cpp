@@ -26,7 +26,6 @@
 //       GEMM passes in all.
 // Which path ran is counted (ntxent_paths.h) so that tests can assert it.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,6 +37,9 @@
 #include <limits>
 #include <vector>
 
+#include "common/acc_type.h"
+#include "common/dispatch.h"
+#include "common/simd.h"
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_checks.h"
 #include "ntxent/ntxent_paths.h"
@@ -45,8 +47,6 @@
 namespace simclr_ext {
 namespace ntxent {
 namespace {
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // One side (q or k) as the kernels read it: the raw rows in the accumulation dtype (the input itself when it
 // is contiguous in that dtype: no copy; float16 / bfloat16 are widened once, for BLAS) and their norms. The
@@ -166,17 +166,12 @@ void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse,
 
 // The hot loops below are written as plain passes over contiguous arrays (no per-element branches,
 // labels or indices) so that the compiler vectorizes them; the few positives and the single self
-// entry of a row are handled by scalar fix-ups afterwards. They are compiled twice, for AVX2+FMA and
-// for the baseline ISA, and the loader picks the version the CPU supports.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SIMCLR_HOT_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SIMCLR_HOT_LOOP
-#endif
+// entry of a row are handled by scalar fix-ups afterwards. They are compiled once per ISA of the SIMD-clone
+// policy (csrc/common/simd.h) and the loader picks the version the CPU supports.
 
 // Whether any of labels[0, n) equals `label`: a vectorized pre-check, since most tiles hold no
 // positive of a given row and the scalar loop that handles positives is then skipped.
-SIMCLR_HOT_LOOP inline bool any_label(const int64_t* labels, int64_t n, int64_t label) {
+SIMCLR_SIMD_CLONES inline bool any_label(const int64_t* labels, int64_t n, int64_t label) {
   int64_t hits = 0;
 #pragma omp simd reduction(+ : hits)
   for (int64_t j = 0; j < n; ++j) hits += labels[j] == label ? 1 : 0;
@@ -208,7 +203,7 @@ struct ColumnStates {
 // (and to the key columns' with `cols`, two-way) and returns the row's maximum logit (NaN skipped; -inf when
 // none).
 template <typename acc_t>
-SIMCLR_HOT_LOOP acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
+SIMCLR_SIMD_CLONES acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
                                  const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
                                  bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -245,7 +240,7 @@ void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
 // Folds one row of a tile of raw dot products (keys [key0, key0 + n)) into the row's running state.
 // Overwrites `row` with logits.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
+SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
                                    const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
                                    bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st, cols);
@@ -264,7 +259,7 @@ SIMCLR_HOT_LOOP void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t 
 // max and a sum of exps per tile (vectorized along the keys). The two-way mode has no -inf entries (no self
 // key, no DCL), so a column max of -inf means an all-NaN column, whose sum is then NaN: NaN reaches the loss.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t n, int64_t key0, acc_t* col_max,
+SIMCLR_SIMD_CLONES void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t n, int64_t key0, acc_t* col_max,
                                        acc_t* col_sum, ColumnStates<acc_t>& cols) {
   std::fill(col_max, col_max + n, -std::numeric_limits<acc_t>::infinity());
   std::fill(col_sum, col_sum + n, acc_t(0));
@@ -284,7 +279,7 @@ SIMCLR_HOT_LOOP void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t 
 // Turns a full row of raw dot products (all L keys) into the row's softmax probabilities in place (self
 // entry: 0) and its state. One exp per entry, as in the streamed forward; the backward then needs none.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
+SIMCLR_SIMD_CLONES void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
                                acc_t inv_t, acc_t rq, const acc_t* rk, bool exclude_positives, RowState<acc_t>& st) {
   const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st,
                                    static_cast<ColumnStates<acc_t>*>(nullptr));
@@ -446,7 +441,7 @@ struct BackwardArgs : Operands<acc_t> {
 // dL/dcos -> G = dL/dcos * (1 / |x_i|) (1 / |y_j|) over one tile row: the products then run on the raw rows
 // (a_i = sum_j G_ij y_j = dzhat_i / |z_i|, see normalization_backward).
 template <typename acc_t>
-SIMCLR_HOT_LOOP void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
+SIMCLR_SIMD_CLONES void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) t[j] *= r_i * r[j];
 }
@@ -454,7 +449,7 @@ SIMCLR_HOT_LOOP void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r) {
 // General case, recomputed: turns a (queries x keys) tile of raw dot products into G in place; indices global.
 // DCL: a positive's softmax term is 0 (the kept probabilities already are).
 template <typename acc_t>
-SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = (*a.f)[row];
@@ -478,7 +473,7 @@ SIMCLR_HOT_LOOP void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, 
 // Symmetric case, recomputed: turns a tile of raw dot products (rows [r0, r0 + nr) x columns [c0, c0 + nc)
 // of the one matrix) into G from H = dS + dS^T in place.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+SIMCLR_SIMD_CLONES void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                          const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + c0;
@@ -508,7 +503,7 @@ SIMCLR_HOT_LOOP void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, in
 // Two-way case (CLIP): turns a (queries x keys) tile of raw dot products into G, with the query rows'
 // factors and the key columns' (entries M + j of the factors); no self pair, no DCL terms.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+SIMCLR_SIMD_CLONES void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
                                        const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + a.m + k0;
@@ -534,7 +529,7 @@ SIMCLR_HOT_LOOP void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int6
 
 // Symmetric case, kept: rows [r0, r0 + nr) of G from H = dS + dS^T (all n columns) from the probabilities.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const int64_t n = a.m;
   for (int64_t i = 0; i < nr; ++i) {
@@ -570,7 +565,7 @@ SIMCLR_HOT_LOOP void symmetric_kept_rows(acc_t* h, int64_t r0, int64_t nr, const
 
 // General case, kept: rows [q0, q0 + nq) of G (all L columns), for the dq pass.
 template <typename acc_t>
-SIMCLR_HOT_LOOP void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void kept_query_rows(acc_t* out, int64_t q0, int64_t nq, const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = (*a.f)[row];
@@ -667,16 +662,20 @@ void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
 }
 
 // a_q = G k and a_k = G^T q of the two-way case in one pass over query blocks: each tile is recomputed once
-// and multiplied twice. a_q rows have one owner; a_k is accumulated by every task, task 0 into a_k itself
-// and the others into their own copies, summed in task order (deterministic for a given thread count).
+// and multiplied for each side asked for (dq null: no a_q; dk_out undefined: no a_k). a_q rows have one
+// owner; a_k is accumulated by every task, task 0 into a_k itself and the others into their own copies,
+// summed in task order (deterministic for a given thread count).
 template <typename acc_t>
 void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
   const int64_t d = a.d, blocks = ceil_div(a.m, kCpuRowBlock), tasks = num_tasks(blocks);
-  dk_out.zero_();
+  const bool with_dk = dk_out.defined();
   std::vector<at::Tensor> copies;
-  for (int64_t t = 1; t < tasks; ++t) copies.push_back(at::zeros_like(dk_out));
+  if (with_dk) {
+    dk_out.zero_();
+    for (int64_t t = 1; t < tasks; ++t) copies.push_back(at::zeros_like(dk_out));
+  }
   for_each_task(blocks, [&](int64_t task, int64_t b_begin, int64_t b_end) {
-    acc_t* dk = (task == 0 ? dk_out : copies[task - 1]).template data_ptr<acc_t>();
+    acc_t* dk = with_dk ? (task == 0 ? dk_out : copies[task - 1]).template data_ptr<acc_t>() : nullptr;
     std::vector<acc_t> buffer(kCpuRowBlock * kCpuKeyBlock);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t r0 = b * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
@@ -684,8 +683,8 @@ void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
         const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
         gemm_abt(rows, keys, d, a.q + r0 * d, d, a.k + k0 * d, d, buffer.data(), keys);  // = the forward's
         two_way_tile_grad(buffer.data(), r0, rows, k0, keys, a);
-        gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
-        gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
+        if (dq) gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
+        if (dk) gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
       }
     }
   });
@@ -714,8 +713,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
   }
   count_path(keep_probs ? Path::kCpuForwardKept : (two_way ? Path::kCpuForwardTwoWay : Path::kCpuForwardStreamed));
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating(q.scalar_type(), "ntxent_forward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_t_of<scalar_t>;
     const Side<acc_t> sq = prepare<acc_t>(q);
     const Side<acc_t> sk = same_tensor(q, k) ? sq : prepare<acc_t>(k);
     const Operands<acc_t> args{sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, q.size(1),
@@ -748,11 +748,13 @@ Path backward_path(bool symmetric, bool two_way, bool kept) {
   return kept ? Path::kCpuBackwardGeneralKept : Path::kCpuBackwardGeneral;
 }
 
+// Runs the passes the output mask asks for (backward_passes, ntxent_checks.h) and returns the outputs it
+// asks for; the others are undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
     const at::Tensor& k_labels, const at::Tensor& lse, const at::Tensor& npos, const at::Tensor& temperature_t,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs_in, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
   check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight,
                       two_way);
   const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
@@ -762,17 +764,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor grad_q, grad_k, grad_t;
   if (m == 0 || l == 0) {
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
-            at::zeros({}, q.options().dtype(acc_type(q.scalar_type())))};
+    if (output_mask[0]) grad_q = at::zeros(q.sizes(), q.options());
+    if (output_mask[1]) grad_k = at::zeros(k.sizes(), k.options());
+    if (output_mask[2]) grad_t = at::zeros({}, q.options().dtype(acc));
+    return {grad_q, grad_k, grad_t};
   }
   const bool symmetric = !two_way && is_symmetric_case(q, k, q_labels, k_labels, self_offset);
+  const BackwardPasses passes = backward_passes(output_mask, symmetric);
   count_path(backward_path(symmetric, two_way, kept));
-  const auto acc = acc_type(q.scalar_type());
+  if (passes.dq) count_pass(Pass::kCpuDq);
+  if (passes.dk) count_pass(Pass::kCpuDk);
+  // The symmetric case's grad_k: the whole gradient of the one input is grad_q (autograd adds zero to it).
+  if (symmetric && output_mask[1]) grad_k = at::zeros(k.sizes(), k.options());
+  if (!passes.dq && !passes.dk) return {grad_q, grad_k, grad_t};
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
-  at::Tensor grad_q, grad_k, grad_t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ntxent_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  dispatch_floating(q.scalar_type(), "ntxent_backward_cpu", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_t_of<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
     const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
     const Side<acc_t> sq = prepare<acc_t>(q);
@@ -782,27 +793,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
                                     exclude_positives, two_way},
                                    &factors,
                                    kept ? probs.data_ptr<acc_t>() : nullptr};
-    std::vector<acc_t> radial(m);
     // The products' outputs a (dzhat / |z|), turned into the gradients in place for float32 / float64.
-    at::Tensor a_q = at::empty({m, d}, q.options().dtype(acc));
+    at::Tensor a_q = passes.dq ? at::empty({m, d}, q.options().dtype(acc)) : at::Tensor();
+    at::Tensor a_k = passes.dk ? at::empty({l, d}, q.options().dtype(acc)) : at::Tensor();
     if (symmetric) {
-      // The whole gradient of the one input comes back as grad_q; autograd adds grad_k (zero) to it.
       symmetric_pass(args, a_q.data_ptr<acc_t>());
-      grad_q = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
-      grad_k = at::zeros(k.sizes(), k.options());
-      grad_t = at::scalar_tensor(temperature_grad(radial, temperature, true), q.options().dtype(acc));
-      return;
-    }
-    at::Tensor a_k = at::empty({l, d}, q.options().dtype(acc));
-    if (two_way) {
-      two_way_pass(args, a_q.data_ptr<acc_t>(), a_k);
+    } else if (two_way) {
+      two_way_pass(args, passes.dq ? a_q.data_ptr<acc_t>() : nullptr, a_k);
     } else {
-      general_pass(args, false, a_q.data_ptr<acc_t>());
-      general_pass(args, true, a_k.data_ptr<acc_t>());
+      if (passes.dq) general_pass(args, false, a_q.data_ptr<acc_t>());
+      if (passes.dk) general_pass(args, true, a_k.data_ptr<acc_t>());
     }
-    grad_q = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
-    grad_k = normalization_backward<scalar_t, acc_t>(sk, a_k, k.scalar_type());
-    grad_t = at::scalar_tensor(temperature_grad(radial, temperature, false), q.options().dtype(acc));
+    if (passes.dq) {
+      std::vector<acc_t> radial(m);
+      const at::Tensor dq = normalization_backward<scalar_t, acc_t>(sq, a_q, q.scalar_type(), radial.data());
+      if (output_mask[0]) grad_q = dq;
+      if (output_mask[2]) {
+        grad_t = at::scalar_tensor(temperature_grad(radial, temperature, symmetric), q.options().dtype(acc));
+      }
+    }
+    if (passes.dk) grad_k = normalization_backward<scalar_t, acc_t>(sk, a_k, k.scalar_type());
   });
   return {grad_q, grad_k, grad_t};
 }
@@ -810,31 +820,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
-// Path counters (ntxent_paths.h), shared with the CUDA backend.
+// Path and pass counters (ntxent_paths.h), shared with the CUDA backend.
 namespace {
 std::array<std::atomic<int64_t>, static_cast<size_t>(Path::kCount)> g_path_counts{};
+std::array<std::atomic<int64_t>, static_cast<size_t>(Pass::kCount)> g_pass_counts{};
 constexpr const char* kPathNames[] = {
     "cpu_forward_streamed",  "cpu_forward_kept",   "cpu_backward_symmetric", "cpu_backward_symmetric_kept",
     "cpu_backward_general",  "cpu_backward_general_kept", "cuda_forward",    "cuda_backward_symmetric",
     "cuda_backward_general", "cpu_forward_two_way",       "cpu_backward_two_way", "cuda_forward_two_way",
     "cuda_backward_two_way"};
+constexpr const char* kPassNames[] = {"cpu_dq", "cpu_dk", "cuda_dq", "cuda_dk"};
 static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(Path::kCount),
               "one name per path");
-}  // namespace
+static_assert(sizeof(kPassNames) / sizeof(kPassNames[0]) == static_cast<size_t>(Pass::kCount),
+              "one name per pass");
 
-void count_path(Path path) { g_path_counts[static_cast<size_t>(path)].fetch_add(1, std::memory_order_relaxed); }
-
-std::string path_counts() {
+template <size_t N>
+std::string format_counts(const std::array<std::atomic<int64_t>, N>& counts, const char* const* names) {
   std::string out;
-  for (size_t i = 0; i < g_path_counts.size(); ++i) {
+  for (size_t i = 0; i < N; ++i) {
     if (i) out += ";";
-    out += std::string(kPathNames[i]) + "=" + std::to_string(g_path_counts[i].load(std::memory_order_relaxed));
+    out += std::string(names[i]) + "=" + std::to_string(counts[i].load(std::memory_order_relaxed));
   }
   return out;
 }
+}  // namespace
+
+void count_path(Path path) { g_path_counts[static_cast<size_t>(path)].fetch_add(1, std::memory_order_relaxed); }
+void count_pass(Pass pass) { g_pass_counts[static_cast<size_t>(pass)].fetch_add(1, std::memory_order_relaxed); }
+
+std::string path_counts() { return format_counts(g_path_counts, kPathNames); }
+std::string pass_counts() { return format_counts(g_pass_counts, kPassNames); }
 
 void reset_path_counts() {
   for (auto& c : g_path_counts) c.store(0, std::memory_order_relaxed);
+  for (auto& c : g_pass_counts) c.store(0, std::memory_order_relaxed);
 }
 
 TORCH_LIBRARY_IMPL(simclr_ext, CPU, m) {

@@ -26,9 +26,18 @@ enum class Path : int {
   kCount
 };
 
+// The gradient products a backward call ran, per backend: dq (the queries' rows; the symmetric pass, which
+// gives the one input's whole gradient, counts here) and dk (the keys' rows). A backward whose output mask
+// leaves grad_k out (keys detached: a queue, MoCo's k = q.detach()) runs no dk product; one that needs
+// neither grad_q nor the temperature's gradient runs no dq product.
+enum class Pass : int { kCpuDq, kCpuDk, kCudaDq, kCudaDk, kCount };
+
 void count_path(Path path);
-// "name=count;name=count;..." in the order of Path.
+void count_pass(Pass pass);
+// "name=count;name=count;..." in the order of Path / Pass.
 std::string path_counts();
+std::string pass_counts();
+// Resets both the path and the pass counters.
 void reset_path_counts();
 
 }  // namespace ntxent

@@ -1,13 +1,15 @@
-// Host checks of the CUDA kernels' tiling (csrc/ntxent/ntxent.h), run by tests/test_ntxent_cuda_plan.py
+// Host checks of the CUDA kernels' tiling (csrc/ntxent/ntxent_cuda_plan.h), run by tests/test_ntxent_cuda_host.py
 // on machines without a GPU: every launch choice and index map the kernels use, checked exhaustively
 // over the shapes and dtypes the kernels accept. Prints "ok" and exits 0, or names the first failure.
 #include "ntxent/ntxent.h"
+#include "ntxent/ntxent_cuda_plan.h"
 
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
 using namespace simclr_ext::ntxent;
+using simclr_ext::ceil_div;  // csrc/common/host_device.h
 
 static int failures = 0;
 #define CHECK(cond, ...)                                         \
