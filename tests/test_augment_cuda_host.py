@@ -1,5 +1,5 @@
 """What of the CUDA augmentation can be checked without a GPU: its launch plan (csrc/augment/augment_cuda_plan.h)
-and the per-device attribute cache (csrc/augment/per_device_cache.h), compiled here as plain C++ and checked
+and the per-device attribute cache (csrc/common/per_device_cache.h), compiled here as plain C++ and checked
 by tests/cpp/, and that a CUDA build registered the CUDA kernel."""
 import os
 import shutil

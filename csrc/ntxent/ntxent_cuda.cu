@@ -44,6 +44,7 @@
 
 #include "common/acc_type.h"
 #include "common/cuda_types.cuh"
+#include "common/device_attributes.h"
 #include "common/dispatch.h"
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_checks.h"
@@ -76,21 +77,17 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// Opts a kernel into `bytes` of dynamic shared memory, failing clearly where the device has less.
+// Opts a kernel into `bytes` of dynamic shared memory, failing clearly where the device has less. The
+// device's limit and SM count are read once per device (csrc/common/device_attributes.h).
 template <typename Kernel>
 void set_smem(Kernel kernel, int64_t bytes, const at::Tensor& on) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, on.get_device()));
+  const int optin = device_attributes(on.get_device()).max_shared_memory_per_block_optin;
   TORCH_CHECK(bytes <= optin, "simclr_ext ntxent (CUDA): needs ", bytes, " bytes of shared memory per block, the device ",
               "allows ", optin);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-int64_t sm_count(const at::Tensor& on) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, on.get_device()));
-  return n;
-}
+int64_t sm_count(const at::Tensor& on) { return device_attributes(on.get_device()).multiprocessor_count; }
 
 // Normalized, zero-padded copy of x (rows_padded x dim, dtype of x); grid: ceil(rows_padded / 8) blocks.
 template <typename T>

@@ -1,8 +1,8 @@
-// Host checks of csrc/augment/per_device_cache.h (the per-device attribute cache of the CUDA launches),
+// Host checks of csrc/common/per_device_cache.h (the per-device attribute cache of the CUDA launches),
 // run by tests/test_augment_cuda_host.py: one query per device however many threads ask at once, values
 // kept apart per device, a failing query cached as nothing (retried), indices outside the device count
 // refused. Prints "ok" and exits 0, or names the first failures.
-#include "augment/per_device_cache.h"
+#include "common/per_device_cache.h"
 
 #include <atomic>
 #include <cstdio>

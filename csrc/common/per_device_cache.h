@@ -1,6 +1,6 @@
 // A value per device index, computed on first use and then read without a lock. Plain C++ (no CUDA
 // headers) so tests/cpp checks it on machines without a GPU; device_attributes.h fills it with CUDA
-// queries. Shared by every op's CUDA code (it moves to csrc/common/ with device_attributes.h).
+// queries. Shared by every op's CUDA code.
 #pragma once
 
 #include <atomic>

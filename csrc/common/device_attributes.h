@@ -1,13 +1,13 @@
 // Device attributes the CUDA kernels plan their launches with, queried once per device per process
 // (cudaDeviceGetAttribute is a driver round trip; launches ask on every call). Host-only, CUDA builds.
-// Meant for every op's CUDA code: it moves to csrc/common/ with per_device_cache.h.
+// Shared by every op's CUDA code.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime.h>
 
-#include "augment/per_device_cache.h"
+#include "common/per_device_cache.h"
 
 namespace simclr_ext {
 
