@@ -9,7 +9,7 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import assert_matches_reference
+from parity import OPCHECK_BACKWARD_UTILS, assert_matches_reference
 from simclr_ext import ops
 
 _op = torch.ops.simclr_ext
@@ -170,7 +170,7 @@ def test_opcheck_new_schema(exclude, weighted, same, gen):
     grad = torch.rand(7, generator=gen, dtype=loss.dtype)
     bargs = (grad, q.detach(), k.detach(), labels, labels, lse, npos, t.detach(), 0 if same else -1, True, None)
     torch.library.opcheck(_op._ntxent_backward.default, bargs, flags,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=OPCHECK_BACKWARD_UTILS)
 
 
 def test_torch_compile_fullgraph_with_tensor_temperature(gen):
