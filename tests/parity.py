@@ -133,3 +133,12 @@ def positive_counts(q_labels, k_labels, offset):
         rows = torch.arange(len(q_labels), device=q_labels.device)
         pos[rows, rows + offset] = False
     return pos.sum(1).int()
+
+
+def assert_equal_to_rounding(ours, other, dtype, what):
+    """Two computations of one quantity that differ only in their order of summation: within 2 ATOL[dtype] of
+    each other, relative to the larger magnitude when it exceeds 1."""
+    assert ours.shape == other.shape, f"{what}: shape {list(ours.shape)} != {list(other.shape)}"
+    err = max_err(ours, other)
+    scale = max(1.0, other.abs().max().item() if other.numel() else 1.0)
+    assert err <= 2 * ATOL[dtype] * scale, f"{what}: differ by {err:.3e} > {2 * ATOL[dtype] * scale:.3e}"

@@ -11,7 +11,7 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import (CONTRASTIVE_CASES, DEVICE_PATHS, DEVICES, assert_matches_reference, contrastive_inputs, matmul_tf32, max_err,
+from parity import (CONTRASTIVE_CASES, DEVICE_PATHS, DEVICES, assert_equal_to_rounding, assert_matches_reference, contrastive_inputs, matmul_tf32, max_err,
                     ntxent_op, positive_counts, reference_rows)
 
 FLOAT_DTYPES = [torch.float64, torch.float32]
@@ -172,6 +172,36 @@ def test_queries_against_keys(m, l, offset, dtype, device, gen):
     _compare(lambda a, b: simclr_ext.contrastive_loss(a, b, q_labels, k_labels, 0.2, self_offset=offset),
              lambda a, b: ref.contrastive_loss(a, b, q_labels, k_labels, 0.2, self_offset=offset), [q, k], dtype, gen,
              f"M={m} L={l} offset={offset}", device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,d", [(1, 3), (37, 19), (130, 64)])
+def test_swapping_the_views_gives_the_same_loss(n, d, reduction, dtype, device, gen):
+    """nt_xent(a, b) == nt_xent(b, a), and NTXentLoss likewise (lightly's classic): values and the gradients
+    of sum(w * loss) for a random w; per-row losses ("none") come back with their halves swapped. Equal to
+    rounding only: the swapped call sums the same terms in another order."""
+    a0 = torch.randn(n, d, generator=gen).to(device, dtype)
+    b0 = torch.randn(n, d, generator=gen).to(device, dtype)
+    w = (torch.rand(2 * n if reduction == "none" else (), generator=gen, dtype=torch.float64) + 0.5).to(device)
+
+    def halves_swapped(x):
+        return torch.cat([x[n:], x[:n]]) if reduction == "none" else x
+
+    def functional(x, y):
+        return simclr_ext.nt_xent(x, y, 0.2, reduction=reduction)
+
+    module = simclr_ext.NTXentLoss(temperature=0.2, reduction=reduction)
+    for name, fn in (("nt_xent", functional), ("NTXentLoss", module)):
+        a, b = _leaf(a0, device), _leaf(b0, device)
+        a2, b2 = _leaf(a0, device), _leaf(b0, device)
+        ab, ba = fn(a, b), fn(b2, a2)
+        assert_equal_to_rounding(halves_swapped(ba), ab, dtype, f"{name}(b, a) vs {name}(a, b)")
+        ga, gb = torch.autograd.grad((ab * w.to(ab.dtype)).sum(), (a, b))
+        ga2, gb2 = torch.autograd.grad((ba * halves_swapped(w).to(ba.dtype)).sum(), (a2, b2))
+        assert_equal_to_rounding(ga2, ga, dtype, f"{name}: grad of a")
+        assert_equal_to_rounding(gb2, gb, dtype, f"{name}: grad of b")
 
 
 @pytest.mark.parametrize("device,dtype,tf32", DEVICE_PATHS)
