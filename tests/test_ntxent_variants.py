@@ -1,7 +1,7 @@
 """The op's differentiable temperature and its DCL variants (positives out of the denominator, a per-row
 weight on the positive term): values and gradients (q, k and the temperature) against autograd through the
-materialized formula in float64, every dtype, both paths (q is k, and q != k), the new schema under opcheck
-and torch.compile(fullgraph=True), bad input."""
+materialized formula in float64, every dtype, both paths (q is k, and q != k), every device and precision path
+through the public contrastive_loss, the new schema under opcheck and torch.compile(fullgraph=True), bad input."""
 import itertools
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import DEVICE_PATHS, OPCHECK_BACKWARD_UTILS, assert_matches_reference
+from parity import DEVICE_PATHS, OPCHECK_BACKWARD_UTILS, assert_matches_reference, contrastive_inputs
 from peers import check_on_device
 from simclr_ext import ops
 
@@ -126,8 +126,8 @@ def test_temperature_gradient_matches_autograd_through_the_matrix(temperature, m
 def test_tensor_temperature_and_dcl_flags(m, d, symmetric, exclude, weighted, device, dtype, tf32, gen):
     """The public contrastive_loss with a tensor temperature and the DCL flags, q is k and q != k, on every
     device and precision path: values and gradients (the temperature's too) against the float64 oracle."""
-    z = torch.randn(2 * m, d, generator=gen).to(dtype)
-    labels = torch.arange(m).repeat(2)
+    _, z64, _, labels, _ = contrastive_inputs("simclr", 2 * m, 2 * m, d, gen)  # z1, z2 stacked, one positive each
+    z = z64.to(dtype)
     weight = torch.rand(2 * m, generator=gen, dtype=torch.float64) + 0.5 if weighted else None
     t = torch.tensor(0.2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     extra = dict(exclude_positives=exclude)
