@@ -11,8 +11,8 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import (CONTRASTIVE_CASES, DEVICE_PATHS, DEVICES, assert_equal_to_rounding, assert_matches_reference, contrastive_inputs, matmul_tf32, max_err,
-                    ntxent_op, positive_counts, reference_rows)
+from parity import (CONTRASTIVE_CASES, DEVICE_PATHS, DEVICES, assert_equal_to_rounding, assert_matches_reference,
+                    contrastive_inputs, matmul_tf32, max_err, ntxent_op, positive_counts, reference_rows)
 
 FLOAT_DTYPES = [torch.float64, torch.float32]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -131,8 +131,8 @@ def test_multi_view(views, dtype, device, gen):
     z = torch.randn(views * n, d, generator=gen, dtype=dtype)
     labels = torch.arange(n, device=device).repeat(views)
     _compare(lambda a: simclr_ext.contrastive_loss(a, a, labels, labels, 0.1, self_offset=0),
-             lambda a: ref.contrastive_loss(a, a, labels, labels, 0.1, self_offset=0), [z], dtype, gen, f"{views} views",
-             device)
+             lambda a: ref.contrastive_loss(a, a, labels, labels, 0.1, self_offset=0), [z], dtype, gen,
+             f"{views} views", device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
