@@ -382,9 +382,9 @@ step_pytest() {
 # The sanitized selections: odd sizes, a slice of the keys and extra negatives (self excluded or not,
 # q != k: the general backward), q is k (the symmetric backward), every precision path; one augmentation
 # test with every branch on.
-MEMCHECK_K="(test_matches_reference and (small-slice or small-bank)) or (test_symmetric_path_matches_reference and small-supcon) or (test_every_branch_together and cuda)"
-RACECHECK_K="(test_matches_reference and small-supcon and (bf16 or fp32)) or (test_matches_reference and small-bank and tf32) or (test_symmetric_path_matches_reference and small-simclr-N3 and bf16) or (test_every_branch_together and cuda)"
-SANITIZED=(tests/test_ntxent_cuda.py tests/test_augment.py)
+MEMCHECK_K="(test_matches_reference and (small-slice or small-bank) and cuda) or (test_symmetric_path_matches_reference and small-supcon) or (test_every_branch_together and cuda)"
+RACECHECK_K="(test_matches_reference and small-supcon and (bf16 or fp32) and cuda) or (test_matches_reference and small-bank and tf32) or (test_symmetric_path_matches_reference and small-simclr-N3 and bf16) or (test_every_branch_together and cuda)"
+SANITIZED=(tests/test_ntxent_parity.py tests/test_ntxent_cuda_only.py tests/test_augment.py)
 
 step_sanitizer() {  # step_sanitizer NAME TOOL K-EXPRESSION ENV...
   local name=$1 tool=$2 k=$3 c log=$LOGDIR/$1.log

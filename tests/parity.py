@@ -1,8 +1,13 @@
 """Tolerances of the parity tests, written once: the fused op's error against a float64 reference may be
 at most ~2x the error of the reference itself computed in the same dtype (flash-attention's rule), plus
-a small absolute floor for entries whose reference error happens to be ~0."""
+a small absolute floor for entries whose reference error happens to be ~0. Also what every device's contract
+shares: DEVICES, the precision paths per device, the opcheck list and the contrastive op's random inputs."""
+import contextlib
+
 import pytest
 import torch
+
+import simclr_reference as ref
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -28,3 +33,112 @@ PRECISION_PATHS = [
     pytest.param(torch.float16, False, id="fp16"),
     pytest.param(torch.bfloat16, False, id="bf16"),
 ]
+
+# The backward op deliberately has no derivative of its own (test_no_double_backward), so opcheck's
+# aot_dispatch checks, which differentiate it, are left out for it.
+OPCHECK_BACKWARD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+# One contract per op over DEVICES: CPU always; CUDA marked `cuda` (conftest.py skips it without a GPU).
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+
+
+def device_paths(paths=PRECISION_PATHS):
+    """(device, dtype, allow_tf32) for every device and precision path it has: TF32 exists on CUDA only."""
+    out = []
+    for device, marks in (("cpu", []), ("cuda", CUDA_MARKS)):
+        for path in paths:
+            dtype, tf32 = path.values
+            if not tf32 or device == "cuda":
+                out.append(pytest.param(device, dtype, tf32, id=f"{device}-{path.id}", marks=marks))
+    return out
+
+
+DEVICE_PATHS = device_paths()
+
+
+def tolerance_dtype(dtype, tf32):
+    """The dtype whose tolerance judges a path: TF32 products carry 10-bit mantissas, judged like float16."""
+    return torch.float16 if tf32 else dtype
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """torch's own CUDA matmuls in TF32 or not, for a reference run in the same precision as the op's path."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+# (kind, M, L, D): odd sizes, never multiples of the 64-row tiles; D from 1 to 2048 (several D chunks).
+# The ids are what benchmarks/gpu_check.sh selects for the sanitizers: keep them.
+CONTRASTIVE_CASES = [
+    pytest.param("simclr", 2, 2, 1, id="small-simclr-N1-D1"),
+    pytest.param("simclr", 6, 6, 3, id="small-simclr-N3-D3"),
+    pytest.param("slice", 37, 200, 33, id="small-slice-M37-L200-D33"),
+    pytest.param("bank", 70, 131, 130, id="small-bank-M70-L131-D130"),
+    pytest.param("supcon", 129, 129, 64, id="small-supcon-M129-D64"),
+    pytest.param("views", 195, 195, 17, id="views-M195-D17"),
+    pytest.param("simclr", 258, 258, 300, id="simclr-N129-D300"),
+    pytest.param("simclr", 130, 130, 2048, id="simclr-N65-D2048"),
+    pytest.param("slice", 129, 1000, 129, id="slice-M129-L1000-D129"),
+]
+
+
+def contrastive_inputs(kind, m, l, d, gen):
+    """float64 (q, k, q_labels, k_labels, self_offset) on the CPU for the label layouts the op serves; q is a
+    copy of keys [self_offset, self_offset + m) when self_offset >= 0, separate rows when it is -1."""
+    q_labels, k_labels, offset = _labels_case(kind, m, l, gen)
+    k = torch.randn(l, d, generator=gen, dtype=torch.float64)
+    q = k[offset:offset + m].clone() if offset >= 0 else torch.randn(m, d, generator=gen, dtype=torch.float64)
+    return q, k, q_labels, k_labels, offset
+
+
+def _labels_case(kind, m, l, gen):
+    if kind == "simclr":  # q = k = cat(z1, z2): one positive per row, self excluded
+        labels = torch.arange(m // 2).repeat(2)
+        return labels, labels.clone(), 0
+    if kind == "views":  # 3 views of m/3 samples: two positives per row
+        labels = torch.arange(m // 3).repeat(3)
+        return labels, labels.clone(), 0
+    if kind == "slice":  # queries are keys [off, off + m) (a distributed gather): several positives
+        k_labels = torch.randint(0, 5, (l,), generator=gen)
+        off = (l - m) // 2
+        return k_labels[off:off + m].clone(), k_labels, off
+    if kind == "supcon":  # many classes: some rows have no positive at all (loss 0, left out)
+        labels = torch.randint(0, m // 2 + 1, (m,), generator=gen)
+        return labels, labels.clone(), 0
+    if kind == "bank":  # extra negatives with a label no query has, no self exclusion
+        q_labels = torch.randint(0, 7, (m,), generator=gen)
+        return q_labels, torch.cat([q_labels, torch.full((l - m,), -1)]), -1
+    raise ValueError(f"kind must be simclr, views, slice, supcon or bank, got {kind!r}")
+
+
+def ntxent_op(*args):
+    """The forward op's (loss, lse, npos); its fourth output (kept probabilities) is CPU-only."""
+    return torch.ops.simclr_ext.ntxent(*args)[:3]
+
+
+def reference_rows(q, k, q_labels, k_labels, t, offset):
+    """simclr_reference's per-row losses, with the op's self_offset convention (-1: no self key)."""
+    return ref.contrastive_loss(q, k, q_labels, k_labels, t, None if offset < 0 else offset, reduction="none")
+
+
+def positive_counts(q_labels, k_labels, offset):
+    pos = q_labels[:, None] == k_labels[None, :]
+    if offset >= 0:
+        rows = torch.arange(len(q_labels), device=q_labels.device)
+        pos[rows, rows + offset] = False
+    return pos.sum(1).int()
+
+
+def assert_equal_to_rounding(ours, other, dtype, what):
+    """Two computations of one quantity that differ only in their order of summation: within 2 ATOL[dtype] of
+    each other, relative to the larger magnitude when it exceeds 1."""
+    assert ours.shape == other.shape, f"{what}: shape {list(ours.shape)} != {list(other.shape)}"
+    err = max_err(ours, other)
+    scale = max(1.0, other.abs().max().item() if other.numel() else 1.0)
+    assert err <= 2 * ATOL[dtype] * scale, f"{what}: differ by {err:.3e} > {2 * ATOL[dtype] * scale:.3e}"

@@ -20,13 +20,10 @@ import torch
 import simclr_reference
 from simclr_ext import AugmentParams, SimCLRAugment, augment
 from simclr_ext.augment import default_blur_kernel
+from parity import DEVICES
 
 F32_MAX = 5e-5
 F32_MEAN = 2e-6
-
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                           reason="needs a CUDA GPU")])
-DEVICES = ["cpu", CUDA]
 
 
 def _images(b, c, h, w, seed, dtype=torch.uint8):

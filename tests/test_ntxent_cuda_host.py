@@ -44,7 +44,7 @@ def test_cuda_kernels_reject_bad_input_before_any_launch():
     without a GPU too: CUDA-dispatched calls with a CPU tensor among the inputs fail with the shared
     messages of ntxent_checks.h, not with a CUDA error."""
     if torch.cuda.is_available():
-        pytest.skip("checked with real CUDA tensors in test_ntxent_cuda.py")
+        pytest.skip("checked with real CUDA tensors in test_ntxent_cuda_only.py")
     q = torch.randn(4, 3)
     labels = torch.zeros(4, dtype=torch.long)
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)

@@ -4,6 +4,7 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
+from parity import OPCHECK_BACKWARD_UTILS
 
 
 def _sample(m, l, d, dtype, offset, gen, requires_grad):
@@ -25,10 +26,8 @@ def test_opcheck_forward_and_backward(m, l, offset, dtype, keep_probs, gen):
     assert probs.shape == ((m, l) if keep_probs else (0, 0))
     grad = torch.rand(m, generator=gen, dtype=loss.dtype)
     bargs = (grad, q.detach(), k.detach(), ql, kl, lse, npos, torch.tensor(0.3), offset, True, probs if keep_probs else None)
-    # The backward op deliberately has no derivative of its own (test_no_double_backward), so the
-    # aot_dispatch check, which differentiates it, is left out.
     torch.library.opcheck(torch.ops.simclr_ext._ntxent_backward.default, bargs,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=OPCHECK_BACKWARD_UTILS)
 
 
 def test_opcheck_symmetric_backward(gen):
@@ -40,7 +39,7 @@ def test_opcheck_symmetric_backward(gen):
         grad = torch.rand(9, generator=gen)
         bargs = (grad, z, z, labels, labels, lse, npos, torch.tensor(0.3), 0, True, probs if keep else None)
         torch.library.opcheck(torch.ops.simclr_ext._ntxent_backward.default, bargs,
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                              test_utils=OPCHECK_BACKWARD_UTILS)
         grad_q, grad_k, _ = torch.ops.simclr_ext._ntxent_backward(*bargs)
         assert torch.count_nonzero(grad_k) == 0 and torch.count_nonzero(grad_q) > 0
 

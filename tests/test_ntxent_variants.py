@@ -1,7 +1,7 @@
 """The op's differentiable temperature and its DCL variants (positives out of the denominator, a per-row
 weight on the positive term): values and gradients (q, k and the temperature) against autograd through the
-materialized formula in float64, every dtype, both paths (q is k, and q != k), the new schema under opcheck
-and torch.compile(fullgraph=True), bad input."""
+materialized formula in float64, every dtype, both paths (q is k, and q != k), every device and precision path
+through the public contrastive_loss, the new schema under opcheck and torch.compile(fullgraph=True), bad input."""
 import itertools
 
 import pytest
@@ -9,7 +9,8 @@ import torch
 
 import simclr_ext
 import simclr_reference as ref
-from parity import assert_matches_reference
+from parity import DEVICE_PATHS, OPCHECK_BACKWARD_UTILS, assert_matches_reference, contrastive_inputs
+from peers import check_on_device
 from simclr_ext import ops
 
 _op = torch.ops.simclr_ext
@@ -118,6 +119,38 @@ def test_temperature_gradient_matches_autograd_through_the_matrix(temperature, m
     torch.testing.assert_close(ours, t.grad, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("device,dtype,tf32", DEVICE_PATHS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("exclude,weighted", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("m,d", [(3, 5), (67, 130), (300, 64)])
+def test_tensor_temperature_and_dcl_flags(m, d, symmetric, exclude, weighted, device, dtype, tf32, gen):
+    """The public contrastive_loss with a tensor temperature and the DCL flags, q is k and q != k, on every
+    device and precision path: values and gradients (the temperature's too) against the float64 oracle."""
+    _, z64, _, labels, _ = contrastive_inputs("simclr", 2 * m, 2 * m, d, gen)  # z1, z2 stacked, one positive each
+    z = z64.to(dtype)
+    weight = torch.rand(2 * m, generator=gen, dtype=torch.float64) + 0.5 if weighted else None
+    t = torch.tensor(0.2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    extra = dict(exclude_positives=exclude)
+
+    def ours(x, temperature):
+        w = None if weight is None else weight.to(x.device)
+        k = x if symmetric else x.flip(0)
+        kl = labels if symmetric else labels.flip(0)
+        return simclr_ext.contrastive_loss(x, k, labels.to(x.device), kl.to(x.device), temperature.to(x.device),
+                                           self_offset=0 if symmetric else None, reduction="none", allow_tf32=tf32,
+                                           positive_weight=w, **extra)
+
+    def reference(x, temperature):
+        w = None if weight is None else weight.to(x.dtype)
+        k = x if symmetric else x.flip(0)
+        kl = labels if symmetric else labels.flip(0)
+        return ref.contrastive_loss(x, k, labels, kl, temperature, self_offset=0 if symmetric else None,
+                                    reduction="none", positive_weight=w, **extra)
+
+    check_on_device(ours, reference, [z, t], device, dtype, tf32, gen,
+                    f"m={m} d={d} symmetric={symmetric} {extra} w={weighted}")
+
+
 def test_clamped_rows_keep_the_temperature_gradient(gen):
     """Rows whose norm is clamped (all-zero rows, tiny rows) still count in dL/dt."""
     q = torch.randn(9, 5, generator=gen, dtype=torch.float64)
@@ -170,7 +203,7 @@ def test_opcheck_new_schema(exclude, weighted, same, gen):
     grad = torch.rand(7, generator=gen, dtype=loss.dtype)
     bargs = (grad, q.detach(), k.detach(), labels, labels, lse, npos, t.detach(), 0 if same else -1, True, None)
     torch.library.opcheck(_op._ntxent_backward.default, bargs, flags,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          test_utils=OPCHECK_BACKWARD_UTILS)
 
 
 def test_torch_compile_fullgraph_with_tensor_temperature(gen):
