@@ -1,7 +1,8 @@
 // Every op schema of simclr_ext, in one place. Kernels register per backend in their own files
 // (csrc/<op>/<op>_<backend>.{cpp,cu}, functions <op>_forward_<backend> / <op>_backward_<backend>); Python
 // adds fake kernels in simclr_ext/ops.py, whose wrappers are named like the schemas. Shared by both op
-// families: csrc/common/ (host/device macro, accumulation type, dispatch, SIMD-clone policy).
+// families: csrc/common/ (host/device macro, accumulation type, dispatch, SIMD-clone policy, CUDA device
+// attributes).
 //
 // Index: public function -> wrapper -> schema -> kernel files -> tests -> benchmark
 //   contrastive_loss, nt_xent, NTXentLoss, clip_loss, ClipLoss, supcon_loss, SupConLoss, dcl_loss, dclw_loss,
@@ -10,14 +11,17 @@
 //     -> csrc/ntxent/: ntxent.h (math), ntxent_checks.h, ntxent_cpu.cpp (ntxent_forward_cpu,
 //        ntxent_backward_cpu), ntxent_cuda.cu (ntxent_forward_cuda, ntxent_backward_cuda) with
 //        ntxent_cuda_kernels.cuh and ntxent_cuda_plan.h, ntxent_autograd.cpp, ntxent_paths.h
-//     -> tests/test_ntxent_*.py (tests/cpp/ntxent_cuda_plan_test.cpp via test_ntxent_cuda_host.py),
-//        tests/test_clip_loss.py, test_supcon_loss.py, test_dcl_loss.py, test_losses_*.py
-//     -> benchmarks/bench_ntxent_cpu.py, bench_ntxent_cuda.py, bench_losses.py
+//     -> tests/test_ntxent_parity.py (the contract on every device), test_ntxent_cuda_only.py (GPU-only
+//        properties), test_ntxent_*.py (paths, variants, two-way, output mask, errors, registration, memory,
+//        lightly drop-in), tests/cpp/ntxent_cuda_plan_test.cpp (via test_ntxent_cuda_host.py);
+//        tests/test_clip_loss.py, test_supcon_loss.py, test_dcl_loss.py, test_losses_distributed.py
+//     -> benchmarks/bench_ntxent.py, bench_losses.py
 //   augment, SimCLRAugment, SimCLRTransform (simclr_ext/augment.py, transforms.py)
 //     -> simclr_ext.ops.augment -> simclr_ext::augment
 //     -> csrc/augment/: augment.h (math), augment_checks.h, augment_cpu.cpp (augment_forward_cpu),
-//        augment_cuda.cu (augment_forward_cuda)
-//     -> tests/test_augment*.py, tests/test_transforms.py
+//        augment_cuda.cu (augment_forward_cuda) with augment_cuda_kernels.cuh and augment_cuda_plan.h
+//     -> tests/test_augment.py (the contract on every device), test_augment_*.py,
+//        tests/cpp/augment_cuda_plan_test.cpp (via test_augment_cuda_host.py), tests/test_transforms.py
 //     -> benchmarks/bench_augment.py
 #include <Python.h>
 #include <torch/library.h>

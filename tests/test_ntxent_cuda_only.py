@@ -1,6 +1,7 @@
 """What only a GPU run of the contrastive op can show: the CUDA path counters (the symmetric and the general
 backward), the split plans of large batches, the global TF32 switch, device errors, opcheck on CUDA tensors,
-a CPU temperature with CUDA inputs, batches the reference cannot hold and CUDA graphs under torch.compile.
+a CPU temperature with CUDA inputs, the float16 operand scale, batches the reference cannot hold and CUDA
+graphs under torch.compile.
 The op's contract on every device (CUDA included) is test_ntxent_parity.py. Every test is marked `cuda`
 and skipped (by conftest.py) where torch sees no GPU."""
 import copy
@@ -287,3 +288,27 @@ def test_reduce_overhead_compile_matches_eager(temperature, gen):
     if temperature == "parameter":
         assert skips == 0, f"inductor skipped CUDA graphs {skips} time(s): see the log for the reason"
 
+
+def test_fp16_operand_scale_ignores_rows_without_positives(gen):
+    """The float16 products run on dL/dcos / 2^e with 2^e from the largest incoming gradient of a row that has
+    a positive: a huge gradient on a row without positives (its loss is the constant 0) must not shrink the
+    other rows' operands into float16 underflow."""
+    n, d = 512, 64
+    z = torch.randn(n, d, generator=gen)
+    labels = torch.arange(n) // 2
+    labels[-8:] = torch.arange(10_000, 10_008)  # 8 singletons: no positive
+    grad_out = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    grad_out[-8:] = 1e4
+
+    def grad_of(x, lab):
+        loss = simclr_ext.contrastive_loss(x, x, lab, lab, 0.1, self_offset=0, reduction="none") \
+            if x.is_cuda else ref.contrastive_loss(x, x, lab, lab, 0.1, self_offset=0, reduction="none")
+        return torch.autograd.grad(loss, x, grad_out.to(x.device, loss.dtype))[0]
+
+    z16 = z.half()
+    ours = grad_of(z16.to(DEV).requires_grad_(), labels.to(DEV))
+    same = grad_of(z16.float().requires_grad_(), labels)  # float32 from the same float16 values
+    ref64 = grad_of(z16.double().requires_grad_(), labels)
+    # Before the bound ignored such rows, the operands g p / 2^e fell below float16's subnormals and the
+    # softmax part of the gradient was lost: errors of the gradients' own size.
+    assert_matches_reference(ours.cpu().double(), same.double(), ref64, torch.float16, "grad")
