@@ -34,10 +34,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")) if p not in sys.path]
 
-import simclr_ext  # noqa: E402
-from simclr_ext.augment import default_blur_kernel  # noqa: E402
 import common  # noqa: E402
 from common import MODES  # noqa: E402
+
+import simclr_ext  # noqa: E402
+from simclr_ext.augment import default_blur_kernel  # noqa: E402
 
 PROVIDERS = ("fused", "tv2", "tv1_pil", "kornia")
 

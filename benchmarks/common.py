@@ -239,7 +239,7 @@ def parse_list(text, what, known=None, convert=str):
     try:
         values = [convert(v) for v in values]
     except ValueError as e:
-        raise SystemExit(f"{what}: {e}")
+        raise SystemExit(f"{what}: {e}") from None
     if known is not None:
         bad = [v for v in values if v not in known]
         if bad:

@@ -6,7 +6,7 @@ The library (ops, losses, augmentations, distributed helpers) is imported here; 
 SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020.
 """
-from . import ops
+from . import ops as ops  # the op wrappers, simclr_ext.ops
 from ._version import __version__
 from .augment import AugmentParams, SimCLRAugment, augment
 from .clip_loss import ClipLoss, clip_loss

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import ops
+
 # Normalization statistics live in one place (stats.py), shared with the training recipe.
 from .stats import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
 

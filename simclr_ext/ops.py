@@ -196,7 +196,7 @@ def _check_backward_fake(grad_loss, q, k, lse, npos, two_way):
                  lambda: f"npos must be int32 of shape [{rows}], got {npos.dtype} {list(npos.shape)}")
     for t in (grad_loss, lse, npos):
         torch._check(t.device == q.device,
-                     lambda: f"grad_loss, lse and npos must be on the device of q ({q.device}), got {t.device}")
+                     lambda t=t: f"grad_loss, lse and npos must be on the device of q ({q.device}), got {t.device}")
 
 
 @torch.library.register_fake("simclr_ext::ntxent")

@@ -5,6 +5,7 @@ F.cross_entropy formulation), lightly, gemm_floor (benchmarks/bench_ntxent.py) o
 oracle). Prints one line per TWO_N, in the order given. Runs in its own process so that the peak (VmHWM,
 reset through /proc/self/clear_refs before each size) belongs to that computation alone.
 """
+import functools
 import os
 import sys
 
@@ -49,7 +50,7 @@ def main():
     for two_n in sizes:
         z1 = torch.randn(two_n // 2, d, generator=g, requires_grad=True)
         z2 = torch.randn(two_n // 2, d, generator=g, requires_grad=True)
-        print(peak_rss_growth(lambda: step(z1, z2)), flush=True)
+        print(peak_rss_growth(functools.partial(step, z1, z2)), flush=True)
         del z1, z2
 
 

@@ -1,9 +1,9 @@
 """Helpers of the loss-family tests: fresh leaves, gradient comparison, the float64 oracles of the
 modules built from simclr_reference's materialized contrastive loss, the check of a loss on any device."""
 import torch
+from parity import assert_matches_reference, tolerance_dtype
 
 import simclr_reference as ref
-from parity import assert_matches_reference, tolerance_dtype
 
 RTOL = 1e-8  # the issue's parity target against the peers in float64
 

@@ -16,11 +16,11 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
+from parity import DEVICES
 
 import simclr_reference
 from simclr_ext import AugmentParams, SimCLRAugment, augment
 from simclr_ext.augment import default_blur_kernel
-from parity import DEVICES
 
 F32_MAX = 5e-5
 F32_MEAN = 2e-6

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import simclr_ext
 from parity import DEVICE_PATHS, DEVICES, assert_matches_reference
 from peers import assert_close64, check_on_device, grads, leaves, ref_clip
+
+import simclr_ext
 
 open_clip_loss = pytest.importorskip("open_clip.loss", reason="open_clip_torch is installed by requirements-dev.txt")
 

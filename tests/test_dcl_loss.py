@@ -2,11 +2,11 @@
 float64 oracle on every precision path, bad input. On every device."""
 import pytest
 import torch
+from parity import DEVICE_PATHS, DEVICES, assert_matches_reference
+from peers import assert_close64, check_on_device, grads, leaves, ref_dcl
 
 import simclr_ext
 from simclr_ext.dcl_loss import negative_mises_fisher_weights
-from parity import DEVICE_PATHS, DEVICES, assert_matches_reference
-from peers import assert_close64, check_on_device, grads, leaves, ref_dcl
 
 lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is installed by requirements-dev.txt")
 

@@ -129,7 +129,7 @@ def _gather_worker(rank, port, out_dir):
         torch.manual_seed(7)
         mine = simclr_ext.NTXentLoss(temperature=0.4, memory_bank_size=(10, 5), gather_distributed=True)
         out["bank_steps"] = []
-        for step in range(3):
+        for _ in range(3):
             a, b = (torch.randn(3, 5, generator=g, requires_grad=True) for _ in range(2))
             a2, b2 = (x.detach().clone().requires_grad_() for x in (a, b))
             ours, ref_loss = mine(a, b), theirs(a2, b2)

@@ -20,7 +20,6 @@ sys.path.insert(0, BENCH)
 
 import gpu_check_report as report  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------ the guard
 GUARDED = '''
 import signal, time

@@ -83,4 +83,4 @@ def test_every_public_name_resolves_and_is_listed():
 
 def test_unknown_attribute_names_the_module():
     with pytest.raises(AttributeError, match="module 'simclr_ext' has no attribute 'Trainer'"):
-        simclr_ext.Trainer
+        _ = simclr_ext.Trainer

@@ -9,12 +9,21 @@ import math
 
 import pytest
 import torch
+from parity import (
+    CONTRASTIVE_CASES,
+    OPCHECK_BACKWARD_UTILS,
+    PRECISION_PATHS,
+    assert_matches_reference,
+    contrastive_inputs,
+    matmul_tf32,
+    max_err,
+    ntxent_op,
+    reference_rows,
+)
 from torch._dynamo.utils import counters
 
 import simclr_ext
 import simclr_reference as ref
-from parity import (CONTRASTIVE_CASES, OPCHECK_BACKWARD_UTILS, PRECISION_PATHS, assert_matches_reference,
-                    contrastive_inputs, matmul_tf32, max_err, ntxent_op, reference_rows)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -279,9 +288,9 @@ def test_reduce_overhead_compile_matches_eager(temperature, gen):
     finally:
         torch._dynamo.reset()
     for i, ((loss_e, grads_e), (loss_c, grads_c)) in enumerate(zip(eager, graphed)):
-        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {i} loss: {m}")
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"step {i} loss: {m}")
         for j, (g_c, g_e) in enumerate(zip(grads_c, grads_e)):
-            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6, msg=lambda m: f"step {i} grad {j}: {m}")
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6, msg=lambda m, i=i, j=j: f"step {i} grad {j}: {m}")
     for p_c, p_e in zip(graphed_params, eager_params):
         torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
     assert len(graphed) == steps and all(torch.isfinite(loss) for loss, _ in graphed)

@@ -219,7 +219,7 @@ def test_memory_bank_follows_cuda_inputs(mode, gen):
     on_cpu = simclr_ext.NTXentLoss(temperature=0.2, memory_bank_size=(12, 6), memory_bank_mode=mode)
     fed_cuda = simclr_ext.NTXentLoss(temperature=0.2, memory_bank_size=(12, 6), memory_bank_mode=mode)
     fed_cuda.bank.copy_(on_cpu.bank)
-    for step in range(3):
+    for _ in range(3):
         z1, z2 = _pair(5, 6, gen)
         cpu_loss = on_cpu(z1, z2)
         a, b = z1.detach().cuda().requires_grad_(), z2.detach().cuda().requires_grad_()

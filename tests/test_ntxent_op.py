@@ -1,10 +1,10 @@
 """The op's registration: opcheck (schema, fake kernel, autograd), torch.compile, module behaviour."""
 import pytest
 import torch
+from parity import OPCHECK_BACKWARD_UTILS
 
 import simclr_ext
 import simclr_reference as ref
-from parity import OPCHECK_BACKWARD_UTILS
 
 
 def _sample(m, l, d, dtype, offset, gen, requires_grad):

@@ -8,11 +8,22 @@ import math
 
 import pytest
 import torch
+from parity import (
+    CONTRASTIVE_CASES,
+    DEVICE_PATHS,
+    DEVICES,
+    assert_equal_to_rounding,
+    assert_matches_reference,
+    contrastive_inputs,
+    matmul_tf32,
+    max_err,
+    ntxent_op,
+    positive_counts,
+    reference_rows,
+)
 
 import simclr_ext
 import simclr_reference as ref
-from parity import (CONTRASTIVE_CASES, DEVICE_PATHS, DEVICES, assert_equal_to_rounding, assert_matches_reference,
-                    contrastive_inputs, matmul_tf32, max_err, ntxent_op, positive_counts, reference_rows)
 
 FLOAT_DTYPES = [torch.float64, torch.float32]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -391,8 +402,9 @@ def test_gradcheck_float64(device, gen):
     q_labels = q_labels.to(device)
     for offset in (None, 0, 3):
         assert torch.autograd.gradcheck(
-            lambda a, b: simclr_ext.contrastive_loss(a, b, q_labels if offset != 3 else k_labels[3:12], k_labels,
-                                                     0.3, self_offset=offset, reduction="none"), (q, k))
+            lambda a, b, offset=offset: simclr_ext.contrastive_loss(
+                a, b, q_labels if offset != 3 else k_labels[3:12], k_labels, 0.3, self_offset=offset,
+                reduction="none"), (q, k))
     z1 = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
     z2 = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: simclr_ext.nt_xent(a, b, 0.1), (z1, z2))

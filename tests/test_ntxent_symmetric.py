@@ -5,10 +5,10 @@ import contextlib
 
 import pytest
 import torch
+from parity import assert_matches_reference
 
 import simclr_ext
 import simclr_reference as ref
-from parity import assert_matches_reference
 from simclr_ext import ops
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

@@ -3,10 +3,10 @@ loss over the queries. Against the float64 oracle run once per direction: values
 temperature, in every dtype; the path it takes, opcheck, bad arguments, NaN and zero rows."""
 import pytest
 import torch
+from parity import assert_matches_reference
 
 import simclr_ext
 import simclr_reference as ref
-from parity import assert_matches_reference
 
 ops = simclr_ext.ops
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -52,7 +52,7 @@ def test_values_and_gradients_match_the_oracle_in_both_directions(m, l, d, devic
     ours = torch.autograd.grad(loss, (a, b, t), grad_out)
     theirs = torch.autograd.grad(expected, (a2, b2, t2), grad_out)
     for name, x, y in zip(("q", "k", "temperature"), ours, theirs):
-        torch.testing.assert_close(x.cpu(), y, rtol=1e-9, atol=1e-12, msg=lambda msg: f"grad of {name}: {msg}")
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-9, atol=1e-12, msg=lambda msg, name=name: f"grad of {name}: {msg}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

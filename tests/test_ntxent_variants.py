@@ -6,11 +6,11 @@ import itertools
 
 import pytest
 import torch
+from parity import DEVICE_PATHS, OPCHECK_BACKWARD_UTILS, assert_matches_reference, contrastive_inputs
+from peers import check_on_device
 
 import simclr_ext
 import simclr_reference as ref
-from parity import DEVICE_PATHS, OPCHECK_BACKWARD_UTILS, assert_matches_reference, contrastive_inputs
-from peers import check_on_device
 from simclr_ext import ops
 
 _op = torch.ops.simclr_ext

@@ -4,10 +4,9 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 import torch
-
-import conftest
 
 NODE = "tests/test_x.py::test_y[cpu-fp32]"
 

@@ -4,10 +4,10 @@ every dtype and precision path against the float64 oracle; bad input. On every d
 import pytest
 import torch
 import torch.nn.functional as F
-
-import simclr_ext
 from parity import DEVICE_PATHS, DEVICES, assert_matches_reference
 from peers import assert_close64, check_on_device, grads, leaves, ref_supcon
+
+import simclr_ext
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses",
                                  reason="pytorch-metric-learning is installed by requirements-dev.txt")

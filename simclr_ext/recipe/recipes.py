@@ -16,8 +16,8 @@ from typing import Dict, Optional
 
 import torch
 
-from . import data as data_lib
 from ..augment import SimCLRAugment
+from . import data as data_lib
 
 __all__ = ["PretrainConfig", "RECIPES", "DATASET_RECIPE", "AUGMENT_PRESETS", "AUGMENT_RECIPES", "PRECISIONS",
            "build_augment"]

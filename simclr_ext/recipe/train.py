@@ -26,10 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import data as data_lib
 from .. import distributed as dist_lib
-from .checkpoint import (PRETRAIN_FORMAT, CheckpointError, load_pretrained, pack_rng, read_checkpoint,
-                         save_checkpoint_atomic, unpack_rng)
+from . import data as data_lib
+from .checkpoint import (
+    PRETRAIN_FORMAT,
+    CheckpointError,
+    load_pretrained,
+    pack_rng,
+    read_checkpoint,
+    save_checkpoint_atomic,
+    unpack_rng,
+)
 from .evaluate import evaluate_encoder, knn_classify, linear_probe, shard_range, sharded_features
 from .metrics import MetricsLog, Progress, plot_curve
 from .models import build_model

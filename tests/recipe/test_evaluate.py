@@ -65,7 +65,10 @@ def test_minibatch_probe_agrees_with_lbfgs(gen):
     mini = linear_probe(x[:350], y[:350], x[350:], y[350:], full_batch_max_elements=0)
     assert abs(full["top1"] - mini["top1"]) <= 0.04
     train = evaluate._standardize(x[:350].double())[0]
-    objective = lambda clf: float(F.cross_entropy(clf(train), y[:350]) + 0.5e-4 * clf.weight.pow(2).sum())
+
+    def objective(clf):
+        return float(F.cross_entropy(clf(train), y[:350]) + 0.5e-4 * clf.weight.pow(2).sum())
+
     with torch.no_grad():
         gap = objective(evaluate._fit_minibatch(train.float(), y[:350], 5, 1e-4)) - objective(
             evaluate._fit_lbfgs(train, y[:350], 5, 1e-4, 500))
