@@ -9,7 +9,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup deps build test demo bench clean gpu-wheels
+.PHONY: setup deps build test lint demo bench clean gpu-wheels
 
 deps:
 	$(PYTHON) -m pip install $(TORCH_SPEC) -r requirements-dev.txt
@@ -22,6 +22,12 @@ setup: build
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# ruff (Python, configured in pyproject.toml) and clang-format (C++ / CUDA, .clang-format), both pinned in
+# requirements-dev.txt; .ci/run runs it after the tests.
+lint: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -c 'import clang_format; clang_format.clang_format()' --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.cpp')
 
 # The main job: SimCLR pretraining on the embedded default (scikit-learn's digits) and its evaluation,
 # linear probe, kNN and 5-labels-per-class probe next to a random-init encoder.

@@ -43,7 +43,8 @@
 // No pybind11 module: the ops are reached through torch.ops.simclr_ext.*.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
@@ -112,4 +113,3 @@ TORCH_LIBRARY(simclr_ext, m) {
       "int out_h, int out_w, int blur_kernel, float solarize_threshold, float[] mean, float[] std, "
       "ScalarType out_dtype, bool out_channels_last) -> Tensor");
 }
-

@@ -137,15 +137,21 @@ SIMCLR_HD bool rotate_snap(int x, int y, int w, int h, double cos_t, double sin_
 SIMCLR_HD float raw(uint8_t v) { return static_cast<float>(v); }
 SIMCLR_HD float raw(float v) { return v; }
 template <typename T>
-SIMCLR_HD constexpr float unit_scale() { return 1.f; }
+SIMCLR_HD constexpr float unit_scale() {
+  return 1.f;
+}
 template <>
-SIMCLR_HD constexpr float unit_scale<uint8_t>() { return 1.f / 255.f; }
+SIMCLR_HD constexpr float unit_scale<uint8_t>() {
+  return 1.f / 255.f;
+}
 
 // Bilinear interpolation, horizontal then vertical (as upsample_bilinear2d), scaled to [0, 1] at the end.
 // The two halves are separate so the CPU can reuse a horizontally interpolated source row.
 SIMCLR_HD float lerp_x(float a0, float a1, const Tap& tx) { return tx.w0 * a0 + tx.w1 * a1; }
 template <typename T>
-SIMCLR_HD float lerp_y(float top, float bot, const Tap& ty) { return (ty.w0 * top + ty.w1 * bot) * unit_scale<T>(); }
+SIMCLR_HD float lerp_y(float top, float bot, const Tap& ty) {
+  return (ty.w0 * top + ty.w1 * bot) * unit_scale<T>();
+}
 
 // Bilinear combination of the four neighbours (row 0: a00 a01, row 1: a10 a11).
 template <typename T>
@@ -194,8 +200,8 @@ SIMCLR_HD void bilinear_read(const Source<T>& s, const View& v, const Tap& tx, c
 
 // Value of output pixel (x, y) after resized crop, flip and rotation, per channel.
 template <typename T>
-SIMCLR_HD void sample_geometry(const Source<T>& s, const View& v, int x, int y, int out_w, int out_h,
-                               int channels, float* out) {
+SIMCLR_HD void sample_geometry(const Source<T>& s, const View& v, int x, int y, int out_w, int out_h, int channels,
+                               float* out) {
   int gx, gy;
   if (!geometry_pixel(v, x, y, out_w, out_h, &gx, &gy)) {
     for (int c = 0; c < channels; ++c) out[c] = 0.f;
@@ -236,11 +242,11 @@ SIMCLR_HD void adjust_hue(float* p, float hue) {
   h = maxc == r ? hr : h;
   h = h * (1.f / 6.f) + 1.f;  // in [5/6, 2): fmod(h, 1) is h - 1 (exact) above 1
   h = h >= 1.f ? h - 1.f : h;
-  h = h + hue;                // in [-0.5, 1.5): torch.remainder(h, 1) adds or subtracts 1
+  h = h + hue;  // in [-0.5, 1.5): torch.remainder(h, 1) adds or subtracts 1
   h = h < 0.f ? h + 1.f : h;
   h = h >= 1.f ? h - 1.f : h;
   const float v = maxc;
-  const float h6 = h * 6.f;   // in [0, 6): truncation is floor
+  const float h6 = h * 6.f;  // in [0, 6): truncation is floor
   int i = static_cast<int>(h6);
   const float f = h6 - static_cast<float>(i);
   i = i >= 6 ? i - 6 : i;

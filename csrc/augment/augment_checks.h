@@ -26,13 +26,13 @@ struct Config {
 };
 
 inline Config check_args(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
-                         const at::Tensor& params, int64_t channels, int64_t out_h, int64_t out_w,
-                         int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
-                         c10::ArrayRef<double> std, at::ScalarType out_dtype) {
+                         const at::Tensor& params, int64_t channels, int64_t out_h, int64_t out_w, int64_t blur_kernel,
+                         double solarize_threshold, c10::ArrayRef<double> mean, c10::ArrayRef<double> std,
+                         at::ScalarType out_dtype) {
   TORCH_CHECK(src.dim() == 1 && src.is_contiguous(), "src must be a contiguous 1-D buffer of packed images, got shape ",
               src.sizes());
-  TORCH_CHECK(src.scalar_type() == at::kByte || src.scalar_type() == at::kFloat,
-              "src must be uint8 or float32, got ", src.scalar_type());
+  TORCH_CHECK(src.scalar_type() == at::kByte || src.scalar_type() == at::kFloat, "src must be uint8 or float32, got ",
+              src.scalar_type());
   TORCH_CHECK(channels == 1 || channels == 3, "channels must be 1 or 3, got ", channels);
   TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong, "offsets must be a 1-D int64 tensor, got ",
               offsets.scalar_type(), " of shape ", offsets.sizes());
@@ -57,8 +57,8 @@ inline Config check_args(const at::Tensor& src, const at::Tensor& offsets, const
               ") must be smaller than the output size (", out_h, ", ", out_w, ") for reflect padding");
   TORCH_CHECK(std::isfinite(solarize_threshold), "solarize_threshold must be finite, got ", solarize_threshold);
   TORCH_CHECK(mean.size() == std.size() && (mean.empty() || static_cast<int64_t>(mean.size()) == channels),
-              "mean and std must both be empty or both have one value per channel (", channels, "), got ",
-              mean.size(), " and ", std.size());
+              "mean and std must both be empty or both have one value per channel (", channels, "), got ", mean.size(),
+              " and ", std.size());
   for (double s : std) TORCH_CHECK(std::isfinite(s) && s != 0.0, "std must be finite and non-zero, got ", s);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
               "out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
@@ -84,15 +84,14 @@ inline void check_values(const int64_t* offsets, const int64_t* shapes, const fl
                          int64_t src_numel) {
   for (int64_t b = 0; b < cfg.batch; ++b) {
     const int64_t h = shapes[2 * b], w = shapes[2 * b + 1];
-    TORCH_CHECK(h > 0 && w > 0 && h < (1 << 24) && w < (1 << 24), "image ", b, " must have a positive size, got (",
-                h, ", ", w, ")");
-    TORCH_CHECK(offsets[b] >= 0 && offsets[b] + cfg.channels * h * w <= src_numel, "image ", b, " (offset ",
-                offsets[b], ", ", cfg.channels, "x", h, "x", w, ") lies outside src (", src_numel, " elements)");
+    TORCH_CHECK(h > 0 && w > 0 && h < (1 << 24) && w < (1 << 24), "image ", b, " must have a positive size, got (", h,
+                ", ", w, ")");
+    TORCH_CHECK(offsets[b] >= 0 && offsets[b] + cfg.channels * h * w <= src_numel, "image ", b, " (offset ", offsets[b],
+                ", ", cfg.channels, "x", h, "x", w, ") lies outside src (", src_numel, " elements)");
     const float* row = params + b * kNumParams;
     const float top = row[kTop], left = row[kLeft], ch = row[kCropH], cw = row[kCropW];
     TORCH_CHECK(top >= 0 && left >= 0 && ch >= 1 && cw >= 1 && top + ch <= h && left + cw <= w &&
-                    top == std::floor(top) && left == std::floor(left) && ch == std::floor(ch) &&
-                    cw == std::floor(cw),
+                    top == std::floor(top) && left == std::floor(left) && ch == std::floor(ch) && cw == std::floor(cw),
                 "params: crop box of sample ", b, " (top ", top, ", left ", left, ", height ", ch, ", width ", cw,
                 ") must be integral and inside its ", h, "x", w, " image");
     TORCH_CHECK(std::isfinite(row[kAngle]), "params: angle of sample ", b, " must be finite, got ", row[kAngle]);
@@ -113,8 +112,8 @@ inline void check_values(const int64_t* offsets, const int64_t* shapes, const fl
                   " must be a permutation of 0..3");
     }
     if (row[kBlur] != 0.f) {
-      TORCH_CHECK(row[kSigma] > 0 && std::isfinite(row[kSigma]), "params: sigma of sample ", b,
-                  " must be > 0, got ", row[kSigma]);
+      TORCH_CHECK(row[kSigma] > 0 && std::isfinite(row[kSigma]), "params: sigma of sample ", b, " must be > 0, got ",
+                  row[kSigma]);
     }
   }
 }
@@ -124,8 +123,8 @@ inline Config check_inputs(const at::Tensor& src, const at::Tensor& offsets, con
                            const at::Tensor& params, int64_t channels, int64_t out_h, int64_t out_w,
                            int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
                            c10::ArrayRef<double> std, at::ScalarType out_dtype) {
-  const Config cfg = check_args(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
-                                solarize_threshold, mean, std, out_dtype);
+  const Config cfg = check_args(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel, solarize_threshold,
+                                mean, std, out_dtype);
   check_values(offsets.data_ptr<int64_t>(), shapes.data_ptr<int64_t>(), params.data_ptr<float>(), cfg, src.numel());
   return cfg;
 }

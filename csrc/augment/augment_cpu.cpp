@@ -79,7 +79,7 @@ struct Scratch {
   std::vector<float> a, b, row, acc, weights, lerp;
   std::vector<const float*> taps;  // where each blur tap reads (sym_taps_row)
   int blur_r = 0;                  // live radius of the current sample's blur (blur_weights)
-  std::vector<float> srow;  // one source row's crop span (source_row)
+  std::vector<float> srow;         // one source row's crop span (source_row)
   std::vector<Tap> taps_x, taps_y;
   TapsX taps_xf;
   void fit(const Config& cfg) {
@@ -111,7 +111,7 @@ inline void finish_values(const float* x, int n, float thr, float m, float is, O
 
 template <typename O>
 SIMCLR_SIMD_CLONES void write_values(const float* x, int n, bool solarize, float thr, float m, float is, O* o,
-                                    int64_t sx) {
+                                     int64_t sx) {
   if (solarize) {
     finish_values<true>(x, n, thr, m, is, o, sx);
   } else {
@@ -134,8 +134,7 @@ struct Row {
 };
 
 // Its own function so that the three planes are known not to alias: the loop then vectorizes.
-SIMCLR_SIMD_CLONES void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n,
-                                       float hue) {
+SIMCLR_SIMD_CLONES void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int n, float hue) {
   for (int i = 0; i < n; ++i) {
     float p[3] = {r[i], g[i], b[i]};
     adjust_hue(p, hue);
@@ -264,7 +263,8 @@ __attribute__((target("avx2"))) void lerp_x_row_avx2(const float* f, const int* 
     const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i0 + x));
     const __m256 a0 = _mm256_i32gather_ps(f, idx, 4);
     const __m256 a1 = _mm256_i32gather_ps(f + 1, idx, 4);
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(w0 + x), a0), _mm256_mul_ps(_mm256_loadu_ps(w1 + x), a1));
+    const __m256 v =
+        _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(w0 + x), a0), _mm256_mul_ps(_mm256_loadu_ps(w1 + x), a1));
     _mm256_storeu_ps(o + x, v);
   }
   lerp_x_row_portable(f, i0, w0, w1, x, W, o);
@@ -500,11 +500,12 @@ void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, c
 }
 
 at::Tensor augment_forward_cpu(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
-                       const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
-                       int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
-                       c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
-  const Config cfg = check_inputs(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
-                                  solarize_threshold, mean, std, out_dtype);
+                               const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
+                               int64_t out_w, int64_t blur_kernel, double solarize_threshold,
+                               c10::ArrayRef<double> mean, c10::ArrayRef<double> std, at::ScalarType out_dtype,
+                               bool out_channels_last) {
+  const Config cfg = check_inputs(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel, solarize_threshold,
+                                  mean, std, out_dtype);
   at::Tensor out = at::empty({cfg.batch, channels, out_h, out_w}, src.options().dtype(out_dtype),
                              out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (cfg.batch == 0) return out;

@@ -10,9 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+#include <torch/library.h>
 
 #include <type_traits>
 
@@ -52,8 +51,8 @@ void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& 
   L.g = luma.g;
   size_t smem = 0;
   if (blurs) {
-    const int64_t limit = device_attributes(device).max_shared_memory_per_block_optin -
-                          main_kernel_static_smem<T, O, C>(device);
+    const int64_t limit =
+        device_attributes(device).max_shared_memory_per_block_optin - main_kernel_static_smem<T, O, C>(device);
     const BlurPlan plan = plan_blur(C, L.radius, limit);
     TORCH_CHECK(plan.fits, "augment: blur_kernel ", blur_kernel, " needs ", plan.bytes,
                 " bytes of shared memory per block, the device allows ", limit);
@@ -69,8 +68,8 @@ void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& 
   const float* prm = params.data_ptr<float>();
   at::Tensor partials = at::empty({luma_blocks}, params.options());
   at::Tensor means = at::empty({batch}, params.options());
-  luma_partials_kernel<T, C><<<static_cast<unsigned>(luma_blocks), kThreads, 0, stream>>>(
-      s, off, shp, prm, partials.data_ptr<float>(), luma);
+  luma_partials_kernel<T, C>
+      <<<static_cast<unsigned>(luma_blocks), kThreads, 0, stream>>>(s, off, shp, prm, partials.data_ptr<float>(), luma);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   luma_means_kernel<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, stream>>>(
       partials.data_ptr<float>(), prm, means.data_ptr<float>(), batch, luma);
@@ -80,16 +79,17 @@ void launch(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& 
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(s, off, shp, prm, means.data_ptr<float>(),
-                                                                     out.data_ptr<O>(), L);
+                                                                    out.data_ptr<O>(), L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor augment_forward_cuda(const at::Tensor& src, const at::Tensor& offsets, const at::Tensor& shapes,
-                        const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
-                        int64_t out_w, int64_t blur_kernel, double solarize_threshold, c10::ArrayRef<double> mean,
-                        c10::ArrayRef<double> std, at::ScalarType out_dtype, bool out_channels_last) {
-  const Config cfg = check_inputs(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel,
-                                  solarize_threshold, mean, std, out_dtype);
+                                const at::Tensor& params, int64_t channels, bool src_channels_last, int64_t out_h,
+                                int64_t out_w, int64_t blur_kernel, double solarize_threshold,
+                                c10::ArrayRef<double> mean, c10::ArrayRef<double> std, at::ScalarType out_dtype,
+                                bool out_channels_last) {
+  const Config cfg = check_inputs(src, offsets, shapes, params, channels, out_h, out_w, blur_kernel, solarize_threshold,
+                                  mean, std, out_dtype);
   const c10::cuda::CUDAGuard guard(src.device());
   at::Tensor out = at::empty({cfg.batch, channels, out_h, out_w}, src.options().dtype(out_dtype),
                              out_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);

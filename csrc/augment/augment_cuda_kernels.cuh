@@ -40,8 +40,8 @@ struct Launch {
 };
 
 template <typename T>
-__device__ __forceinline__ Source<T> source_of(const T* src, const int64_t* offsets, const int64_t* shapes,
-                                               int64_t b, const Launch& L) {
+__device__ __forceinline__ Source<T> source_of(const T* src, const int64_t* offsets, const int64_t* shapes, int64_t b,
+                                               const Launch& L) {
   const int64_t h = shapes[2 * b], w = shapes[2 * b + 1];
   Source<T> s;
   s.base = src + offsets[b];
@@ -67,8 +67,8 @@ struct BlockSample {
 // means == nullptr: the mean is not known yet (luma pass). Contains a barrier: call from every thread.
 template <typename T>
 __device__ __forceinline__ void decode_sample(BlockSample<T>& out, const T* src, const int64_t* offsets,
-                                              const int64_t* shapes, const float* params, const float* means,
-                                              int64_t b, const Launch& L) {
+                                              const int64_t* shapes, const float* params, const float* means, int64_t b,
+                                              const Launch& L) {
   if (threadIdx.x == 0) {
     out.v = load_view(params + b * kNumParams);
     out.s = source_of(src, offsets, shapes, b, L);
@@ -92,11 +92,10 @@ __device__ __forceinline__ float block_sum(float x, float* shared32) {
 }
 
 template <typename T, int C>
-__global__ void __launch_bounds__(kThreads) luma_partials_kernel(const T* __restrict__ src,
-                                                                   const int64_t* __restrict__ offsets,
-                                                                   const int64_t* __restrict__ shapes,
-                                                                   const float* __restrict__ params,
-                                                                   float* __restrict__ partials, Launch L) {
+__global__ void __launch_bounds__(kThreads)
+    luma_partials_kernel(const T* __restrict__ src, const int64_t* __restrict__ offsets,
+                         const int64_t* __restrict__ shapes, const float* __restrict__ params,
+                         float* __restrict__ partials, Launch L) {
   __shared__ float shared32[32];
   __shared__ BlockSample<T> sample;
   const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
@@ -152,12 +151,10 @@ __device__ __forceinline__ void colored_pixel(const Source<T>& s, const View& v,
 }
 
 template <typename T, typename O, int C>
-__global__ void __launch_bounds__(kThreads) augment_main_kernel(const T* __restrict__ src,
-                                                                  const int64_t* __restrict__ offsets,
-                                                                  const int64_t* __restrict__ shapes,
-                                                                  const float* __restrict__ params,
-                                                                  const float* __restrict__ means,
-                                                                  O* __restrict__ out, Launch L) {
+__global__ void __launch_bounds__(kThreads)
+    augment_main_kernel(const T* __restrict__ src, const int64_t* __restrict__ offsets,
+                        const int64_t* __restrict__ shapes, const float* __restrict__ params,
+                        const float* __restrict__ means, O* __restrict__ out, Launch L) {
   extern __shared__ float smem[];  // blur path only; no dynamic shared memory when no sample blurs
   __shared__ BlockSample<T> sample;
   const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;

@@ -18,8 +18,8 @@ struct DeviceAttributes {
 
 inline DeviceAttributes query_device_attributes(int device) {
   DeviceAttributes a{};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&a.max_shared_memory_per_block_optin,
-                                        cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&a.max_shared_memory_per_block_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&a.multiprocessor_count, cudaDevAttrMultiProcessorCount, device));
   return a;
 }

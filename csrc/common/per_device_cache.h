@@ -27,8 +27,8 @@ class PerDeviceCache {
   template <typename Query>
   const T& get(int device, Query&& query) {
     if (device < 0 || device >= count_) {
-      throw std::out_of_range("device index " + std::to_string(device) + " is outside [0, " +
-                              std::to_string(count_) + ")");
+      throw std::out_of_range("device index " + std::to_string(device) + " is outside [0, " + std::to_string(count_) +
+                              ")");
     }
     Slot& slot = slots_[device];
     if (slot.ready.load(std::memory_order_acquire)) return slot.value;

@@ -37,9 +37,7 @@ constexpr int64_t kCpuRowBlock = 64;
 constexpr int64_t kCpuKeyBlock = 256;
 
 // Index of query `row`'s own key, or -1 when queries are not a slice of the keys.
-SIMCLR_HDC int64_t self_key(int64_t row, int64_t self_offset) {
-  return self_offset >= 0 ? row + self_offset : -1;
-}
+SIMCLR_HDC int64_t self_key(int64_t row, int64_t self_offset) { return self_offset >= 0 ? row + self_offset : -1; }
 
 // max(|z|, eps) from the squared norm: the divisor F.normalize uses. Divide by it rather than multiply
 // by its inverse: a one-element row then normalizes to exactly +-1, as in F.normalize.
@@ -62,9 +60,7 @@ struct OnlineLSE {
   acc_t max;
   acc_t sum;
 
-  SIMCLR_HD static OnlineLSE empty() {
-    return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
-  }
+  SIMCLR_HD static OnlineLSE empty() { return {-std::numeric_limits<acc_t>::infinity(), acc_t(0)}; }
 
   // Merge a block summarized by its own max and sum of exp(x - block_max). An empty block has
   // sum 0 and is skipped; a NaN in the block makes its sum NaN, which then stays NaN.
@@ -213,8 +209,8 @@ SIMCLR_HD acc_t symmetric_cosine_grad(acc_t c, acc_t inv_temperature, const RowF
 
 // dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.
 template <typename acc_t>
-SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive,
-                            acc_t inv_num_positives, bool exclude_positives = false) {
+SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive, acc_t inv_num_positives,
+                            bool exclude_positives = false) {
   // inv_num_positives is the row's w_i / |P(i)|; an excluded positive (DCL) is not in the softmax.
   const acc_t p = positive && exclude_positives ? acc_t(0) : fast_exp(logit(c, inv_temperature) - lse);
   return g * inv_temperature * (p - (positive ? inv_num_positives : acc_t(0)));

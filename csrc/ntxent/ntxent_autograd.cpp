@@ -22,15 +22,14 @@ using torch::autograd::variable_list;
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardOut call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
-                        const at::Tensor& k_labels, const at::Tensor& temperature, int64_t self_offset,
-                        bool allow_tf32, bool keep_probs, bool exclude_positives,
-                        const std::optional<at::Tensor>& positive_weight, bool two_way) {
+                        const at::Tensor& k_labels, const at::Tensor& temperature, int64_t self_offset, bool allow_tf32,
+                        bool keep_probs, bool exclude_positives, const std::optional<at::Tensor>& positive_weight,
+                        bool two_way) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::ntxent", "")
           .typed<ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&,
-                            bool)>();
+                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&, bool)>();
   return op.call(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs, exclude_positives,
                  positive_weight, two_way);
 }
@@ -47,9 +46,9 @@ BackwardOut call_backward(const at::Tensor& grad_loss, const at::Tensor& q, cons
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::_ntxent_backward", "")
           .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                             bool, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&,
-                             bool, OutputMask)>();
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                             const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&, bool,
+                             OutputMask)>();
   return op.call(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, probs,
                  exclude_positives, positive_weight, two_way, output_mask);
 }
@@ -80,8 +79,8 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
     const variable_list none(11);
     if (!grad_loss.defined()) return none;
     const variable_list s = ctx->get_saved_variables();
-    const at::Tensor &q = s[0], &k = s[1], &q_labels = s[2], &k_labels = s[3], &lse = s[4], &npos = s[5],
-                     &probs = s[6], &temperature = s[7];
+    const at::Tensor &q = s[0], &k = s[1], &q_labels = s[2], &k_labels = s[3], &lse = s[4], &npos = s[5], &probs = s[6],
+                     &temperature = s[7];
     const std::optional<at::Tensor> weight = s[8].defined() ? std::optional<at::Tensor>(s[8]) : std::nullopt;
     const bool exclude_positives = ctx->saved_data["exclude_positives"].toBool();
     const int64_t self_offset = ctx->saved_data["self_offset"].toInt();
@@ -92,20 +91,19 @@ class NTXentFunction : public torch::autograd::Function<NTXentFunction> {
     // Only what autograd needs: detached keys (a queue, k = q.detach()) skip the dK pass. The symmetric
     // backward returns the one input's whole gradient as grad_q (and zeros as grad_k): leaving grad_k out
     // spares allocating and adding those zeros.
-    const OutputMask mask{ctx->needs_input_grad(0),
-                          ctx->needs_input_grad(1) && !ctx->saved_data["one_input"].toBool(),
+    const OutputMask mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1) && !ctx->saved_data["one_input"].toBool(),
                           ctx->needs_input_grad(4)};
     at::Tensor grad_q, grad_k, grad_t;
     if (torch::autograd::GradMode::is_enabled()) {
       // create_graph=True: through the backward op's own autograd, which refuses a second derivative.
-      std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
-                                                       self_offset, allow_tf32, kept, exclude_positives, weight,
-                                                       two_way, mask);
+      std::tie(grad_q, grad_k, grad_t) =
+          call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, kept,
+                        exclude_positives, weight, two_way, mask);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(grad_q, grad_k, grad_t) = call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature,
-                                                       self_offset, allow_tf32, kept, exclude_positives, weight,
-                                                       two_way, mask);
+      std::tie(grad_q, grad_k, grad_t) =
+          call_backward(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, kept,
+                        exclude_positives, weight, two_way, mask);
     }
     variable_list out = none;
     out[0] = grad_q;

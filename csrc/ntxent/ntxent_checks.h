@@ -21,19 +21,19 @@ inline bool supported_float(at::ScalarType t) {
 inline void check_embeddings(const at::Tensor& q, const at::Tensor& k) {
   TORCH_CHECK(q.dim() == 2, "q must be 2-D (M, D), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 2, "k must be 2-D (L, D), got shape ", k.sizes());
-  TORCH_CHECK(supported_float(q.scalar_type()),
-              "q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(),
-              "), got ", k.scalar_type());
+  TORCH_CHECK(supported_float(q.scalar_type()), "q must be float16, bfloat16, float32 or float64, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
+              k.scalar_type());
   TORCH_CHECK(k.device() == q.device(), "k must be on the device of q (", q.device(), "), got ", k.device());
-  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature dimension D, got q ", q.sizes(),
-              " and k ", k.sizes());
+  TORCH_CHECK(q.size(1) == k.size(1), "q and k must have the same feature dimension D, got q ", q.sizes(), " and k ",
+              k.sizes());
   TORCH_CHECK(q.size(1) > 0, "the feature dimension D must be positive, got q ", q.sizes());
 }
 
 inline void check_labels(const at::Tensor& labels, const char* name, int64_t expected, const at::Tensor& q) {
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == expected, name, " must have shape [", expected,
-              "], got ", labels.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == expected, name, " must have shape [", expected, "], got ",
+              labels.sizes());
   TORCH_CHECK(labels.scalar_type() == at::kLong, name, " must be int64, got ", labels.scalar_type());
   TORCH_CHECK(labels.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ",
               labels.device());
@@ -97,10 +97,10 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == m, "grad_loss must have shape [", m, "], got ",
               grad_loss.sizes());
   TORCH_CHECK(grad_loss.is_floating_point(), "grad_loss must be floating, got ", grad_loss.scalar_type());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == m && lse.scalar_type() == acc, "lse must be ", acc, " of shape [",
-              m, "], got ", lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK(npos.dim() == 1 && npos.size(0) == m && npos.scalar_type() == at::kInt,
-              "npos must be int32 of shape [", m, "], got ", npos.scalar_type(), " ", npos.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == m && lse.scalar_type() == acc, "lse must be ", acc, " of shape [", m,
+              "], got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(npos.dim() == 1 && npos.size(0) == m && npos.scalar_type() == at::kInt, "npos must be int32 of shape [",
+              m, "], got ", npos.scalar_type(), " ", npos.sizes());
   for (const at::Tensor* t : {&grad_loss, &lse, &npos}) {
     TORCH_CHECK(t->device() == q.device(), "grad_loss, lse and npos must be on the device of q (", q.device(),
                 "), got ", t->device());
@@ -108,9 +108,9 @@ inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q
 }
 
 // One tensor passed twice (SimCLR's q = k = cat(z1, z2)), decided here for both backends (which then prepare
-// or normalize it once, and take the symmetric backward with one labels tensor). Identity, not equal memory: k = q.detach() (MoCo
-// style) shares q's memory but only q's role may receive a gradient. Autograd hands saved inputs back as
-// the same tensors, so identity survives into the backward.
+// or normalize it once, and take the symmetric backward with one labels tensor). Identity, not equal memory: k =
+// q.detach() (MoCo style) shares q's memory but only q's role may receive a gradient. Autograd hands saved inputs back
+// as the same tensors, so identity survives into the backward.
 inline bool same_tensor(const at::Tensor& a, const at::Tensor& b) { return a.is_same(b); }
 
 // Whether the symmetric backward applies: the queries are the keys (same tensor, self_offset 0) and the

@@ -32,9 +32,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <optional>
 #include <string>
-#include <limits>
 #include <vector>
 
 #include "common/acc_type.h"
@@ -132,8 +132,8 @@ void product(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumu
 
 // C (rows x cols, ldc) = A (rows x d, lda) B^T (B: cols x d, ldb).
 template <typename acc_t>
-void gemm_abt(int64_t rows, int64_t cols, int64_t d, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-              acc_t* c, int64_t ldc) {
+void gemm_abt(int64_t rows, int64_t cols, int64_t d, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* c,
+              int64_t ldc) {
   product<acc_t>(view(c, rows, cols, ldc), view(a, rows, d, lda), view(b, cols, d, ldb).t(), false);
 }
 // C (rows x d, ldc) (+)= A (rows x k, lda) B (k x d, ldb).
@@ -204,8 +204,8 @@ struct ColumnStates {
 // none).
 template <typename acc_t>
 SIMCLR_SIMD_CLONES acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
-                                 const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
-                                 bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
+                                    const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
+                                    bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = logit(cosine(row[j], rq, rk[j]), inv_t);
@@ -241,8 +241,8 @@ void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
 // Overwrites `row` with logits.
 template <typename acc_t>
 SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64_t self, int64_t label,
-                                   const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
-                                   bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
+                                      const int64_t* k_labels, acc_t inv_t, acc_t rq, const acc_t* rk,
+                                      bool exclude_positives, RowState<acc_t>& st, ColumnStates<acc_t>* cols) {
   const acc_t block_max = logits_row(row, n, key0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st, cols);
   if (block_max == -std::numeric_limits<acc_t>::infinity()) {
     merge_nans(row, n, st);
@@ -260,7 +260,7 @@ SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64
 // key, no DCL), so a column max of -inf means an all-NaN column, whose sum is then NaN: NaN reaches the loss.
 template <typename acc_t>
 SIMCLR_SIMD_CLONES void scan_tile_columns(const acc_t* tile, int64_t rows, int64_t n, int64_t key0, acc_t* col_max,
-                                       acc_t* col_sum, ColumnStates<acc_t>& cols) {
+                                          acc_t* col_sum, ColumnStates<acc_t>& cols) {
   std::fill(col_max, col_max + n, -std::numeric_limits<acc_t>::infinity());
   std::fill(col_sum, col_sum + n, acc_t(0));
   for (int64_t i = 0; i < rows; ++i) {
@@ -280,7 +280,7 @@ SIMCLR_SIMD_CLONES void scan_tile_columns(const acc_t* tile, int64_t rows, int64
 // entry: 0) and its state. One exp per entry, as in the streamed forward; the backward then needs none.
 template <typename acc_t>
 SIMCLR_SIMD_CLONES void probs_row(acc_t* row, int64_t n, int64_t self, int64_t label, const int64_t* k_labels,
-                               acc_t inv_t, acc_t rq, const acc_t* rk, bool exclude_positives, RowState<acc_t>& st) {
+                                  acc_t inv_t, acc_t rq, const acc_t* rk, bool exclude_positives, RowState<acc_t>& st) {
   const acc_t row_max = logits_row(row, n, 0, self, label, k_labels, inv_t, rq, rk, exclude_positives, st,
                                    static_cast<ColumnStates<acc_t>*>(nullptr));
   if (row_max == -std::numeric_limits<acc_t>::infinity()) {
@@ -375,9 +375,8 @@ void forward_streamed(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out
     return;
   }
   std::vector<ColumnStates<acc_t>> cols(num_tasks(blocks), ColumnStates<acc_t>(a.l));
-  for_each_task(blocks, [&](int64_t t, int64_t b_begin, int64_t b_end) {
-    forward_blocks(a, out, b_begin, b_end, &cols[t]);
-  });
+  for_each_task(blocks,
+                [&](int64_t t, int64_t b_begin, int64_t b_end) { forward_blocks(a, out, b_begin, b_end, &cols[t]); });
   for (size_t t = 1; t < cols.size(); ++t) cols[0].merge(cols[t]);
   for (int64_t j = 0; j < a.l; ++j) {
     RowState<acc_t> st{cols[0].lse[j], cols[0].positive_sum[j], cols[0].num_positives[j]};
@@ -396,8 +395,8 @@ void forward_kept(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, ac
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
         RowState<acc_t> st;
-        probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t,
-                  a.rq[row], a.rk, a.exclude_positives, st);
+        probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t, a.rq[row],
+                  a.rk, a.exclude_positives, st);
         finish_row(st, row, out.loss, out.lse, out.npos, out.weight);
       }
     }
@@ -449,7 +448,8 @@ SIMCLR_SIMD_CLONES void scale_row(acc_t* t, int64_t n, acc_t r_i, const acc_t* r
 // General case, recomputed: turns a (queries x keys) tile of raw dot products into G in place; indices global.
 // DCL: a positive's softmax term is 0 (the kept probabilities already are).
 template <typename acc_t>
-SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk, const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+                                  const BackwardArgs<acc_t>& a) {
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = (*a.f)[row];
@@ -474,7 +474,7 @@ SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k
 // of the one matrix) into G from H = dS + dS^T in place.
 template <typename acc_t>
 SIMCLR_SIMD_CLONES void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                                         const BackwardArgs<acc_t>& a) {
+                                            const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + c0;
   const acc_t* lse_col = f.lse.data() + c0;
@@ -504,7 +504,7 @@ SIMCLR_SIMD_CLONES void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr,
 // factors and the key columns' (entries M + j of the factors); no self pair, no DCL terms.
 template <typename acc_t>
 SIMCLR_SIMD_CLONES void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
-                                       const BackwardArgs<acc_t>& a) {
+                                          const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
   const acc_t* g_col = f.g.data() + a.m + k0;
   const acc_t* lse_col = f.lse.data() + a.m + k0;
@@ -718,9 +718,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     using acc_t = acc_t_of<scalar_t>;
     const Side<acc_t> sq = prepare<acc_t>(q);
     const Side<acc_t> sk = same_tensor(q, k) ? sq : prepare<acc_t>(k);
-    const Operands<acc_t> args{sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, q.size(1),
-                               ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), acc_t(1.0 / temperature),
-                               self_offset, exclude_positives, two_way};
+    const Operands<acc_t> args{sq.data(),
+                               sk.data(),
+                               sq.inv_norm.data(),
+                               sk.inv_norm.data(),
+                               m,
+                               l,
+                               q.size(1),
+                               ql.data_ptr<int64_t>(),
+                               kl.data_ptr<int64_t>(),
+                               acc_t(1.0 / temperature),
+                               self_offset,
+                               exclude_positives,
+                               two_way};
     const ForwardOutputs<acc_t> out{weight.defined() ? weight.data_ptr<acc_t>() : nullptr, loss.data_ptr<acc_t>(),
                                     lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>()};
     if (keep_probs) {
@@ -788,11 +798,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
     const Side<acc_t> sq = prepare<acc_t>(q);
     const Side<acc_t> sk = symmetric || same_tensor(q, k) ? sq : prepare<acc_t>(k);
-    const BackwardArgs<acc_t> args{{sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, d,
-                                    ql.data_ptr<int64_t>(), kl.data_ptr<int64_t>(), inv_t, self_offset,
-                                    exclude_positives, two_way},
-                                   &factors,
-                                   kept ? probs.data_ptr<acc_t>() : nullptr};
+    const BackwardArgs<acc_t> args{
+        {sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, d, ql.data_ptr<int64_t>(),
+         kl.data_ptr<int64_t>(), inv_t, self_offset, exclude_positives, two_way},
+        &factors,
+        kept ? probs.data_ptr<acc_t>() : nullptr};
     // The products' outputs a (dzhat / |z|), turned into the gradients in place for float32 / float64.
     at::Tensor a_q = passes.dq ? at::empty({m, d}, q.options().dtype(acc)) : at::Tensor();
     at::Tensor a_k = passes.dk ? at::empty({l, d}, q.options().dtype(acc)) : at::Tensor();
@@ -825,15 +835,13 @@ namespace {
 std::array<std::atomic<int64_t>, static_cast<size_t>(Path::kCount)> g_path_counts{};
 std::array<std::atomic<int64_t>, static_cast<size_t>(Pass::kCount)> g_pass_counts{};
 constexpr const char* kPathNames[] = {
-    "cpu_forward_streamed",  "cpu_forward_kept",   "cpu_backward_symmetric", "cpu_backward_symmetric_kept",
-    "cpu_backward_general",  "cpu_backward_general_kept", "cuda_forward",    "cuda_backward_symmetric",
-    "cuda_backward_general", "cpu_forward_two_way",       "cpu_backward_two_way", "cuda_forward_two_way",
+    "cpu_forward_streamed",  "cpu_forward_kept",          "cpu_backward_symmetric", "cpu_backward_symmetric_kept",
+    "cpu_backward_general",  "cpu_backward_general_kept", "cuda_forward",           "cuda_backward_symmetric",
+    "cuda_backward_general", "cpu_forward_two_way",       "cpu_backward_two_way",   "cuda_forward_two_way",
     "cuda_backward_two_way"};
 constexpr const char* kPassNames[] = {"cpu_dq", "cpu_dk", "cuda_dq", "cuda_dk"};
-static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(Path::kCount),
-              "one name per path");
-static_assert(sizeof(kPassNames) / sizeof(kPassNames[0]) == static_cast<size_t>(Pass::kCount),
-              "one name per pass");
+static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(Path::kCount), "one name per path");
+static_assert(sizeof(kPassNames) / sizeof(kPassNames[0]) == static_cast<size_t>(Pass::kCount), "one name per pass");
 
 template <size_t N>
 std::string format_counts(const std::array<std::atomic<int64_t>, N>& counts, const char* const* names) {

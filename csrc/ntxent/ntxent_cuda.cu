@@ -33,9 +33,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <optional>
@@ -82,8 +81,8 @@ T* ptr(const at::Tensor& t) {
 template <typename Kernel>
 void set_smem(Kernel kernel, int64_t bytes, const at::Tensor& on) {
   const int optin = device_attributes(on.get_device()).max_shared_memory_per_block_optin;
-  TORCH_CHECK(bytes <= optin, "simclr_ext ntxent (CUDA): needs ", bytes, " bytes of shared memory per block, the device ",
-              "allows ", optin);
+  TORCH_CHECK(bytes <= optin, "simclr_ext ntxent (CUDA): needs ", bytes,
+              " bytes of shared memory per block, the device ", "allows ", optin);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 

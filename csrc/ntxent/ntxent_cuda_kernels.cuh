@@ -38,13 +38,21 @@ __device__ __forceinline__ double to_acc(double x) { return x; }
 template <typename T>
 __device__ __forceinline__ T from_acc(acc_of<T> x);
 template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
+__device__ __forceinline__ double from_acc<double>(double x) {
+  return x;
+}
 
 // wmma operand type and k-step of the tensor-core path of each storage type.
 template <typename T>
@@ -89,8 +97,7 @@ struct Smem {
   T* yd;         // other rows, the block's output chunk of D (backward)
   acc_t* meta;   // lse, gradient, 1/npos of the other rows when they are queries (backward)
 
-  __device__ Smem(unsigned char* base, bool with_grad)
-      : lay(smem_layout(sizeof(T), sizeof(acc_t), with_grad)) {
+  __device__ Smem(unsigned char* base, bool with_grad) : lay(smem_layout(sizeof(T), sizeof(acc_t), with_grad)) {
     x = reinterpret_cast<T*>(base + lay.x);
     y = reinterpret_cast<T*>(base + lay.y);
     s = reinterpret_cast<acc_t*>(base + lay.s);
@@ -140,8 +147,8 @@ __device__ __forceinline__ void copy_tile(T* dst, int64_t ld_dst, const T* src, 
 // barrier before the products makes them visible.
 // ------------------------------------------------------------------------------------------------
 template <typename T, bool kTensorCores, typename ExtraLoads>
-__device__ __forceinline__ void score_tile(const Smem<T>& sm, const T* own, const T* other, int64_t row0,
-                                           int64_t col0, int64_t dim, bool load_x, ExtraLoads&& extra_loads) {
+__device__ __forceinline__ void score_tile(const Smem<T>& sm, const T* own, const T* other, int64_t row0, int64_t col0,
+                                           int64_t dim, bool load_x, ExtraLoads&& extra_loads) {
   using acc_t = acc_of<T>;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -180,8 +187,7 @@ __device__ __forceinline__ void score_tile(const Smem<T>& sm, const T* own, cons
     }
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      wmma::store_matrix_sync(sm.s + strip * ld_s + 16 * n, acc[n], static_cast<unsigned>(ld_s),
-                              wmma::mem_row_major);
+      wmma::store_matrix_sync(sm.s + strip * ld_s + 16 * n, acc[n], static_cast<unsigned>(ld_s), wmma::mem_row_major);
     }
   } else {
     acc_t acc[4][8];
@@ -240,8 +246,8 @@ struct GradAccumulator<T, true> {
   }
 
   // yd: the other rows' output chunk in shared memory (ld_yd elements per row).
-  __device__ __forceinline__ void add_tile(const Smem<T>& sm, const T* yd, int64_t ld_yd, int64_t strip,
-                                           int /*lane*/, int64_t width) {
+  __device__ __forceinline__ void add_tile(const Smem<T>& sm, const T* yd, int64_t ld_yd, int64_t strip, int /*lane*/,
+                                           int64_t width) {
     const int64_t ld_p = sm.lay.ld_p;
     for (int kk = 0; kk < kCudaTile; kk += kK) {
       wmma::fragment<wmma::matrix_a, 16, 16, kK, Operand, wmma::row_major> pa;
@@ -261,8 +267,8 @@ struct GradAccumulator<T, true> {
   }
 
   // scale x rows [row, row + 16) x columns [d0, d0 + width) into the padded dhat (dim columns).
-  __device__ __forceinline__ void store(float* dhat, int64_t row, int /*lane*/, int64_t dim, int64_t d0,
-                                        int64_t width, float scale) {
+  __device__ __forceinline__ void store(float* dhat, int64_t row, int /*lane*/, int64_t dim, int64_t d0, int64_t width,
+                                        float scale) {
 #pragma unroll
     for (int f = 0; f < kFrags; ++f) {
       if (16 * f < width) {
@@ -452,9 +458,8 @@ __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
 
 // Merges the splits of each row in split order (deterministic): loss, lse and npos. One thread per row.
 template <typename acc_t>
-__global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t splits,
-                                  const acc_t* __restrict__ weight, acc_t* __restrict__ loss,
-                                  acc_t* __restrict__ lse, int* __restrict__ npos) {
+__global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t splits, const acc_t* __restrict__ weight,
+                                  acc_t* __restrict__ loss, acc_t* __restrict__ lse, int* __restrict__ npos) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= m) return;
   OnlineLSE<acc_t> run = OnlineLSE<acc_t>::empty();
@@ -526,7 +531,7 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
   const int64_t fa = own_base + a;
   const acc_t own_w = own_ok && weight != nullptr ? weight[fa] : acc_t(1);
   const RowFactors<acc_t> own_f = kBothFactors && own_ok ? row_factors(grad[fa], lse[fa], npos[fa], inv_t, own_w)
-                                                          : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+                                                         : RowFactors<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
   // |dL/dcos| <= max |g| / t (grad_bound), twice that with both sides' terms: the products run on
   // dL/dcos / scale, of magnitude < 2.
   const acc_t scale = pow2_scale(*grad_bound * acc_t(kBothFactors ? 2 : 1));

@@ -21,11 +21,11 @@ namespace ntxent {
 // gradient accumulators, so the score tile it writes to shared memory is read back by itself only.
 // Scores are accumulated over D in chunks of score_chunk() elements (256 bytes of a row); the backward
 // accumulates dX for output_chunk() columns of D per block (grid.y walks the chunks).
-constexpr int64_t kCudaTile = 64;       // own rows per block = other rows per streamed tile
-constexpr int kCudaWarps = 4;           // warp w owns rows [16 w, 16 w + 16)
+constexpr int64_t kCudaTile = 64;  // own rows per block = other rows per streamed tile
+constexpr int kCudaWarps = 4;      // warp w owns rows [16 w, 16 w + 16)
 constexpr int kCudaThreads = 32 * kCudaWarps;
-constexpr int64_t kCudaDimAlign = 32;   // D is zero-padded to a multiple of this (elements)
-constexpr int64_t kCudaSmemAlign = 128; // every shared-memory region starts on this many bytes
+constexpr int64_t kCudaDimAlign = 32;         // D is zero-padded to a multiple of this (elements)
+constexpr int64_t kCudaSmemAlign = 128;       // every shared-memory region starts on this many bytes
 constexpr int64_t kCudaNormRowsPerBlock = 8;  // normalize / finalize kernels: one warp per row
 
 SIMCLR_HDC int64_t padded_rows(int64_t n) { return round_up(n, kCudaTile); }
@@ -59,8 +59,8 @@ constexpr int kCudaCopyBatch = 8;
 //   yd  other rows, one output chunk   kCudaTile x (output_chunk + pad)      elem
 //   meta other rows' lse, grad, 1/npos 3 x kCudaTile                         acc
 struct SmemLayout {
-  int64_t ld_in, ld_s, ld_p, ld_yd;                 // leading dimensions, in elements of the region
-  int64_t x, y, s, lab, p, yd, meta, total;         // byte offsets and total size
+  int64_t ld_in, ld_s, ld_p, ld_yd;          // leading dimensions, in elements of the region
+  int64_t x, y, s, lab, p, yd, meta, total;  // byte offsets and total size
 };
 
 SIMCLR_HD SmemLayout smem_layout(int64_t elem_bytes, int64_t acc_bytes, bool with_grad) {
@@ -137,14 +137,14 @@ SIMCLR_HDC int64_t split_begin(int64_t tiles, int64_t splits, int64_t split) { r
 
 // Launch plan of one forward / backward call: grids and dynamic shared memory.
 struct CudaPlan {
-  int64_t rows_q, rows_k;   // padded rows of the normalized copies
-  int64_t dim;              // padded D
-  int64_t score_chunks;     // chunks of D per score tile
-  int64_t out_chunks;       // grid.y of the backward kernels
-  int64_t grid_q, grid_k;   // grid.x: row tiles of q (forward, dQ) and of k (dK)
-  int64_t tiles_q, tiles_k; // real (not all-padding) tiles of q and k
+  int64_t rows_q, rows_k;                    // padded rows of the normalized copies
+  int64_t dim;                               // padded D
+  int64_t score_chunks;                      // chunks of D per score tile
+  int64_t out_chunks;                        // grid.y of the backward kernels
+  int64_t grid_q, grid_k;                    // grid.x: row tiles of q (forward, dQ) and of k (dK)
+  int64_t tiles_q, tiles_k;                  // real (not all-padding) tiles of q and k
   int64_t splits_fwd, splits_dq, splits_dk;  // grid.y of forward, grid.z of the dQ and dK passes
-  int64_t norm_grid_q, norm_grid_k;  // normalize and normalization-backward kernels (a warp per row)
+  int64_t norm_grid_q, norm_grid_k;          // normalize and normalization-backward kernels (a warp per row)
   int64_t smem_fwd, smem_bwd;
 };
 

@@ -10,19 +10,19 @@ namespace simclr_ext {
 namespace ntxent {
 
 enum class Path : int {
-  kCpuForwardStreamed,       // online log-sum-exp over key tiles
-  kCpuForwardKept,           // full rows, softmax probabilities kept for the backward
-  kCpuBackwardSymmetric,     // q is k: one pass, tiles recomputed once, H = dS + dS^T
-  kCpuBackwardSymmetricKept, // q is k: one pass over the kept probabilities
-  kCpuBackwardGeneral,       // dq pass + dk pass, tiles recomputed
-  kCpuBackwardGeneralKept,   // dq pass + dk pass over the kept probabilities
+  kCpuForwardStreamed,        // online log-sum-exp over key tiles
+  kCpuForwardKept,            // full rows, softmax probabilities kept for the backward
+  kCpuBackwardSymmetric,      // q is k: one pass, tiles recomputed once, H = dS + dS^T
+  kCpuBackwardSymmetricKept,  // q is k: one pass over the kept probabilities
+  kCpuBackwardGeneral,        // dq pass + dk pass, tiles recomputed
+  kCpuBackwardGeneralKept,    // dq pass + dk pass over the kept probabilities
   kCudaForward,
   kCudaBackwardSymmetric,
   kCudaBackwardGeneral,
-  kCpuForwardTwoWay,         // CLIP: query rows' and key columns' log-sum-exps from the same tiles
-  kCpuBackwardTwoWay,        // CLIP: one pass, tiles recomputed once, multiplied for dq and dk
-  kCudaForwardTwoWay,        // the forward kernel once per direction
-  kCudaBackwardTwoWay,       // dQ and dK passes with both sides' factors
+  kCpuForwardTwoWay,    // CLIP: query rows' and key columns' log-sum-exps from the same tiles
+  kCpuBackwardTwoWay,   // CLIP: one pass, tiles recomputed once, multiplied for dq and dk
+  kCudaForwardTwoWay,   // the forward kernel once per direction
+  kCudaBackwardTwoWay,  // dQ and dK passes with both sides' factors
   kCount
 };
 

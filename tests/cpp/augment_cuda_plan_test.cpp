@@ -38,8 +38,8 @@ static void check_tiling(int out_h, int out_w, int tile) {
   for (int64_t t = 0; t < g.tiles; ++t) {
     int x0, y0;
     tile_origin(g, t, &x0, &y0);
-    CHECK(x0 >= 0 && y0 >= 0 && x0 < out_w && y0 < out_h, "%dx%d tile %d: tile %lld starts at (%d, %d)", out_h,
-          out_w, tile, (long long)t, x0, y0);
+    CHECK(x0 >= 0 && y0 >= 0 && x0 < out_w && y0 < out_h, "%dx%d tile %d: tile %lld starts at (%d, %d)", out_h, out_w,
+          tile, (long long)t, x0, y0);
     for (int i = 0; i < tile * tile; ++i) {  // the kernels' loop over a tile
       const int y = y0 + i / tile, x = x0 + i % tile;
       if (y < out_h && x < out_w) ++hits[static_cast<size_t>(y) * out_w + x];
@@ -55,17 +55,15 @@ static void check_layout(int channels, int tile, int radius) {
   const BlurLayout l = blur_layout(channels, tile, radius);
   const int k = 2 * radius + 1, ext = tile + 2 * radius;
   CHECK(l.ext == ext, "ext %d != %d", l.ext, ext);
-  CHECK(l.weights == 0 && l.weights + k <= l.sum && l.sum < l.tin, "C=%d r=%d: weights/sum overlap", channels,
-        radius);
+  CHECK(l.weights == 0 && l.weights + k <= l.sum && l.sum < l.tin, "C=%d r=%d: weights/sum overlap", channels, radius);
   // Haloed tile: (c * ext + ly) * ext + lx for ly, lx < ext; horizontal pass: (c * ext + ly) * tile + lx,
   // read back down a column up to ly + 2r < ext.
   const int64_t tin_last = (static_cast<int64_t>(channels - 1) * ext + ext - 1) * ext + ext - 1;
   const int64_t th_last = (static_cast<int64_t>(channels - 1) * ext + ext - 1) * tile + tile - 1;
-  CHECK(l.tin + tin_last < l.th, "C=%d tile %d r=%d: haloed tile overlaps the horizontal pass", channels, tile,
-        radius);
+  CHECK(l.tin + tin_last < l.th, "C=%d tile %d r=%d: haloed tile overlaps the horizontal pass", channels, tile, radius);
   CHECK(l.th + th_last < l.total, "C=%d tile %d r=%d: horizontal pass past the end", channels, tile, radius);
-  CHECK(l.th + th_last == l.total - 1 && l.tin + tin_last == l.th - 1, "C=%d tile %d r=%d: layout has gaps",
-        channels, tile, radius);
+  CHECK(l.th + th_last == l.total - 1 && l.tin + tin_last == l.th - 1, "C=%d tile %d r=%d: layout has gaps", channels,
+        tile, radius);
   CHECK(blur_smem_bytes(channels, tile, radius) == sizeof(float) * static_cast<size_t>(l.total),
         "C=%d tile %d r=%d: bytes", channels, tile, radius);
   // Every region starts 4-byte aligned by construction (float offsets); the kernel reads no wider type.
@@ -96,8 +94,8 @@ static void check_plan(int channels, int radius, int64_t limit) {
 static void check_any_blur() {
   std::mt19937 rng(12);
   std::uniform_real_distribution<float> unit(0.f, 1.f);
-  const float flags[] = {0.f, -0.f, 1.f, -1.f, std::numeric_limits<float>::denorm_min(),
-                         std::numeric_limits<float>::quiet_NaN(), 0.5f};
+  const float flags[] = {
+      0.f, -0.f, 1.f, -1.f, std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::quiet_NaN(), 0.5f};
   for (int batch : {0, 1, 2, 7, 64}) {
     for (float flag : flags) {
       for (int at = 0; at < (batch > 0 ? batch : 1); ++at) {

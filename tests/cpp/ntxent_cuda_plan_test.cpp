@@ -1,26 +1,27 @@
 // Host checks of the CUDA kernels' tiling (csrc/ntxent/ntxent_cuda_plan.h), run by tests/test_ntxent_cuda_host.py
 // on machines without a GPU: every launch choice and index map the kernels use, checked exhaustively
 // over the shapes and dtypes the kernels accept. Prints "ok" and exits 0, or names the first failure.
-#include "ntxent/ntxent.h"
 #include "ntxent/ntxent_cuda_plan.h"
 
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
+#include "ntxent/ntxent.h"
+
 using namespace simclr_ext::ntxent;
 using simclr_ext::ceil_div;  // csrc/common/host_device.h
 
 static int failures = 0;
-#define CHECK(cond, ...)                                         \
-  do {                                                           \
-    if (!(cond)) {                                               \
-      if (failures++ < 20) {                                     \
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      if (failures++ < 20) {                                          \
         std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                \
-        std::printf("\n");                                       \
-      }                                                          \
-    }                                                            \
+        std::printf(__VA_ARGS__);                                     \
+        std::printf("\n");                                            \
+      }                                                               \
+    }                                                                 \
   } while (0)
 
 struct Types {
@@ -56,14 +57,12 @@ static void check_layout(const Types& t, bool with_grad) {
     CHECK(l.p < 0 && l.yd < 0 && l.meta < 0, "%s: forward layout has backward regions", t.name);
     CHECK(l.total >= l.lab + kCudaTile * 8, "%s: lab past the end", t.name);
   }
-  CHECK(l.total <= kSm80Smem && l.total <= kSm90Smem, "%s: %lld bytes of shared memory", t.name,
-        (long long)l.total);
+  CHECK(l.total <= kSm80Smem && l.total <= kSm90Smem, "%s: %lld bytes of shared memory", t.name, (long long)l.total);
   // Rows are 16-byte multiples (uint4 copies); the smem padding keeps that.
-  CHECK(l.ld_in * t.elem % 16 == 0 && l.ld_p * t.elem % 16 == 0 && l.ld_yd * t.elem % 16 == 0 &&
-            l.ld_s * t.acc % 16 == 0,
-        "%s: a row stride is not a multiple of 16 bytes", t.name);
-  CHECK(l.ld_in >= score_chunk(t.elem) && l.ld_p >= kCudaTile && l.ld_yd >= output_chunk(t.acc) &&
-            l.ld_s >= kCudaTile,
+  CHECK(
+      l.ld_in * t.elem % 16 == 0 && l.ld_p * t.elem % 16 == 0 && l.ld_yd * t.elem % 16 == 0 && l.ld_s * t.acc % 16 == 0,
+      "%s: a row stride is not a multiple of 16 bytes", t.name);
+  CHECK(l.ld_in >= score_chunk(t.elem) && l.ld_p >= kCudaTile && l.ld_yd >= output_chunk(t.acc) && l.ld_s >= kCudaTile,
         "%s: a row stride is shorter than its row", t.name);
   if (t.wmma_k) {
     // wmma: ldm a multiple of 16 bytes, every fragment pointer 32-byte aligned. Fragment pointers are
@@ -71,8 +70,7 @@ static void check_layout(const Types& t, bool with_grad) {
     const int64_t lds[] = {l.ld_in * t.elem, l.ld_p * t.elem, l.ld_yd * t.elem, l.ld_s * 4};
     for (int64_t ld_bytes : lds) {
       CHECK(ld_bytes % 16 == 0, "%s: wmma ldm of %lld bytes", t.name, (long long)ld_bytes);
-      CHECK(16 * ld_bytes % 32 == 0, "%s: 16 rows of %lld bytes break 32-byte alignment", t.name,
-            (long long)ld_bytes);
+      CHECK(16 * ld_bytes % 32 == 0, "%s: 16 rows of %lld bytes break 32-byte alignment", t.name, (long long)ld_bytes);
       CHECK(t.wmma_k * (t.elem == 2 ? 2 : 4) % 32 == 0, "%s: a k step breaks 32-byte alignment", t.name);
     }
     // The yd operand is read at row kk (a multiple of the k step): kk rows must keep the alignment.
@@ -141,7 +139,8 @@ static void check_plans() {
         for (int64_t sms : {1, 108, 132}) {
           const CudaPlan p = make_cuda_plan(m, l, d, t.elem, t.acc, sms);
           // Splits of the streamed tiles: within bounds, each non-empty, together every tile once.
-          const int64_t split_cases[][2] = {{p.splits_fwd, p.tiles_k}, {p.splits_dq, p.tiles_k}, {p.splits_dk, p.tiles_q}};
+          const int64_t split_cases[][2] = {
+              {p.splits_fwd, p.tiles_k}, {p.splits_dq, p.tiles_k}, {p.splits_dk, p.tiles_q}};
           for (const auto& sc : split_cases) {
             const int64_t splits = sc[0], tiles = sc[1];
             CHECK(splits >= 1 && splits <= kCudaMaxSplits && splits <= tiles, "%lld splits of %lld tiles",
@@ -190,7 +189,8 @@ static void check_plans() {
                     p.smem_bwd == smem_layout(t.elem, t.acc, true).total,
                 "plan smem");
           // The blocks per SM the split plan and the __launch_bounds__ assume fit an H100's shared memory.
-          CHECK(p.smem_fwd * fwd_blocks_per_sm(t.elem) <= kSm90Smem && p.smem_bwd * bwd_blocks_per_sm(t.elem) <= kSm90Smem,
+          CHECK(p.smem_fwd * fwd_blocks_per_sm(t.elem) <= kSm90Smem &&
+                    p.smem_bwd * bwd_blocks_per_sm(t.elem) <= kSm90Smem,
                 "%lld forward / %lld backward blocks per SM do not fit (%lld / %lld bytes each)",
                 (long long)fwd_blocks_per_sm(t.elem), (long long)bwd_blocks_per_sm(t.elem), (long long)p.smem_fwd,
                 (long long)p.smem_bwd);
@@ -246,8 +246,7 @@ static void check_pow2_scale() {
   const float mf[] = {1e-40f, 1.5e-5f, 0.5f, 1.0f, 3e38f, 3.4028235e38f};
   for (float m : mf) {
     const float s = pow2_scale(m);
-    CHECK(s <= m && 2.0 * s > m && s == std::ldexp(1.0f, std::ilogb(s)), "pow2_scale(%gf) = %g", (double)m,
-          (double)s);
+    CHECK(s <= m && 2.0 * s > m && s == std::ldexp(1.0f, std::ilogb(s)), "pow2_scale(%gf) = %g", (double)m, (double)s);
   }
   CHECK(pow2_scale(0.0) == 1.0 && pow2_scale(-2.0) == 1.0 && pow2_scale(std::nan("")) == 1.0 &&
             pow2_scale(INFINITY) == 1.0 && pow2_scale(0.0f) == 1.0f,
@@ -290,8 +289,8 @@ static void check_symmetric_grad() {
               double want = 0;
               if (np_i > 0) want += cosine_grad(c, inv_t, lse_i, g_i, pos, 1.0 / np_i);
               if (np_j > 0) want += cosine_grad(c, inv_t, lse_j, g_j, pos, 1.0 / np_j);
-              CHECK(std::fabs(h - want) <= 1e-12 * (1 + std::fabs(want)), "H(c=%g, np %d %d, pos %d) = %.17g, want %.17g",
-                    c, np_i, np_j, (int)pos, h, want);
+              CHECK(std::fabs(h - want) <= 1e-12 * (1 + std::fabs(want)),
+                    "H(c=%g, np %d %d, pos %d) = %.17g, want %.17g", c, np_i, np_j, (int)pos, h, want);
               // |H| <= |g_i| / t + |g_j| / t: the bound the CUDA kernel's operand scaling uses (2 max |g| / t).
               CHECK(std::fabs(h) <= (std::fabs(g_i) + std::fabs(g_j)) * inv_t * (1 + 1e-12), "H bound");
             }

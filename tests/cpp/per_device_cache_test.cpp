@@ -98,8 +98,7 @@ static void check_out_of_range() {
     }
   }
   PerDeviceCache<int> negative(-2);
-  CHECK(negative.device_count() == 0, "a negative device count must hold no devices, got %d",
-        negative.device_count());
+  CHECK(negative.device_count() == 0, "a negative device count must hold no devices, got %d", negative.device_count());
 }
 
 int main() {
