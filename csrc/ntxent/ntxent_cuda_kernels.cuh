@@ -422,11 +422,12 @@ __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
     });
     acc_t v[32];
     acc_t vmax = neg_inf;
+    const bool masked = tile_needs_mask(row0, col0, l, self_offset, true);  // the last and diagonal tiles
 #pragma unroll
     for (int c = 0; c < 32; ++c) {
       const int col = strip_col(lane, c);
       const int64_t j = col0 + col;
-      const bool ok = row_ok && j < l && j != self_key(i, self_offset);
+      const bool ok = row_ok && (!masked || (j < l && j != self_key(i, self_offset)));
       const acc_t s = logit(srow[col], inv_t);
       const bool positive = ok && sm.lab[col] == label;
       if (positive) {
@@ -565,7 +566,9 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
       }
       if (!single_chunk) copy_tile(sm.yd, ld_yd, other_hat, dim, col0, d0, width);
     });
-    // dL/dcos of the warp's strip, in the operand type of the products.
+    // dL/dcos of the warp's strip, in the operand type of the products. Bounds and self tests only on the
+    // last and diagonal tiles.
+    const bool masked = tile_needs_mask(row0, col0, other_n, self_offset, kOwnIsQuery);
 #pragma unroll 4
     for (int c = 0; c < 32; ++c) {
       const int col = strip_col(lane, c);
@@ -575,11 +578,11 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
       const acc_t g = kOwnIsQuery ? own_g : meta_g[col];
       acc_t dcos = acc_t(0);
       if (kBothFactors) {
-        if (own_ok && b < other_n && kj != self_key(qi, self_offset)) {
+        if (own_ok && (!masked || (b < other_n && kj != self_key(qi, self_offset)))) {
           const RowFactors<acc_t> other_f{meta_g[col], meta_lse[col], meta_inv_np[col]};
           dcos = symmetric_cosine_grad(srow[col], inv_t, own_f, other_f, sm.lab[col] == label, exclude_positives);
         }
-      } else if (own_ok && b < other_n && g != acc_t(0) && kj != self_key(qi, self_offset)) {
+      } else if (own_ok && g != acc_t(0) && (!masked || (b < other_n && kj != self_key(qi, self_offset)))) {
         dcos = cosine_grad(srow[col], inv_t, kOwnIsQuery ? own_lse : meta_lse[col], g, sm.lab[col] == label,
                            kOwnIsQuery ? own_inv_np : meta_inv_np[col], exclude_positives);
       }

@@ -135,6 +135,17 @@ SIMCLR_HDC int64_t num_splits(int64_t base_blocks, int64_t tiles, int64_t sm_cou
 // Split `split` of `splits` streams tiles [split_begin(split), split_begin(split + 1)).
 SIMCLR_HDC int64_t split_begin(int64_t tiles, int64_t splits, int64_t split) { return split * tiles / splits; }
 
+// Whether the tile of other rows [col0, col0 + kCudaTile) streamed by the block of own rows [row0, row0 +
+// kCudaTile) needs per-entry tests: it runs past the other side's end, or it holds the own key of one of the
+// block's rows (own row a a query: its key is a + self_offset; own row a a key: its query is a - self_offset).
+// Every other tile (all but the last and the diagonal ones) skips the bounds and self tests.
+SIMCLR_HDC bool tile_needs_mask(int64_t row0, int64_t col0, int64_t other_n, int64_t self_offset, bool own_is_query) {
+  if (col0 + kCudaTile > other_n) return true;
+  if (self_offset < 0) return false;
+  const int64_t first = own_is_query ? row0 + self_offset : row0 - self_offset;  // own row0's partner
+  return col0 < first + kCudaTile && first < col0 + kCudaTile;
+}
+
 // Launch plan of one forward / backward call: grids and dynamic shared memory.
 struct CudaPlan {
   int64_t rows_q, rows_k;                    // padded rows of the normalized copies

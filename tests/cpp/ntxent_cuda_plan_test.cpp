@@ -200,6 +200,30 @@ static void check_plans() {
       }
     }
   }
+  // tile_needs_mask: a tile it lets through unmasked holds no padding row and no own key of the block's rows,
+  // for queries or keys as the own rows (brute force over block / tile pairs and offsets).
+  for (int64_t other_n : {1, 63, 64, 65, 200, 256}) {
+    for (int64_t off : {-1, 0, 1, 63, 64, 70, 130}) {
+      for (int own_is_query = 0; own_is_query < 2; ++own_is_query) {
+        for (int64_t row0 = 0; row0 < 320; row0 += kCudaTile) {
+          for (int64_t col0 = 0; col0 < other_n; col0 += kCudaTile) {
+            if (tile_needs_mask(row0, col0, other_n, off, own_is_query)) continue;
+            for (int64_t a = row0; a < row0 + kCudaTile; ++a) {
+              for (int64_t b = col0; b < col0 + kCudaTile; ++b) {
+                const bool self = off >= 0 && (own_is_query ? b == a + off : a == b + off);
+                CHECK(b < other_n && !self, "tile (%lld, %lld) of %lld, offset %lld unmasked at (%lld, %lld)",
+                      (long long)row0, (long long)col0, (long long)other_n, (long long)off, (long long)a, (long long)b);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // Interior tiles really skip the tests: with self_offset -1 only the last tile is masked.
+  CHECK(!tile_needs_mask(0, 64, 256, -1, true) && tile_needs_mask(0, 192, 250, -1, true) &&
+            tile_needs_mask(128, 128, 1024, 0, true) && !tile_needs_mask(128, 256, 1024, 0, true),
+        "tile_needs_mask on interior, last and diagonal tiles");
   // The SimCLR sizes of the issue: 2N = 65536, D = 128 and 2N = 262144 fit the launch limits.
   const CudaPlan big = make_cuda_plan(262144, 262144, 128, 2, 4, 132);
   CHECK(big.grid_q == 4096 && big.out_chunks == 1 && big.dim == 128 && big.splits_fwd == 1 && big.splits_dq == 1,
