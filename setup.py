@@ -48,7 +48,8 @@ def _want_cuda():
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+    return sorted(os.path.relpath(p, ROOT)
+                  for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
 
 
 def _cuda_archs():
@@ -107,9 +108,11 @@ setup(
     name="simclr_ext",
     version=_version(),
     description="Fused C++/CUDA NT-Xent loss and batched augmentations for SimCLR in PyTorch",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=(open(os.path.join(ROOT, "README.md")).read()
+                      if os.path.exists(os.path.join(ROOT, "README.md")) else ""),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["simclr_ext", "simclr_ext.*"]) + find_packages("python", include=["simclr_reference", "simclr_reference.*"]),
+    packages=(find_packages(include=["simclr_ext", "simclr_ext.*"])
+              + find_packages("python", include=["simclr_reference", "simclr_reference.*"])),
     package_dir={"simclr_ext": "simclr_ext", "simclr_reference": "python/simclr_reference"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

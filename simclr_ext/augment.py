@@ -99,7 +99,8 @@ def _image_sizes(images, layout):
                 raise ValueError(f"images[{i}] must be 3-D (C, H, W), got shape {tuple(im.shape)}")
         chans = {im.shape[0] for im in images}
         if len(chans) != 1 or next(iter(chans)) not in (1, 3):
-            raise ValueError(f"images in a list must all have 1 or all have 3 channels (C, H, W), got C = {sorted(chans)}")
+            raise ValueError("images in a list must all have 1 or all have 3 channels (C, H, W), "
+                             f"got C = {sorted(chans)}")
         if layout not in ("auto", "NCHW"):
             raise ValueError(f"layout must be 'auto' or 'NCHW' for a list of (C, H, W) images, got {layout!r}")
         hs = torch.tensor([im.shape[1] for im in images], dtype=torch.int64)
@@ -113,7 +114,8 @@ def _image_sizes(images, layout):
         raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
     if layout == "auto":
         layout = _guess_layout(images.shape)
-    b, c, h, w = images.shape if layout == "NCHW" else (images.shape[0], images.shape[3], images.shape[1], images.shape[2])
+    b, c, h, w = (images.shape if layout == "NCHW"
+                  else (images.shape[0], images.shape[3], images.shape[1], images.shape[2]))
     if c not in (1, 3):
         dim = 1 if layout == "NCHW" else 3
         raise ValueError(f"images must have 1 or 3 channels, got C = {c} in dim {dim} of shape {tuple(images.shape)} "
@@ -373,7 +375,8 @@ class SimCLRAugment(torch.nn.Module):
             raise TypeError(f"out_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
         self.out_dtype = out_dtype
         if memory_format not in (torch.contiguous_format, torch.channels_last):
-            raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
+            raise ValueError("memory_format must be torch.contiguous_format or torch.channels_last, "
+                             f"got {memory_format}")
         self.memory_format = memory_format
         self.layout = layout
 

@@ -129,7 +129,8 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     elif isinstance(self_offset, bool) or not isinstance(self_offset, numbers.Integral):
         raise TypeError(f"self_offset must be None or an int, got {type(self_offset).__name__}")
     elif not 0 <= self_offset <= k.shape[0] - q.shape[0]:
-        raise ValueError(f"self_offset must be None or in [0, L - M] = [0, {k.shape[0] - q.shape[0]}], got {self_offset}")
+        raise ValueError(f"self_offset must be None or in [0, L - M] = [0, {k.shape[0] - q.shape[0]}], "
+                         f"got {self_offset}")
     else:
         offset = int(self_offset)
     tf32 = ops.resolve_tf32(allow_tf32)

@@ -163,7 +163,8 @@ def _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, posi
                                                    f"{list(q.shape)} and k {list(k.shape)}")
     _check_labels_fake(q_labels, "q_labels", q.shape[0], q)
     _check_labels_fake(k_labels, "k_labels", k.shape[0], q)
-    torch._check(temperature.dim() == 0, lambda: f"temperature must be a 0-d tensor, got shape {list(temperature.shape)}")
+    torch._check(temperature.dim() == 0,
+                 lambda: f"temperature must be a 0-d tensor, got shape {list(temperature.shape)}")
     torch._check(temperature.dtype.is_floating_point,
                  lambda: f"temperature must be a floating tensor, got {temperature.dtype}")
     torch._check(temperature.device.type == "cpu" or temperature.device == q.device,

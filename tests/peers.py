@@ -24,7 +24,8 @@ def assert_close64(ours, theirs, what):
 def ref_clip(image, text, logit_scale):
     labels = torch.arange(image.shape[0], device=image.device)
     t = 1.0 / logit_scale
-    return (ref.contrastive_loss(image, text, labels, labels, t) + ref.contrastive_loss(text, image, labels, labels, t)) / 2
+    return (ref.contrastive_loss(image, text, labels, labels, t)
+            + ref.contrastive_loss(text, image, labels, labels, t)) / 2
 
 
 def ref_supcon(features, labels, temperature, base_temperature=None):

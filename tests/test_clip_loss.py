@@ -92,9 +92,11 @@ def test_dtypes_against_float64_oracle(n, d, dtype, device, gen):
     ref64 = ref_clip(a64, b64, s64)
     assert_matches_reference(ours.cpu(), same, ref64, dtype, "loss")
     for name, g_o, g_s, g_r in zip(("image", "text", "logit_scale"), grads(ours, [a, b, s], grad_out),
-                                   grads(same, [a1, b1, s1], grad_out.float()), grads(ref64, [a64, b64, s64], grad_out)):
+                                   grads(same, [a1, b1, s1], grad_out.float()),
+                                   grads(ref64, [a64, b64, s64], grad_out)):
         assert g_o.dtype == (dtype if name != "logit_scale" else torch.float32)
-        assert_matches_reference(g_o.cpu(), g_s, g_r, dtype if name != "logit_scale" else torch.float32, f"grad of {name}")
+        assert_matches_reference(g_o.cpu(), g_s, g_r, dtype if name != "logit_scale" else torch.float32,
+                                 f"grad of {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -116,7 +116,8 @@ def test_every_precision_path_against_float64_oracle(device, dtype, tf32, gen):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"out0 and out1 must have the same shape \(N, D\), dtype and device, got \[4, 3\]"):
+    with pytest.raises(ValueError,
+                       match=r"out0 and out1 must have the same shape \(N, D\), dtype and device, got \[4, 3\]"):
         simclr_ext.DCLLoss()(torch.randn(4, 3), torch.randn(5, 3))
     with pytest.raises(ValueError, match="out0 must be 2-D"):
         simclr_ext.DCLWLoss()(torch.randn(2, 4, 3, 1), torch.randn(2, 4, 3, 1))
@@ -130,4 +131,5 @@ def test_bad_input():
         simclr_ext.DCLWLoss(sigma=0)
     with pytest.raises(ValueError, match="positive_weight must not require grad|must not require grad"):
         z = torch.randn(4, 3)
-        simclr_ext.contrastive_loss(z, z, torch.arange(4), torch.arange(4), positive_weight=torch.ones(4, requires_grad=True))
+        simclr_ext.contrastive_loss(z, z, torch.arange(4), torch.arange(4),
+                                    positive_weight=torch.ones(4, requires_grad=True))

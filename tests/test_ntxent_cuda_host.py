@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tiling_plan_and_index_maps(tmp_path):
-    """Builds tests/cpp/ntxent_cuda_plan_test.cpp against the kernels' headers (ntxent_cuda_plan.h, ntxent.h) and runs it: shared-memory
-    layout (alignment for wmma, no overlaps, fits sm_80/sm_90), grids covering every padded row, D chunks
-    adding up, lane maps covering each strip element once and bank-conflict free, online log-sum-exp merges,
+    """Builds tests/cpp/ntxent_cuda_plan_test.cpp against the kernels' headers (ntxent_cuda_plan.h, ntxent.h) and runs
+    it: shared-memory layout (alignment for wmma, no overlaps, fits sm_80/sm_90), grids covering every padded row,
+    D chunks adding up, lane maps covering each strip element once and bank-conflict free, online log-sum-exp merges,
     and the symmetric backward's per-pair gradient H = dS + dS^T (shared with the CPU kernel)."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     assert cxx, "no C++ compiler found (set CXX): the extension itself needs one"

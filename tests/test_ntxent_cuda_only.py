@@ -163,7 +163,8 @@ def test_opcheck_on_cuda(dtype, gen):
     args = (q, k, ql.to(DEV), kl.to(DEV), torch.tensor(0.3), offset, True)
     torch.library.opcheck(torch.ops.simclr_ext.ntxent.default, args)
     loss, lse, npos = _op(*args)
-    bargs = (torch.rand(m, device=DEV), q.detach(), k.detach(), args[2], args[3], lse, npos, torch.tensor(0.3), offset, True)
+    bargs = (torch.rand(m, device=DEV), q.detach(), k.detach(), args[2], args[3], lse, npos,
+             torch.tensor(0.3), offset, True)
     torch.library.opcheck(torch.ops.simclr_ext._ntxent_backward.default, bargs, test_utils=OPCHECK_BACKWARD_UTILS)
 
 
@@ -290,7 +291,8 @@ def test_reduce_overhead_compile_matches_eager(temperature, gen):
     for i, ((loss_e, grads_e), (loss_c, grads_c)) in enumerate(zip(eager, graphed)):
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"step {i} loss: {m}")
         for j, (g_c, g_e) in enumerate(zip(grads_c, grads_e)):
-            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6, msg=lambda m, i=i, j=j: f"step {i} grad {j}: {m}")
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, i=i, j=j: f"step {i} grad {j}: {m}")
     for p_c, p_e in zip(graphed_params, eager_params):
         torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
     assert len(graphed) == steps and all(torch.isfinite(loss) for loss, _ in graphed)

@@ -89,7 +89,8 @@ def test_op_checks_its_arguments_directly():
     cases = [
         ((q.view(2, 2, 3), k, ql, kl, torch.tensor(0.5), -1, True), r"q must be 2-D \(M, D\), got shape \[2, 2, 3\]"),
         ((q, k.double(), ql, kl, torch.tensor(0.5), -1, True), r"k must have the dtype of q"),
-        ((q.long(), k.long(), ql, kl, torch.tensor(0.5), -1, True), r"q must be float16, bfloat16, float32 or float64, got Long"),
+        ((q.long(), k.long(), ql, kl, torch.tensor(0.5), -1, True),
+         r"q must be float16, bfloat16, float32 or float64, got Long"),
         ((q, torch.randn(6, 2), ql, kl, torch.tensor(0.5), -1, True), r"same feature dimension D"),
         ((q, k, ql.int(), kl, torch.tensor(0.5), -1, True), r"q_labels must be int64, got Int"),
         ((q, k, ql, kl[:5], torch.tensor(0.5), -1, True), r"k_labels must have shape \[6\], got \[5\]"),
@@ -123,4 +124,5 @@ def test_op_empty_inputs_return_early():
     assert loss.shape == (0,) and lse.shape == (0,) and npos.shape == (0,)
     # No keys at all: every row has an empty denominator (lse = -inf) and no positive (loss 0).
     loss, lse, npos, _ = ops.ntxent(k, q, torch.arange(5), torch.arange(0), torch.tensor(0.5), -1, True)
-    assert torch.equal(loss, torch.zeros(5)) and torch.isneginf(lse).all() and torch.equal(npos, torch.zeros(5, dtype=torch.int32))
+    assert (torch.equal(loss, torch.zeros(5)) and torch.isneginf(lse).all()
+            and torch.equal(npos, torch.zeros(5, dtype=torch.int32)))

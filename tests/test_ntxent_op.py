@@ -25,7 +25,8 @@ def test_opcheck_forward_and_backward(m, l, offset, dtype, keep_probs, gen):
     loss, lse, npos, probs = torch.ops.simclr_ext.ntxent(*args)
     assert probs.shape == ((m, l) if keep_probs else (0, 0))
     grad = torch.rand(m, generator=gen, dtype=loss.dtype)
-    bargs = (grad, q.detach(), k.detach(), ql, kl, lse, npos, torch.tensor(0.3), offset, True, probs if keep_probs else None)
+    bargs = (grad, q.detach(), k.detach(), ql, kl, lse, npos, torch.tensor(0.3), offset, True,
+             probs if keep_probs else None)
     torch.library.opcheck(torch.ops.simclr_ext._ntxent_backward.default, bargs,
                           test_utils=OPCHECK_BACKWARD_UTILS)
 

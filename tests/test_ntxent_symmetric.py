@@ -244,6 +244,8 @@ def test_backward_rejects_bad_probs(gen):
     labels = torch.arange(3).repeat(2)
     loss, lse, npos, probs = torch.ops.simclr_ext.ntxent(z, z, labels, labels, torch.tensor(0.5), 0, True, True)
     with pytest.raises(RuntimeError, match=r"probs must be empty or the forward's contiguous Float \(M, L\)"):
-        torch.ops.simclr_ext._ntxent_backward(loss, z, z, labels, labels, lse, npos, torch.tensor(0.5), 0, True, probs[:, :5])
+        torch.ops.simclr_ext._ntxent_backward(loss, z, z, labels, labels, lse, npos, torch.tensor(0.5), 0, True,
+                                              probs[:, :5])
     with pytest.raises(RuntimeError, match="probs must be empty"):
-        torch.ops.simclr_ext._ntxent_backward(loss, z, z, labels, labels, lse, npos, torch.tensor(0.5), 0, True, probs.double())
+        torch.ops.simclr_ext._ntxent_backward(loss, z, z, labels, labels, lse, npos, torch.tensor(0.5), 0, True,
+                                              probs.double())

@@ -52,7 +52,8 @@ def test_values_and_gradients_match_the_oracle_in_both_directions(m, l, d, devic
     ours = torch.autograd.grad(loss, (a, b, t), grad_out)
     theirs = torch.autograd.grad(expected, (a2, b2, t2), grad_out)
     for name, x, y in zip(("q", "k", "temperature"), ours, theirs):
-        torch.testing.assert_close(x.cpu(), y, rtol=1e-9, atol=1e-12, msg=lambda msg, name=name: f"grad of {name}: {msg}")
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-9, atol=1e-12,
+                                   msg=lambda msg, name=name: f"grad of {name}: {msg}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -81,7 +81,8 @@ _VARIANTS = [(False, False), (True, False), (True, True), (False, True)]
 
 @pytest.mark.parametrize("mode", list(KEEP_LIMIT))
 @pytest.mark.parametrize("kind", ["symmetric", "views", "slice", "general"])
-@pytest.mark.parametrize("m,d,exclude,weighted", [(m, d, e, w) for (m, d), (e, w) in itertools.product(_SIZES, _VARIANTS)
+@pytest.mark.parametrize("m,d,exclude,weighted", [(m, d, e, w)
+                                                  for (m, d), (e, w) in itertools.product(_SIZES, _VARIANTS)
                                                   if m > 1 or not e])
 def test_float64_values_and_gradients(kind, m, d, exclude, weighted, mode, gen, monkeypatch):
     monkeypatch.setattr(ops, "_KEEP_PROBS_MAX_ELEMENTS", KEEP_LIMIT[mode])
@@ -266,7 +267,8 @@ def test_bad_positive_weight(weight, exc, match):
 def test_raw_op_rejects_bad_positive_weight():
     q = torch.randn(4, 3)
     labels = torch.arange(4)
-    with pytest.raises(RuntimeError, match=r"positive_weight must be a Float tensor of shape \[4\] on cpu, got Float \[5\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"positive_weight must be a Float tensor of shape \[4\] on cpu, got Float \[5\]"):
         _op.ntxent(q, q, labels, labels, torch.tensor(0.1), 0, True, positive_weight=torch.ones(5))
 
 

@@ -96,7 +96,8 @@ def test_dtypes_against_float64_oracle(dtype, device, gen):
     ours = simclr_ext.supcon_loss(a, labels.to(device), 0.1)
     same, ref64 = ref_supcon(a1, labels, 0.1), ref_supcon(a64, labels, 0.1)
     assert_matches_reference(ours.cpu(), same, ref64, dtype, "loss")
-    (g_o,), (g_s,), (g_r,) = grads(ours, [a], grad_out), grads(same, [a1], grad_out.float()), grads(ref64, [a64], grad_out)
+    (g_o,), (g_s,), (g_r,) = (grads(ours, [a], grad_out), grads(same, [a1], grad_out.float()),
+                              grads(ref64, [a64], grad_out))
     assert g_o.dtype == dtype and g_o.device.type == device
     assert_matches_reference(g_o.cpu(), g_s, g_r, dtype, "gradient")
 
@@ -123,7 +124,8 @@ def test_multiview_without_labels_is_nt_xent_for_two_views(device, gen):
 
 
 @pytest.mark.parametrize("features,labels,exc,match", [
-    (torch.randn(2, 3, 4, 5), None, ValueError, r"features must be \(B, V, D\) views or \(N, D\) rows, got shape \[2, 3, 4, 5\]"),
+    (torch.randn(2, 3, 4, 5), None, ValueError,
+     r"features must be \(B, V, D\) views or \(N, D\) rows, got shape \[2, 3, 4, 5\]"),
     (torch.randn(6, 2, 4), torch.arange(5), ValueError, r"labels must have shape \[6\], got \[5\]"),
     (torch.randn(6, 4), None, ValueError, "labels=None needs"),
     (torch.randn(6, 4), torch.rand(6), TypeError, "labels must have an integer dtype"),

@@ -24,9 +24,11 @@ _HELP = {
     "data_dir": "folder holding the dataset (torchvision datasets: default ./data)",
     "download": "download a torchvision dataset into --data-dir",
     "image_size": "side of the model input (default: the dataset's)",
-    "augment": "SimCLRAugment preset: digits, mnist, cifar10, stl10 or imagenet (default: the dataset's, with its recipe's overrides)",
+    "augment": "SimCLRAugment preset: digits, mnist, cifar10, stl10 or imagenet (default: the dataset's, "
+               "with its recipe's overrides)",
     "pool": "small CNN: side of the pooled output grid (1: global average pooling)",
-    "final_relu": "small CNN: ReLU after the last conv-BN (false: centred features, better for kNN; default: the dataset's recipe)",
+    "final_relu": "small CNN: ReLU after the last conv-BN (false: centred features, better for kNN; "
+                  "default: the dataset's recipe)",
     "arch": "small_cnn, resnet18, resnet34 or resnet50",
     "width": "channels of the small CNN's first stage",
     "batch_size": "global batch (split across ranks under torchrun)",
@@ -104,7 +106,8 @@ def format_summary(summary, out):
             lines.append(f"{label:<32}{_pct(summary[key])}   {_pct(summary['random_init_' + key])}")
     if "validation_linear_top1" in summary:
         lines.append(f"validation split ({summary['validation_images']} images): linear "
-                     f"{_pct(summary['validation_linear_top1']).strip()}, kNN {_pct(summary['validation_knn_top1']).strip()}, "
+                     f"{_pct(summary['validation_linear_top1']).strip()}, "
+                     f"kNN {_pct(summary['validation_knn_top1']).strip()}, "
                      f"few-label {_pct(summary['validation_fewshot_top1']).strip()} (what settings are tuned on)")
     lines.append(f"summary: {out}/summary.json")
     return "\n".join(lines)
@@ -172,7 +175,8 @@ def build_parser():
     p_knn.add_argument("--k", type=int, default=200)
     p_knn.add_argument("--temperature", type=float, default=0.1)
     p_knn.set_defaults(func=_knn)
-    p_exp = sub.add_parser("export", help="write a checkpoint's encoder alone (state dict + the settings that rebuild it)")
+    p_exp = sub.add_parser("export",
+                           help="write a checkpoint's encoder alone (state dict + the settings that rebuild it)")
     p_exp.add_argument("--checkpoint", required=True, help="a last.pt written by pretrain")
     p_exp.add_argument("--out", required=True, help="the file to write (e.g. encoder.pt)")
     p_exp.set_defaults(func=_export)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from ..stats import DATASET_STATS
 
-__all__ = ["DATASETS", "DEFAULT_AUGMENT", "DataNotFoundError", "ImageSet", "DataSplits", "load_dataset", "eval_transform",
-           "digits_splits", "carve_validation", "eval_resize_side", "VALIDATION_FRACTION", "SPLIT_SEED"]
+__all__ = ["DATASETS", "DEFAULT_AUGMENT", "DataNotFoundError", "ImageSet", "DataSplits", "load_dataset",
+           "eval_transform", "digits_splits", "carve_validation", "eval_resize_side", "VALIDATION_FRACTION",
+           "SPLIT_SEED"]
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 # The SimCLRAugment preset of each dataset (DataSplits.augment).
@@ -73,7 +74,8 @@ class ImageSet:
             return ImageSet(self.images[index], self.labels[index])
         return ImageSet(None, self.labels[index], torch.utils.data.Subset(self.dataset, index.tolist()))
 
-    def batches(self, order: torch.Tensor, batch_size: int, num_workers: int = 0) -> Iterator[Tuple[Batch, torch.Tensor]]:
+    def batches(self, order: torch.Tensor, batch_size: int,
+                num_workers: int = 0) -> Iterator[Tuple[Batch, torch.Tensor]]:
         """Yields (images, labels (B,)) over `order` in consecutive batches: images are a uint8
         (B, C, H, W) tensor, or a list of (C, H_i, W_i) tensors when the sizes differ."""
         if self.images is not None:
@@ -102,7 +104,8 @@ class DataSplits:
     augment: str              # the SimCLRAugment preset of the dataset ("digits", "mnist", "cifar10", ...)
 
 
-def carve_validation(labels: torch.Tensor, fraction: float, seed: int = SPLIT_SEED) -> Tuple[torch.Tensor, torch.Tensor]:
+def carve_validation(labels: torch.Tensor, fraction: float,
+                     seed: int = SPLIT_SEED) -> Tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices), both sorted: `fraction` of each class (rounded) drawn with a
     seeded generator, so the split is the same on every machine and every run."""
     if not 0 < fraction < 1:

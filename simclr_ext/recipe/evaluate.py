@@ -173,7 +173,8 @@ def _fit_probe(x, y, num_classes, weight_decay, max_iter, full_batch_max_element
 
 def _check_features(train_x, train_y, test_x, test_y):
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"features must be (N, F) and (M, F) with one F, got {tuple(train_x.shape)} and {tuple(test_x.shape)}")
+        raise ValueError(f"features must be (N, F) and (M, F) with one F, got {tuple(train_x.shape)} "
+                         f"and {tuple(test_x.shape)}")
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("features and labels must have the same length")
 
@@ -222,7 +223,8 @@ def _knn_hits(train_x, train_y, test_x, test_y, k, temperature, num_classes, chu
     correct = 0.0
     for start in range(0, len(te), chunk):
         sim, idx = (te[start:start + chunk] @ tr.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=tr.device).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        votes = torch.zeros(len(sim), num_classes, device=tr.device).scatter_add_(1, train_y[idx],
+                                                                                   (sim / temperature).exp())
         correct += float((votes.argmax(1) == test_y[start:start + chunk]).sum())
     return correct
 

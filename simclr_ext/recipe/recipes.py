@@ -172,5 +172,6 @@ class PretrainConfig:
         if c.batch_size % c.accum_steps:
             raise ValueError(f"batch_size ({c.batch_size}) must be divisible by accum_steps ({c.accum_steps})")
         if c.temperature <= 0 or c.lr < 0 or c.warmup_epochs < 0:
-            raise ValueError(f"need temperature > 0, lr >= 0, warmup_epochs >= 0; got {c.temperature}, {c.lr}, {c.warmup_epochs}")
+            raise ValueError("need temperature > 0, lr >= 0, warmup_epochs >= 0; "
+                             f"got {c.temperature}, {c.lr}, {c.warmup_epochs}")
         return c

@@ -50,9 +50,9 @@ __all__ = ["PretrainConfig", "Trainer", "pretrain", "NonFiniteLossError", "Missi
 CHECKPOINT = "last.pt"
 # Fields a resumed run must share with its checkpoint: anything that changes the sequence of losses,
 # except the three a user may change to get past a NaN (RESUME_MAY_CHANGE), which are logged as departures.
-_RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "pool", "final_relu", "cifar_stem", "head", "proj_dim",
-                 "hidden_dim", "epochs", "batch_size", "optimizer", "lr_scaling", "weight_decay", "momentum",
-                 "warmup_epochs", "accum_steps", "seed")
+_RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "pool", "final_relu", "cifar_stem", "head",
+                 "proj_dim", "hidden_dim", "epochs", "batch_size", "optimizer", "lr_scaling", "weight_decay",
+                 "momentum", "warmup_epochs", "accum_steps", "seed")
 RESUME_MAY_CHANGE = ("lr", "temperature", "precision")
 
 
@@ -85,7 +85,8 @@ def check_dependencies(cfg: PretrainConfig) -> None:
 def _fresh_model(cfg: PretrainConfig, channels: int) -> nn.Module:
     """The model at its (seeded) initialization; also the random-init baseline of the evaluation."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.arch, channels, cfg.width, cfg.cifar_stem, cfg.head, cfg.proj_dim, cfg.hidden_dim, cfg.pool, cfg.final_relu)
+    return build_model(cfg.arch, channels, cfg.width, cfg.cifar_stem, cfg.head, cfg.proj_dim, cfg.hidden_dim, cfg.pool,
+                       cfg.final_relu)
 
 
 def _init_distributed(device: str) -> None:
@@ -140,9 +141,11 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling),
                                          cfg.weight_decay, cfg.momentum)
-        self.scheduler = build_scheduler(self.optimizer, int(round(cfg.warmup_epochs * self.steps_per_epoch)), self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, int(round(cfg.warmup_epochs * self.steps_per_epoch)),
+                                         self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-        self.net = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                        if self.device.type == "cuda" else None)
                     if self.distributed else self.model)
         from ..loss import NTXentLoss
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=self.distributed)
@@ -223,7 +226,8 @@ class Trainer:
         self.order_gen.set_state(self.order_state)
         self.history = list(state["history"])
         self.departures = list(state.get("departures", []))
-        changes = {k: [saved.get(k), getattr(self.cfg, k)] for k in RESUME_MAY_CHANGE if saved.get(k) != getattr(self.cfg, k)}
+        changes = {k: [saved.get(k), getattr(self.cfg, k)] for k in RESUME_MAY_CHANGE
+                   if saved.get(k) != getattr(self.cfg, k)}
         if changes:
             self._apply_lr()
             self._new_departure = {"step": self.global_step, "changes": changes}
@@ -278,7 +282,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.distributed:
-            flags = torch.stack([total, torch.tensor(float(self._stop_requested), device=self.device, dtype=torch.float64)])
+            flags = torch.stack([total, torch.tensor(float(self._stop_requested), device=self.device,
+                                                     dtype=torch.float64)])
             dist.all_reduce(flags)
             total, self._stop_requested = flags[0] / self.world, bool(flags[1] > 0)
         return float(total)
@@ -354,7 +359,8 @@ class Trainer:
                     lr = self.optimizer.param_groups[0]["lr"]
                     if metrics:
                         metrics.write(epoch=self.epoch + 1, step=self.global_step, loss=loss, lr=lr)
-                    progress.step(self.epoch + 1, cfg.epochs, loss, lr, len(images) * self.world / max(time.time() - t, 1e-9))
+                    progress.step(self.epoch + 1, cfg.epochs, loss, lr,
+                                  len(images) * self.world / max(time.time() - t, 1e-9))
                     if self._stop_requested:
                         self.save()
                         return

@@ -181,7 +181,8 @@ def test_nan_loss_stops_and_resume_may_lower_the_lr(tmp_path):
     # the lr of the logged steps after the departure follows the new base lr
     lrs = [r["lr"] for r in _rows(tmp_path) if "kind" not in r]
     # (a step row logs the lr after its scheduler step, the lr of the next step)
-    assert lrs[STEPS_PER_EPOCH] == pytest.approx(resumed.scheduler.lr_lambdas[0](STEPS_PER_EPOCH + 1) * trainer.cfg.lr / 4)
+    assert lrs[STEPS_PER_EPOCH] == pytest.approx(resumed.scheduler.lr_lambdas[0](STEPS_PER_EPOCH + 1)
+                                                 * trainer.cfg.lr / 4)
 
 
 def test_atomic_save_leaves_the_old_checkpoint_on_failure(tmp_path):
@@ -199,7 +200,8 @@ def test_checkpoint_loads_with_weights_only(uninterrupted):
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step", "config"):
         assert key in state
     assert set(state["rng"]) == {"torch", "numpy", "python", "cuda", "augment", "data_order"}
-    assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor) and isinstance(state["rng"]["python"]["state"], torch.Tensor)
+    assert (isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+            and isinstance(state["rng"]["python"]["state"], torch.Tensor))
     assert state["config"]["arch"] == "small_cnn" and state["config"]["image_size"] == 16
     assert "effective_lr" not in state
 
@@ -367,7 +369,8 @@ def test_recipes_fill_unset_fields():
     assert (c10.pool, c10.final_relu) == (2, True)  # the ResNets ignore them; filled for the checkpoint
     for name, recipe in RECIPES.items():
         PretrainConfig(dataset="cifar10", recipe=name).resolved()  # every recipe resolves to a valid config
-        assert {"arch", "batch_size", "optimizer", "lr", "lr_scaling", "weight_decay", "temperature", "epochs"} <= set(recipe)
+        assert {"arch", "batch_size", "optimizer", "lr", "lr_scaling", "weight_decay", "temperature",
+                "epochs"} <= set(recipe)
 
 
 def test_loss_decreases(tmp_path):
