@@ -188,7 +188,7 @@ def test_nan_loss_stops_and_resume_may_lower_the_lr(tmp_path):
 def test_atomic_save_leaves_the_old_checkpoint_on_failure(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint_atomic({"x": torch.arange(3)}, str(path))
-    # A local lambda does not pickle: AttributeError up to Python 3.11, PicklingError from 3.12.
+    # A lambda does not pickle (AttributeError or PicklingError, depending on the Python version).
     with pytest.raises((pickle.PicklingError, AttributeError)):
         save_checkpoint_atomic({"x": torch.zeros(3), "bad": lambda: 0}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
