@@ -27,7 +27,7 @@ test: setup
 # requirements-dev.txt; .ci/run runs it after the tests.
 lint: deps
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -c 'import clang_format; clang_format.clang_format()' --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.cpp')
+	$(PYTHON) -c 'import clang_format; clang_format.clang_format()' --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.h' 'tests/cpp/*.cpp')
 
 # The main job: SimCLR pretraining on the embedded default (scikit-learn's digits) and its evaluation,
 # linear probe, kNN and 5-labels-per-class probe next to a random-init encoder.

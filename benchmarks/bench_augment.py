@@ -339,9 +339,7 @@ def parse_args(argv):
     args.metrics = common.parse_list(args.metrics or ["time"], "--metrics", common.METRICS)
     if "time" not in args.metrics:
         raise SystemExit("--metrics: time is needed (the memory probes follow the timed cases)")
-    args.reps = 5 if args.reps is None else args.reps
-    if args.reps < 1:
-        raise SystemExit(f"--reps: must be >= 1, got {args.reps}")
+    args.reps = common.check_reps(args.reps, 5)
     return args
 
 

@@ -205,9 +205,7 @@ def parse_args(argv):
         raise SystemExit("--threads: CPU only")
     else:
         args.threads = [torch.get_num_threads()]
-    args.reps = 3 if args.reps is None else args.reps
-    if args.reps < 1:
-        raise SystemExit(f"--reps: must be >= 1, got {args.reps}")
+    args.reps = common.check_reps(args.reps, 3)
     return args
 
 

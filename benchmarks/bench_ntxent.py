@@ -390,8 +390,7 @@ def parse_args(argv):
     args.memory_providers = common.parse_list(args.memory_providers or args.providers, "--memory-providers", PROVIDERS)
     if args.max_seconds is None:
         args.max_seconds = d["max_seconds"]
-    if args.reps is not None and args.reps < 1:
-        raise SystemExit(f"--reps: must be >= 1, got {args.reps}")
+    args.reps = common.check_reps(args.reps)
     return args
 
 

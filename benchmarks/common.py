@@ -229,6 +229,14 @@ class Step:
 
 
 # -------------------------------------------------------------------------------------- command line
+def check_reps(reps, default=None):
+    """--reps: `default` when not given (None: the script's own per-case table), else at least 1."""
+    reps = default if reps is None else reps
+    if reps is not None and reps < 1:
+        raise SystemExit(f"--reps: must be >= 1, got {reps}")
+    return reps
+
+
 def parse_list(text, what, known=None, convert=str):
     """A list from '1,2' or the several words of nargs='+' (['1', '2'] or ['1,2']); every value checked
     against `known` when given. Raises SystemExit naming the flag, the bad value and what is known."""

@@ -470,47 +470,19 @@ SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k
   }
 }
 
-// Symmetric case, recomputed: turns a tile of raw dot products (rows [r0, r0 + nr) x columns [c0, c0 + nc)
-// of the one matrix) into G from H = dS + dS^T in place.
+// Both-factor cases, recomputed: turns a (queries x keys) tile of raw dot products into G, dL/dcos with a term
+// from row i's factors and one from column j's (ntxent.h): the symmetric case (q is k: column j's factors are
+// row j's, H = dS + dS^T) and the two-way case (CLIP: column j's factors are entry M + j). Indices global.
 template <typename acc_t>
-SIMCLR_SIMD_CLONES void symmetric_tile_grad(acc_t* tile, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                                            const BackwardArgs<acc_t>& a) {
+SIMCLR_SIMD_CLONES void both_factors_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+                                               const BackwardArgs<acc_t>& a) {
   const Factors<acc_t>& f = *a.f;
-  const acc_t* g_col = f.g.data() + c0;
-  const acc_t* lse_col = f.lse.data() + c0;
-  const acc_t* r_col = a.rq + c0;
-  for (int64_t i = 0; i < nr; ++i) {
-    const int64_t row = r0 + i, label = a.q_labels[row];
-    const RowFactors<acc_t> fi = f[row];
-    const acc_t ri = a.rq[row];
-    acc_t* t = tile + i * nc;
-#pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) {
-      t[j] = symmetric_softmax_part(logit(cosine(t[j], ri, r_col[j]), a.inv_t), fi, g_col[j], lse_col[j]);
-    }
-    if (any_label(a.q_labels + c0, nc, label)) {
-      for (int64_t j = 0; j < nc; ++j) {
-        if (a.q_labels[c0 + j] == label) {
-          t[j] = (a.exclude_positives ? acc_t(0) : t[j]) - symmetric_positive_part(fi, f[c0 + j]);
-        }
-      }
-    }
-    if (row >= c0 && row < c0 + nc) t[row - c0] = 0;  // the self pair: no term, positive or not
-    scale_row(t, nc, ri, r_col);
-  }
-}
-
-// Two-way case (CLIP): turns a (queries x keys) tile of raw dot products into G, with the query rows'
-// factors and the key columns' (entries M + j of the factors); no self pair, no DCL terms.
-template <typename acc_t>
-SIMCLR_SIMD_CLONES void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
-                                          const BackwardArgs<acc_t>& a) {
-  const Factors<acc_t>& f = *a.f;
-  const acc_t* g_col = f.g.data() + a.m + k0;
-  const acc_t* lse_col = f.lse.data() + a.m + k0;
+  const int64_t col_base = (a.two_way ? a.m : 0) + k0;
+  const acc_t* g_col = f.g.data() + col_base;
+  const acc_t* lse_col = f.lse.data() + col_base;
   const acc_t* rk = a.rk + k0;
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t row = q0 + i, label = a.q_labels[row];
+    const int64_t row = q0 + i, self = self_key(row, a.self_offset), label = a.q_labels[row];
     const RowFactors<acc_t> fi = f[row];
     const acc_t rq = a.rq[row];
     acc_t* t = tile + i * nk;
@@ -520,9 +492,12 @@ SIMCLR_SIMD_CLONES void two_way_tile_grad(acc_t* tile, int64_t q0, int64_t nq, i
     }
     if (any_label(a.k_labels + k0, nk, label)) {
       for (int64_t j = 0; j < nk; ++j) {
-        if (a.k_labels[k0 + j] == label) t[j] -= symmetric_positive_part(fi, f[a.m + k0 + j]);
+        if (a.k_labels[k0 + j] == label) {
+          t[j] = (a.exclude_positives ? acc_t(0) : t[j]) - symmetric_positive_part(fi, f[col_base + j]);
+        }
       }
     }
+    if (self >= k0 && self < k0 + nk) t[self - k0] = 0;  // the self pair: no term, positive or not
     scale_row(t, nk, rq, rk);
   }
 }
@@ -615,7 +590,7 @@ void symmetric_pass(const BackwardArgs<acc_t>& a, acc_t* dz) {
       for (int64_t c0 = 0; c0 < n; c0 += kCpuKeyBlock) {
         const int64_t cols = std::min(kCpuKeyBlock, n - c0);
         gemm_abt(rows, cols, d, a.q + r0 * d, d, a.k + c0 * d, d, buffer.data(), cols);  // = the forward's
-        symmetric_tile_grad(buffer.data(), r0, rows, c0, cols, a);
+        both_factors_tile_grad(buffer.data(), r0, rows, c0, cols, a);
         gemm_ab(rows, d, cols, buffer.data(), cols, a.k + c0 * d, d, c0 != 0, dz + r0 * d, d);
       }
     }
@@ -682,7 +657,7 @@ void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
       for (int64_t k0 = 0; k0 < a.l; k0 += kCpuKeyBlock) {
         const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
         gemm_abt(rows, keys, d, a.q + r0 * d, d, a.k + k0 * d, d, buffer.data(), keys);  // = the forward's
-        two_way_tile_grad(buffer.data(), r0, rows, k0, keys, a);
+        both_factors_tile_grad(buffer.data(), r0, rows, k0, keys, a);
         if (dq) gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
         if (dk) gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
       }
@@ -717,7 +692,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     using scalar_t = decltype(tag);
     using acc_t = acc_t_of<scalar_t>;
     const Side<acc_t> sq = prepare<acc_t>(q);
-    const Side<acc_t> sk = same_tensor(q, k) ? sq : prepare<acc_t>(k);
+    std::optional<Side<acc_t>> k_own;  // k's own side, unless k is q
+    if (!same_tensor(q, k)) k_own = prepare<acc_t>(k);
+    const Side<acc_t>& sk = k_own ? *k_own : sq;
     const Operands<acc_t> args{sq.data(),
                                sk.data(),
                                sq.inv_norm.data(),
@@ -797,7 +774,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const acc_t inv_t = acc_t(1.0 / temperature);
     const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
     const Side<acc_t> sq = prepare<acc_t>(q);
-    const Side<acc_t> sk = symmetric || same_tensor(q, k) ? sq : prepare<acc_t>(k);
+    std::optional<Side<acc_t>> k_own;  // k's own side, unless k is q
+    if (!symmetric && !same_tensor(q, k)) k_own = prepare<acc_t>(k);
+    const Side<acc_t>& sk = k_own ? *k_own : sq;
     const BackwardArgs<acc_t> args{
         {sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, d, ql.data_ptr<int64_t>(),
          kl.data_ptr<int64_t>(), inv_t, self_offset, exclude_positives, two_way},

@@ -11,19 +11,9 @@
 #include <random>
 #include <vector>
 
-using namespace simclr_ext::augment;
+#include "check.h"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      if (failures++ < 20) {                                          \
-        std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                     \
-        std::printf("\n");                                            \
-      }                                                               \
-    }                                                                 \
-  } while (0)
+using namespace simclr_ext::augment;
 
 // Opt-in shared memory per block of sm_80 and sm_90, and the default 48 KiB, each less a static part as
 // large as the kernel's per-block sample could ever be.

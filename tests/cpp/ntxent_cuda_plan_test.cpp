@@ -7,22 +7,11 @@
 #include <cstdlib>
 #include <vector>
 
+#include "check.h"
 #include "ntxent/ntxent.h"
 
 using namespace simclr_ext::ntxent;
 using simclr_ext::ceil_div;  // csrc/common/host_device.h
-
-static int failures = 0;
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      if (failures++ < 20) {                                          \
-        std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                     \
-        std::printf("\n");                                            \
-      }                                                               \
-    }                                                                 \
-  } while (0)
 
 struct Types {
   const char* name;

@@ -11,19 +11,9 @@
 #include <thread>
 #include <vector>
 
-using simclr_ext::PerDeviceCache;
+#include "check.h"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      if (failures++ < 20) {                                          \
-        std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                     \
-        std::printf("\n");                                            \
-      }                                                               \
-    }                                                                 \
-  } while (0)
+using simclr_ext::PerDeviceCache;
 
 struct Attrs {
   int smem, sms;
