@@ -1,41 +1,24 @@
 """What of the CUDA augmentation can be checked without a GPU: its launch plan (csrc/augment/augment_cuda_plan.h)
 and the per-device attribute cache (csrc/common/per_device_cache.h), compiled here as plain C++ and checked
 by tests/cpp/, and that a CUDA build registered the CUDA kernel."""
-import os
-import shutil
-import subprocess
-
 import pytest
 import torch
+from host_cpp import build_and_run
 
 import simclr_ext
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _build_and_run(name, tmp_path, extra=()):
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    assert cxx, "no C++ compiler found (set CXX): the extension itself needs one"
-    exe = tmp_path / name
-    src = os.path.join(ROOT, "tests", "cpp", f"{name}.cpp")
-    build = subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", *extra, "-I",
-                            os.path.join(ROOT, "csrc"), src, "-o", str(exe)], capture_output=True, text=True)
-    assert build.returncode == 0, f"compiling {name} failed:\n{build.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
 
 def test_launch_plan(tmp_path):
     """Tilings cover every output pixel once; the blur's shared-memory layout holds every index the kernel
     uses; the tile search picks the largest tile that fits and refuses exactly when none does; the host's
     "does any sample blur" agrees with the kernel's decoding of the parameters (-0, NaN, denormals)."""
-    _build_and_run("augment_cuda_plan_test", tmp_path)
+    build_and_run("augment_cuda_plan_test", tmp_path)
 
 
 def test_per_device_cache(tmp_path):
     """One query per device under 8 racing threads, values kept apart per device, a failing query retried,
     device indices outside the count refused with the index in the message."""
-    _build_and_run("per_device_cache_test", tmp_path, extra=("-pthread",))
+    build_and_run("per_device_cache_test", tmp_path, extra=("-pthread",))
 
 
 def test_cuda_build_registers_the_augment_kernel():

@@ -1,16 +1,11 @@
 """What of the CUDA kernels can be checked without a GPU: the tiling and launch plan shared through
 csrc/ntxent/ntxent_cuda_plan.h (compiled here as plain C++ and checked exhaustively by tests/cpp/), and that a CUDA
 build really registered the CUDA kernels."""
-import os
-import shutil
-import subprocess
-
 import pytest
 import torch
+from host_cpp import build_and_run
 
 import simclr_ext
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tiling_plan_and_index_maps(tmp_path):
@@ -18,15 +13,7 @@ def test_tiling_plan_and_index_maps(tmp_path):
     it: shared-memory layout (alignment for wmma, no overlaps, fits sm_80/sm_90), grids covering every padded row,
     D chunks adding up, lane maps covering each strip element once and bank-conflict free, online log-sum-exp merges,
     and the symmetric backward's per-pair gradient H = dS + dS^T (shared with the CPU kernel)."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    assert cxx, "no C++ compiler found (set CXX): the extension itself needs one"
-    exe = tmp_path / "plan_test"
-    src = os.path.join(ROOT, "tests", "cpp", "ntxent_cuda_plan_test.cpp")
-    build = subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc"),
-                            src, "-o", str(exe)], capture_output=True, text=True)
-    assert build.returncode == 0, f"compiling the plan test failed:\n{build.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    build_and_run("ntxent_cuda_plan_test", tmp_path)
 
 
 def test_cuda_build_registers_cuda_kernels():

@@ -5,7 +5,6 @@
 #include "common/per_device_cache.h"
 
 #include <atomic>
-#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -95,10 +94,5 @@ int main() {
   check_concurrent_first_use();
   check_failed_query_is_retried();
   check_out_of_range();
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("ok\n");
-  return 0;
+  return check_summary();
 }
