@@ -212,7 +212,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.probe:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        common.enter_probe_process()
         print(probe(*args.probe))
         return 0
     common.check_device(args.device)

@@ -198,6 +198,11 @@ def probe_in_fresh_process(script, probe_args, threads=1, timeout=3600):
     return [int(line) for line in out.stdout.split()]
 
 
+def enter_probe_process():
+    """The probe's side of probe_in_fresh_process: run with the thread count it was started with."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
 # ------------------------------------------------------------------------------------- differentiable steps
 class Step:
     """One provider's call in one mode: `forward` (the loss, no graph kept beyond the call), `backward`
