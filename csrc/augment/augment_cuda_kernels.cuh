@@ -16,12 +16,12 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "augment/augment.h"
 #include "augment/augment_cuda_plan.h"
+#include "common/cuda_device.cuh"
 
 namespace simclr_ext {
 namespace augment {
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kThreads)
     luma_partials_kernel(const T* __restrict__ src, const int64_t* __restrict__ offsets,
                          const int64_t* __restrict__ shapes, const float* __restrict__ params,
                          float* __restrict__ partials, Launch L) {
-  __shared__ float shared32[32];
-  __shared__ BlockSample<T> sample;
+  SIMCLR_STATIC_SHARED(float[32], shared32);
+  SIMCLR_STATIC_SHARED(BlockSample<T>, sample);
   const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
   decode_sample(sample, src, offsets, shapes, params, nullptr, b, L);
   const View v = sample.v;  // copies: registers, as when every thread decoded for itself
@@ -155,8 +155,8 @@ __global__ void __launch_bounds__(kThreads)
     augment_main_kernel(const T* __restrict__ src, const int64_t* __restrict__ offsets,
                         const int64_t* __restrict__ shapes, const float* __restrict__ params,
                         const float* __restrict__ means, O* __restrict__ out, Launch L) {
-  extern __shared__ float smem[];  // blur path only; no dynamic shared memory when no sample blurs
-  __shared__ BlockSample<T> sample;
+  SIMCLR_DYNAMIC_SHARED(float, smem);  // blur path only; no dynamic shared memory when no sample blurs
+  SIMCLR_STATIC_SHARED(BlockSample<T>, sample);
   const int64_t b = blockIdx.x / L.g.tiles, t = blockIdx.x % L.g.tiles;
   decode_sample(sample, src, offsets, shapes, params, means, b, L);
   const View v = sample.v;  // copies: registers, as when every thread decoded for itself

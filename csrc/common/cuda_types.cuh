@@ -5,8 +5,8 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+
+#include "common/cuda_device.cuh"
 
 namespace simclr_ext {
 

@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/op_namespace.h"
 #include "ntxent/ntxent_checks.h"
 
 namespace simclr_ext {
@@ -27,7 +28,7 @@ ForwardOut call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         bool two_way) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("simclr_ext::ntxent", "")
+          .findSchemaOrThrow(SIMCLR_EXT_OP_NAME("ntxent"), "")
           .typed<ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&, bool)>();
   return op.call(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs, exclude_positives,
@@ -44,7 +45,7 @@ BackwardOut call_backward(const at::Tensor& grad_loss, const at::Tensor& q, cons
                           const OutputMask& output_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("simclr_ext::_ntxent_backward", "")
+          .findSchemaOrThrow(SIMCLR_EXT_OP_NAME("_ntxent_backward"), "")
           .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
                              const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&, bool,
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_autograd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(simclr_ext, Autograd, m) { m.impl("ntxent", &ntxent_autograd); }
+TORCH_LIBRARY_IMPL(SIMCLR_EXT_OP_NAMESPACE, Autograd, m) { m.impl("ntxent", &ntxent_autograd); }
 
 }  // namespace ntxent
 }  // namespace simclr_ext

@@ -4,16 +4,12 @@
 // namespace); the tiling they follow is ntxent_cuda_plan.h, checked on the host by the CPU tests.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
 #include "common/acc_type.h"
+#include "common/cuda_device.cuh"
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_cuda_plan.h"
 
@@ -396,7 +392,7 @@ __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
                    RowPartials<acc_of<T>> out) {
   using acc_t = acc_of<T>;
   const acc_t inv_t = temperature.inverse();
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SIMCLR_DYNAMIC_SHARED(unsigned char, smem_raw);
   const Smem<T> sm(smem_raw, false);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -496,7 +492,7 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
   using acc_t = acc_of<T>;
   const acc_t inv_t = temperature.inverse();
   constexpr int64_t kOut = output_chunk(sizeof(acc_t));
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SIMCLR_DYNAMIC_SHARED(unsigned char, smem_raw);
   const Smem<T> sm(smem_raw, true);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
