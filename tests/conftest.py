@@ -2,8 +2,11 @@ import hashlib
 import os
 import random
 
+import emulated_cuda
 import pytest
 import torch
+from emulated_cuda import is_emulated
+from parity import EMU_MAX_CASES, EMU_MAX_DIM, EMU_MAX_ROWS
 
 # Every random draw of a test derives from one seed, a stable hash of the test's node id (the same on every
 # run and machine, unlike Python's salted hash()), so a tolerance failure in a log can be replayed.
@@ -63,7 +66,41 @@ def pytest_report_header(config):
     return f"test seeds: {how} ({SEED_ENV}=random to fuzz, {SEED_ENV}=<seed> to replay)"
 
 
+def _emulated(item):
+    """The cuda-emu device parameter of a test item, or None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return next((v for v in params.values() if is_emulated(v)), None)
+
+
+def _too_large_to_emulate(item):
+    """A cuda-emu case with a size parameter above parity.EMU_MAX_ROWS (EMU_MAX_DIM for d)."""
+    for name, value in item.callspec.params.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value > (EMU_MAX_DIM if name in ("d", "dim") else EMU_MAX_ROWS):
+                return True
+    return False
+
+
+def _emulated_cases_left_out(items):
+    """The cuda-emu items beyond parity's budget: too large, or past EMU_MAX_CASES of their test function
+    (the kept ones spread evenly over the function's parameter grid, the same on every run)."""
+    per_function = {}
+    for item in items:
+        if _emulated(item) is not None and not _too_large_to_emulate(item):
+            per_function.setdefault(item.nodeid.split("[")[0], []).append(item)
+    kept = set()
+    for cases in per_function.values():
+        step = max(1, -(-len(cases) // EMU_MAX_CASES))
+        kept.update(id(item) for item in cases[::step])
+    return [item for item in items if _emulated(item) is not None and id(item) not in kept]
+
+
 def pytest_collection_modifyitems(config, items):
+    left_out = _emulated_cases_left_out(items)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        dropped = {id(item) for item in left_out}
+        items[:] = [item for item in items if id(item) not in dropped]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
@@ -80,6 +117,16 @@ def test_seed(request):
     print(f"test seed: {seed} (replay: {SEED_ENV}={seed} pytest '{request.node.nodeid}')")
     request.node.user_properties.append(("test_seed", seed))
     return seed
+
+
+@pytest.fixture(autouse=True)
+def _route_emulated_cuda(request):
+    """A cuda-emu test calls the emulated CUDA kernels wherever it calls simclr_ext's ops."""
+    if _emulated(request.node) is None:
+        yield
+        return
+    with emulated_cuda.routed():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import simclr_reference as ref
+from emulated_cuda import CUDA_EMU, is_emulated
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -38,20 +39,38 @@ PRECISION_PATHS = [
 # aot_dispatch checks, which differentiate it, are left out for it.
 OPCHECK_BACKWARD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
-# One contract per op over DEVICES: CPU always; CUDA marked `cuda` (conftest.py skips it without a GPU).
+# One contract per op over DEVICES: CPU always; cuda-emu, the CUDA kernels run on the CPU by their emulation
+# (tests/emulated_cuda.py: CPU tensors, the ops routed to the emulated kernels while the test runs; its
+# large-shape cases are left out by conftest.py, EMU_MAX_*); CUDA marked `cuda` (skipped without a GPU).
 CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+EMU_MARKS = [pytest.mark.cuda_emu]
+DEVICES = ["cpu", pytest.param(CUDA_EMU, id="cuda-emu", marks=EMU_MARKS), pytest.param("cuda", marks=CUDA_MARKS)]
+_DEVICE_MARKS = (("cpu", "cpu", []), (CUDA_EMU, "cuda-emu", EMU_MARKS), ("cuda", "cuda", CUDA_MARKS))
+
+# What cuda-emu runs of each test (conftest.py deselects the rest, shown in the summary): cases up to these
+# sizes, at most EMU_MAX_CASES of them per test function, spread over its parameter grid. The emulation runs
+# one OS thread per CUDA thread (a context switch per barrier and thread), about 10^3 times slower than the CPU
+# op; these sizes still cover edge tiles, several tiles per block, several D chunks and split plans.
+EMU_MAX_ROWS = 130
+EMU_MAX_DIM = 130
+EMU_MAX_CASES = 6
 
 
 def device_paths(paths=PRECISION_PATHS):
-    """(device, dtype, allow_tf32) for every device and precision path it has: TF32 exists on CUDA only."""
+    """(device, dtype, allow_tf32) for every device and precision path it has: TF32 exists on CUDA (and its
+    emulation) only."""
     out = []
-    for device, marks in (("cpu", []), ("cuda", CUDA_MARKS)):
+    for device, name, marks in _DEVICE_MARKS:
         for path in paths:
             dtype, tf32 = path.values
-            if not tf32 or device == "cuda":
-                out.append(pytest.param(device, dtype, tf32, id=f"{device}-{path.id}", marks=marks))
+            if not tf32 or name != "cpu":
+                out.append(pytest.param(device, dtype, tf32, id=f"{name}-{path.id}", marks=marks))
     return out
+
+
+def on_cuda(device):
+    """Whether `device` runs the CUDA kernels: a GPU or their emulation."""
+    return device == "cuda" or is_emulated(device)
 
 
 DEVICE_PATHS = device_paths()
@@ -64,13 +83,53 @@ def tolerance_dtype(dtype, tf32):
 
 @contextlib.contextmanager
 def matmul_tf32(enabled):
-    """torch's own CUDA matmuls in TF32 or not, for a reference run in the same precision as the op's path."""
+    """torch's own matmuls in TF32 or not, for a reference run in the same precision as the op's path. CUDA
+    has the switch; on the CPU (where the cuda-emu device's tensors live) torch has no TF32, so there the
+    float32 operands of `@` / matmul / mm are rounded to TF32 as the tensor cores read them."""
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
-        yield
+        if enabled:
+            with _CpuTF32Matmuls():
+                yield
+        else:
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def round_to_tf32(x):
+    """float32 x rounded to TF32's 10 mantissa bits, ties away from zero (cvt.rna.tf32.f32); inf, NaN kept."""
+    bits = x.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
+
+
+class _TF32Matmul(torch.autograd.Function):
+    """a @ b of 2-D float32 CPU tensors with TF32 operands, forward and backward (as cuBLAS runs both)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return round_to_tf32(a) @ round_to_tf32(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = round_to_tf32(g)
+        return g @ round_to_tf32(b).T, round_to_tf32(a).T @ g
+
+
+class _CpuTF32Matmuls(torch.overrides.TorchFunctionMode):
+    _MATMULS = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._MATMULS and not kwargs and len(args) == 2 and all(
+                isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.device.type == "cpu" and a.dim() == 2
+                for a in args):
+            return _TF32Matmul.apply(*args)
+        return func(*args, **kwargs)
 
 
 # (kind, M, L, D): odd sizes, never multiples of the 64-row tiles; D from 1 to 2048 (several D chunks).

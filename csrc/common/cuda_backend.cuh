@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "common/device_attributes.h"
+#include "common/per_device_cache.h"
 
 namespace simclr_ext {
 
@@ -30,6 +31,18 @@ struct CudaBackend {
   static int64_t smem_optin(const at::Tensor& on) {
     return device_attributes(on.get_device()).max_shared_memory_per_block_optin;
   }
+  // A kernel's static shared memory on `on`'s device (it comes out of the opt-in limit too), asked once per
+  // device.
+  template <auto Kernel>
+  static int64_t static_smem(const at::Tensor& on) {
+    static PerDeviceCache<int64_t> cache(c10::cuda::device_count());
+    return cache.get(on.get_device(), [](int d) {
+      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(d));
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
+      return static_cast<int64_t>(attr.sharedSizeBytes);
+    });
+  }
   template <typename Kernel>
   static void set_max_dynamic_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(
@@ -40,8 +53,9 @@ struct CudaBackend {
     kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    return at::empty(sizes, options);
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                          at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+    return at::empty(sizes, options, format);
   }
   // A CPU temperature is read on the host and passed by value; a GPU one is read by the kernels.
   static bool temperature_on_host(const at::Tensor& t) { return t.device().is_cpu(); }

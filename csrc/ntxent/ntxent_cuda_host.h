@@ -3,7 +3,7 @@
 // once as templates over a backend B: ntxent_cuda.cu instantiates them with the CUDA runtime
 // (csrc/common/cuda_backend.cuh), the test build tests/cuda_emu/ with the host emulation of the same kernels
 // (csrc/common/simt_host.h), so that CI runs the very launch sequence a GPU runs. B provides Stream, Guard,
-// kName, check_device, stream, sm_count, smem_optin, set_max_dynamic_smem, launch, empty and
+// kName, check_device, stream, sm_count, smem_optin, static_smem, set_max_dynamic_smem, launch, empty and
 // temperature_on_host.
 //
 // One call runs:

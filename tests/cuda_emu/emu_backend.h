@@ -42,6 +42,12 @@ struct EmuBackend {
   static Stream stream(const at::Tensor& /*on*/) { return 0; }
   static int64_t sm_count(const at::Tensor& /*on*/) { return emulated_device().sm_count.load(); }
   static int64_t smem_optin(const at::Tensor& /*on*/) { return emulated_device().smem_optin.load(); }
+  // The static shared memory of a kernel is known to nvcc's output only; the augmentation kernel's (its
+  // BlockSample, ~100 bytes) is taken as 1 KiB, so the blur plan keeps a margin below the opt-in limit.
+  template <auto Kernel>
+  static int64_t static_smem(const at::Tensor& /*on*/) {
+    return 1024;
+  }
   template <typename Kernel>
   static void set_max_dynamic_smem(Kernel kernel, int64_t bytes) {
     simt::func_set_max_dynamic_shared(kernel, static_cast<size_t>(bytes));
@@ -54,8 +60,9 @@ struct EmuBackend {
       TORCH_CHECK(false, e.what());
     }
   }
-  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    at::Tensor t = at::empty(sizes, options);
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                          at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+    at::Tensor t = at::empty(sizes, options, format);
     if (at::isFloatingType(t.scalar_type())) {
       t.fill_(std::numeric_limits<double>::quiet_NaN());
     } else {
