@@ -9,7 +9,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup deps build test lint demo bench clean gpu-wheels
+.PHONY: setup deps build emu test test-tsan lint demo bench clean gpu-wheels
 
 deps:
 	$(PYTHON) -m pip install $(TORCH_SPEC) -r requirements-dev.txt
@@ -20,14 +20,22 @@ build: deps
 
 setup: build
 
-test: setup
-	$(PYTHON) -m pytest -q
+# The CUDA kernels emulated on the CPU (tests/cuda_emu/, build/cuda_emu/): the cuda-emu device of the tests.
+emu: build
+	$(PYTHON) tests/cuda_emu/build.py
+
+test: setup emu
+	$(PYTHON) -m pytest -q -m "not tsan"
+
+# The emulated CUDA kernels under ThreadSanitizer, and the checks that a missing barrier or mask is caught.
+test-tsan: setup
+	$(PYTHON) -m pytest -q -m tsan
 
 # ruff (Python, configured in pyproject.toml) and clang-format (C++ / CUDA, .clang-format), both pinned in
 # requirements-dev.txt; .ci/run runs it after the tests.
 lint: deps
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -c 'import clang_format; clang_format.clang_format()' --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.h' 'tests/cpp/*.cpp')
+	$(PYTHON) -c 'import clang_format; clang_format.clang_format()' --dry-run --Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cpp/*.h' 'tests/cpp/*.cpp' 'tests/cuda_emu/*.h' 'tests/cuda_emu/*.cpp')
 
 # The main job: SimCLR pretraining on the embedded default (scikit-learn's digits) and its evaluation,
 # linear probe, kNN and 5-labels-per-class probe next to a random-init encoder.

@@ -78,12 +78,12 @@ def routed():
     view = _Routed(real, ops())
     prev = simclr_ext.ops._ops
     simclr_ext.ops._ops = view
-    setattr(torch.ops, "simclr_ext", view)
+    torch.ops.simclr_ext = view
     try:
         yield
     finally:
         simclr_ext.ops._ops = prev
-        setattr(torch.ops, "simclr_ext", real)
+        torch.ops.simclr_ext = real
 
 
 def set_device(sm_count, smem_optin=232448):

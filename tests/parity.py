@@ -6,9 +6,9 @@ import contextlib
 
 import pytest
 import torch
+from emulated_cuda import CUDA_EMU, is_emulated
 
 import simclr_reference as ref
-from emulated_cuda import CUDA_EMU, is_emulated
 
 ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

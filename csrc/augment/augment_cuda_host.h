@@ -98,9 +98,8 @@ at::Tensor augment_forward_cuda(const at::Tensor& src, const at::Tensor& offsets
   // 2 source types x 3 output types x 2 channel counts, each its own instantiation: the channel loops
   // unroll and stay in registers.
   auto run = [&](auto source, auto output, auto channels) {
-    launch<B, decltype(source), decltype(output), decltype(channels)::value>(src, d_offsets, d_shapes, d_params, L,
-                                                                             cfg.batch, blurs, blur_kernel, out,
-                                                                             stream);
+    launch<B, decltype(source), decltype(output), decltype(channels)::value>(
+        src, d_offsets, d_shapes, d_params, L, cfg.batch, blurs, blur_kernel, out, stream);
   };
   auto with_output = [&](auto source, auto channels) {
     dispatch_floating(out_dtype, "augment", [&](auto output) {

@@ -10,9 +10,9 @@
 #include "common/simt_host.h"
 
 #define SIMCLR_DYNAMIC_SHARED(type, name) type* const name = ::simclr_ext::simt::dynamic_shared<type>()
-#define SIMCLR_STATIC_SHARED(type, name)                 \
-  static const char name##_shared_key = 0;               \
-  ::simclr_ext::shared_type<type>& name =                \
+#define SIMCLR_STATIC_SHARED(type, name)   \
+  static const char name##_shared_key = 0; \
+  ::simclr_ext::shared_type<type>& name =  \
       ::simclr_ext::simt::static_shared<::simclr_ext::shared_type<type>>(&name##_shared_key)
 #else
 #include <cuda_bf16.h>
@@ -21,7 +21,7 @@
 #include <mma.h>
 
 #define SIMCLR_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[]
-#define SIMCLR_STATIC_SHARED(type, name) __shared__ ::simclr_ext::shared_type<type> name
+#define SIMCLR_STATIC_SHARED(type, name) __shared__::simclr_ext::shared_type<type> name
 #endif
 
 namespace simclr_ext {

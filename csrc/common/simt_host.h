@@ -96,7 +96,7 @@ inline uint16_t float_to_half_bits(float f) {
   const uint32_t x = float_bits(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 (and inf): inf
   if (ax < 0x38800000u) {  // below 2^-14: a multiple of 2^-24 (subnormal), rounded by the FPU (to even)
     const float scaled = std::nearbyint(bits_float(ax) * 16777216.0f);
@@ -141,7 +141,9 @@ inline bfloat16 __float2bfloat16_rn(float f) { return bfloat16{float_to_bfloat16
 struct Site {
   const char* file = nullptr;
   int line = 0;
-  bool operator==(const Site& o) const { return line == o.line && file != nullptr && o.file != nullptr && std::strcmp(file, o.file) == 0; }
+  bool operator==(const Site& o) const {
+    return line == o.line && file != nullptr && o.file != nullptr && std::strcmp(file, o.file) == 0;
+  }
   std::string str() const { return std::string(file != nullptr ? file : "?") + ":" + std::to_string(line); }
 };
 
@@ -207,8 +209,8 @@ inline LaunchState& current_launch() {
 
 inline std::string thread_name() {
   return "thread (" + std::to_string(threadIdx.x) + "," + std::to_string(threadIdx.y) + "," +
-         std::to_string(threadIdx.z) + ") of block (" + std::to_string(blockIdx.x) + "," +
-         std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ")";
+         std::to_string(threadIdx.z) + ") of block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+         "," + std::to_string(blockIdx.z) + ")";
 }
 
 [[noreturn]] inline void fail_launch(LaunchState& L, const std::string& why) {
@@ -466,8 +468,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_bytes, A
   L.dynamic_bytes = dynamic_bytes;
   if (dynamic_bytes > 0) {
     L.dynamic_raw.reset(new unsigned char[dynamic_bytes + 128]);
-    L.dynamic = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(L.dynamic_raw.get()) + 127) &
-                                                 ~uintptr_t{127});
+    L.dynamic =
+        reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(L.dynamic_raw.get()) + 127) & ~uintptr_t{127});
   }
   L.poison_shared();
   std::vector<std::thread> pool;
@@ -522,7 +524,7 @@ struct fragment {
   static constexpr int rows = Shape<Use, M, N, K>::rows;
   static constexpr int cols = Shape<Use, M, N, K>::cols;
   static constexpr int num_elements = rows * cols;
-  element_type x[num_elements];  // row-major tile, whole in every lane
+  element_type x[num_elements];                                        // row-major tile, whole in every lane
   fragment() { std::memset(static_cast<void*>(x), 0xff, sizeof(x)); }  // NaN until filled or loaded
 };
 
@@ -537,8 +539,8 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned
   static_assert(std::is_same_v<P, typename F::element_type>, "operand pointer type");
   for (int r = 0; r < F::rows; ++r) {
     for (int c = 0; c < F::cols; ++c) {
-      f.x[r * F::cols + c] = std::is_same_v<Layout, col_major> ? p[static_cast<size_t>(c) * ldm + r]
-                                                               : p[static_cast<size_t>(r) * ldm + c];
+      f.x[r * F::cols + c] =
+          std::is_same_v<Layout, col_major> ? p[static_cast<size_t>(c) * ldm + r] : p[static_cast<size_t>(r) * ldm + c];
     }
   }
 }
@@ -574,21 +576,21 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 }  // namespace simclr_ext
 
 // The CUDA names the kernels use, in the global namespace as CUDA declares them (emulation builds only).
-using simclr_ext::simt::dim3;
-using simclr_ext::simt::uint3;
-using simclr_ext::simt::uint4;
-using simclr_ext::simt::threadIdx;
-using simclr_ext::simt::blockIdx;
-using simclr_ext::simt::blockDim;
-using simclr_ext::simt::gridDim;
-using simclr_ext::simt::warpSize;
-using simclr_ext::simt::__ldg;
-using simclr_ext::simt::min;
-using simclr_ext::simt::max;
-using simclr_ext::simt::__half2float;
-using simclr_ext::simt::__float2half_rn;
 using simclr_ext::simt::__bfloat162float;
 using simclr_ext::simt::__float2bfloat16_rn;
+using simclr_ext::simt::__float2half_rn;
+using simclr_ext::simt::__half2float;
+using simclr_ext::simt::__ldg;
+using simclr_ext::simt::blockDim;
+using simclr_ext::simt::blockIdx;
+using simclr_ext::simt::dim3;
+using simclr_ext::simt::gridDim;
+using simclr_ext::simt::max;
+using simclr_ext::simt::min;
+using simclr_ext::simt::threadIdx;
+using simclr_ext::simt::uint3;
+using simclr_ext::simt::uint4;
+using simclr_ext::simt::warpSize;
 using __half = simclr_ext::simt::half;
 using __nv_bfloat16 = simclr_ext::simt::bfloat16;
 namespace nvcuda {

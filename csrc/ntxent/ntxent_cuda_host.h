@@ -119,9 +119,8 @@ Normalized normalize_inputs(const ContiguousInputs& in, typename B::Stream strea
   const CudaPlan plan =
       make_cuda_plan(in.q.size(0), in.k.size(0), in.q.size(1), sizeof(T), sizeof(acc_of<T>), B::sm_count(in.q));
   const at::Tensor qhat = normalized_copy<B, T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, stream);
-  const at::Tensor khat = same_tensor(in.k, in.q)
-                              ? qhat
-                              : normalized_copy<B, T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, stream);
+  const at::Tensor khat =
+      same_tensor(in.k, in.q) ? qhat : normalized_copy<B, T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, stream);
   return {plan, qhat, khat};
 }
 
@@ -224,15 +223,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
     const Normalized nz = normalize_inputs<B, T>(in, stream);
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
     forward_direction<B, T>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat), ptr<const int64_t>(in.q_labels),
-                         ptr<const int64_t>(in.k_labels), m, l, nz.plan, inv_t, self_offset, exclude_positives,
-                         weight_ptr<acc_t>(weight), allow_tf32, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos), q,
-                         stream);
+                            ptr<const int64_t>(in.k_labels), m, l, nz.plan, inv_t, self_offset, exclude_positives,
+                            weight_ptr<acc_t>(weight), allow_tf32, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos), q,
+                            stream);
     if (two_way) {
       // The keys' plan is the queries' with the sides swapped; the padded copies serve both.
       const CudaPlan swapped = make_cuda_plan(l, m, q.size(1), sizeof(T), sizeof(acc_t), B::sm_count(q));
       forward_direction<B, T>(ptr<const T>(nz.khat), ptr<const T>(nz.qhat), ptr<const int64_t>(in.k_labels),
-                           ptr<const int64_t>(in.q_labels), l, m, swapped, inv_t, -1, false, nullptr, allow_tf32,
-                           ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
+                              ptr<const int64_t>(in.q_labels), l, m, swapped, inv_t, -1, false, nullptr, allow_tf32,
+                              ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
     }
   });
   return {loss, lse, npos, probs};
