@@ -2,6 +2,7 @@
 shapes: the CUDA path counters (symmetric and general backward), split plans against the unsplit plan (the
 emulated SM count decides them), bit-identical reruns, a temperature read from memory by the kernels, the
 float16 operand scale, and the emulation's own guards (a launch beyond the device's shared memory)."""
+import emulated_cuda
 import pytest
 import torch
 from emulated_cuda import CUDA_EMU
@@ -16,7 +17,6 @@ from parity import (
     reference_rows,
 )
 
-import emulated_cuda
 import simclr_ext
 import simclr_reference as ref
 
