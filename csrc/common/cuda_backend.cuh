@@ -1,5 +1,5 @@
-// The CUDA runtime as the backend of the ops' host orchestration (csrc/ntxent/ntxent_cuda_host.h,
-// csrc/augment/augment_cuda_host.h): the current device and stream, the device's attributes, the
+// The CUDA runtime as the backend of the ops' host orchestration (csrc/ntxent/ntxent_cuda.cu,
+// csrc/augment/augment_cuda.cu): the current device and stream, the device's attributes, the
 // shared-memory opt-in, <<<>>> launches checked at once, and allocation. Its emulated counterpart, which runs
 // the same orchestration on the CPU, is tests/cuda_emu/emu_backend.h. nvcc only.
 #pragma once

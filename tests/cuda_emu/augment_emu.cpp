@@ -1,9 +1,9 @@
 // The augmentation op's CUDA kernels, emulated on the CPU (csrc/common/simt_host.h), registered for CPU
-// tensors as simclr_ext_emu::augment: the host orchestration a GPU runs (augment_cuda_host.h) on the
+// tensors as simclr_ext_emu::augment: the host orchestration a GPU runs (augment_cuda.cu) on the
 // emulated backend (emu_backend.h). Test build only (tests/cuda_emu/build.py).
 #include <torch/library.h>
 
-#include "augment/augment_cuda_host.h"
+#include "augment/augment_cuda.cu"  // the host orchestration, as the GPU build compiles it
 #include "emu_backend.h"
 
 namespace simclr_ext {

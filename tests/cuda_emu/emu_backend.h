@@ -1,5 +1,5 @@
 // The host emulation of CUDA (csrc/common/simt_host.h) as the backend of the ops' host orchestration
-// (csrc/ntxent/ntxent_cuda_host.h, csrc/augment/augment_cuda_host.h), the counterpart of
+// (csrc/ntxent/ntxent_cuda.cu, csrc/augment/augment_cuda.cu), the counterpart of
 // csrc/common/cuda_backend.cuh: "device" tensors are CPU tensors, launches run at once on CPU threads, the
 // device's SM count and shared-memory limit are those set by set_emulated_device (tests pick small SM
 // counts so that the split plans run), and every buffer the orchestration allocates for the kernels to

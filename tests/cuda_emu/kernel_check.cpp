@@ -1,6 +1,6 @@
 // The CUDA kernels of both ops, emulated (csrc/common/simt_host.h), in a program without torch's runtime, so
 // that ThreadSanitizer instruments every access of the kernels and of the emulator (`make test-tsan`; a
-// Python process cannot host TSan here). Runs the launch sequence of ntxent_cuda_host.h on raw buffers for a
+// Python process cannot host TSan here). Runs the launch sequence of ntxent_cuda.cu on raw buffers for a
 // few small NT-Xent cases (each precision path, an edge tile, several D chunks, split plans) and checks the
 // loss and gradient against a float64 reference written here; runs the augmentation kernels on a small batch
 // with jitter and blur and checks that every output is written and finite. Exit status 1 on a wrong result;
@@ -92,7 +92,7 @@ double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) 
 }
 
 // One symmetric NT-Xent forward + backward (q = k = z, self_offset 0) through the kernels, in the order of
-// ntxent_cuda_host.h: normalize, forward, merge, symmetric gradient pass, normalization backward.
+// ntxent_cuda.cu: normalize, forward, merge, symmetric gradient pass, normalization backward.
 template <typename T, bool kTC>
 bool check_ntxent(const char* what, int64_t n, int64_t d, double tol, std::mt19937& rng) {
   using acc_t = nt::acc_of<T>;
