@@ -53,7 +53,7 @@ _DEVICE_MARKS = (("cpu", "cpu", []), (CUDA_EMU, "cuda-emu", EMU_MARKS), ("cuda",
 # op; these sizes still cover edge tiles, several tiles per block, several D chunks and split plans.
 EMU_MAX_ROWS = 130
 EMU_MAX_DIM = 130
-EMU_MAX_CASES = 6
+EMU_MAX_CASES = 4
 
 
 def device_paths(paths=PRECISION_PATHS):
