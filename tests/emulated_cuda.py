@@ -4,15 +4,11 @@ as the test-only extension simclr_ext_emu (tests/cuda_emu/build.py). Its tensors
 cuda-emu test runs (conftest.py's autouse fixture), simclr_ext's Python layer calls the emulated ops in place
 of the CPU ones, so the public functions (nt_xent, clip_loss, SimCLRAugment, ...) run the CUDA kernels."""
 import contextlib
-import os
-import sys
 
 import torch
+from cuda_emu import build as _build
 
 import simclr_ext.ops
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
-import build as _build  # noqa: E402
 
 _emu_ops = None
 
