@@ -51,18 +51,26 @@ namespace {
 // One side (q or k) as the kernels read it: the raw rows in the accumulation dtype (the input itself when it
 // is contiguous in that dtype: no copy; float16 / bfloat16 are widened once, for BLAS) and their norms. The
 // normalized rows are never stored: a tile of cosines is a product of raw rows scaled by the inverse norms.
+// Without normalization (dot products as given) the inverse norms are 1: cosine() then returns the dot product
+// itself, and the normalization backward is the identity.
 template <typename acc_t>
 struct Side {
   at::Tensor rows;              // (n, D) contiguous, accumulation dtype
   std::vector<acc_t> inv_norm;  // 1 / max(|x|, eps)
   std::vector<acc_t> norm;      // max(|x|, eps), negative where the norm was clamped
+  bool normalized;
   const acc_t* data() const { return rows.data_ptr<acc_t>(); }
 };
 
 template <typename acc_t>
-Side<acc_t> prepare(const at::Tensor& x) {
-  Side<acc_t> side{x.to(acc_type(x.scalar_type())).contiguous(), {}, {}};
+Side<acc_t> prepare(const at::Tensor& x, bool normalize) {
+  Side<acc_t> side{x.to(acc_type(x.scalar_type())).contiguous(), {}, {}, normalize};
   const int64_t n = x.size(0), d = x.size(1);
+  if (!normalize) {
+    side.inv_norm.assign(n, acc_t(1));
+    side.norm.assign(n, acc_t(1));
+    return side;
+  }
   side.inv_norm.resize(n);
   side.norm.resize(n);
   const acc_t* src = side.data();
@@ -102,7 +110,8 @@ at::Tensor normalization_backward(const Side<acc_t>& side, const at::Tensor& a_i
       acc_t dot = 0;
       for (int64_t c = 0; c < d; ++c) dot += (zr[c] / norm) * (ar[c] * norm);
       if (radial != nullptr) radial[r] = dot;
-      const acc_t projected = clamped ? acc_t(0) : dot;
+      // Unnormalized rows (norm 1): no projection, dz = a.
+      const acc_t projected = clamped || !side.normalized ? acc_t(0) : dot;
       for (int64_t c = 0; c < d; ++c) {
         out[r * d + c] = static_cast<scalar_t>((ar[c] * norm - (zr[c] / norm) * projected) / norm);
       }
@@ -155,12 +164,24 @@ struct RowState {
   OnlineLSE<acc_t> lse = OnlineLSE<acc_t>::empty();
   acc_t positive_sum = 0;
   int64_t num_positives = 0;
+  // Sigmoid mode: sum_j softplus(z_ij) and sum_j sigmoid(z_ij) (ntxent.h).
+  acc_t softplus_sum = 0;
+  acc_t sigmoid_sum = 0;
 };
 
 template <typename acc_t>
 void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos, const acc_t* weight) {
   lse[row] = st.lse.value();
   loss[row] = row_loss(lse[row], st.positive_sum, st.num_positives, weight != nullptr ? weight[row] : acc_t(1));
+  npos[row] = static_cast<int32_t>(st.num_positives);
+}
+
+// Sigmoid mode: loss_i = sum_j softplus(z_ij) - sum_{j in P(i)} z_ij (positive_sum holds the positives' z); the
+// lse slot gets sum_j sigmoid(z_ij), which dL/dbias needs (ntxent.h).
+template <typename acc_t>
+void finish_sigmoid_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos) {
+  loss[row] = st.softplus_sum - st.positive_sum;
+  lse[row] = st.sigmoid_sum;
   npos[row] = static_cast<int32_t>(st.num_positives);
 }
 
@@ -255,6 +276,30 @@ SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64
   st.lse.merge(block_max, block_sum);
 }
 
+// Sigmoid mode: folds one row of a tile of raw dot products (keys [key0, key0 + n)) into the row's sums; every
+// entry counts as a negative in the vectorized loop, and the few positives then subtract their z (ntxent.h).
+template <typename acc_t>
+SIMCLR_SIMD_CLONES void scan_tile_row_sigmoid(acc_t* row, int64_t n, int64_t label, const int64_t* k_labels,
+                                              acc_t inv_t, acc_t bias, acc_t rq, const acc_t* rk, RowState<acc_t>& st) {
+  acc_t sp = 0, sg = 0;
+#pragma omp simd reduction(+ : sp, sg)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t z = logit(cosine(row[j], rq, rk[j]), inv_t) + bias;
+    row[j] = z;
+    sp += softplus(z);
+    sg += sigmoid(z);
+  }
+  st.softplus_sum += sp;
+  st.sigmoid_sum += sg;
+  if (!any_label(k_labels, n, label)) return;
+  for (int64_t j = 0; j < n; ++j) {
+    if (k_labels[j] == label) {
+      st.positive_sum += row[j];
+      st.num_positives += 1;
+    }
+  }
+}
+
 // Two-way: folds a tile of logits (rows x n keys, from key0) into the key columns' log-sum-exps, a column
 // max and a sum of exps per tile (vectorized along the keys). The two-way mode has no -inf entries (no self
 // key, no DCL), so a column max of -inf means an all-NaN column, whose sum is then NaN: NaN reaches the loss.
@@ -316,6 +361,8 @@ struct Operands {
   int64_t self_offset;
   bool exclude_positives;  // DCL
   bool two_way;            // CLIP: key columns' losses too
+  bool sigmoid;            // SigLIP: per-pair sigmoid losses (ntxent.h)
+  acc_t bias;              // the sigmoid mode's bias b, 0 otherwise
 };
 
 // Outputs of the forward: M entries, M + L with two_way (query rows, then key columns).
@@ -356,12 +403,23 @@ void forward_blocks(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, 
       gemm_abt(rows, keys, a.d, a.q + r0 * a.d, a.d, a.k + k0 * a.d, a.d, buffer.data(), keys);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
+        if (a.sigmoid) {
+          scan_tile_row_sigmoid(buffer.data() + i * keys, keys, a.q_labels[row], a.k_labels + k0, a.inv_t, a.bias,
+                                a.rq[row], a.rk + k0, states[i]);
+          continue;
+        }
         scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
                       a.k_labels + k0, a.inv_t, a.rq[row], a.rk + k0, a.exclude_positives, states[i], cols);
       }
       if (cols != nullptr) scan_tile_columns(buffer.data(), rows, keys, k0, col_max.data(), col_sum.data(), *cols);
     }
-    for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, out.loss, out.lse, out.npos, out.weight);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (a.sigmoid) {
+        finish_sigmoid_row(states[i], r0 + i, out.loss, out.lse, out.npos);
+      } else {
+        finish_row(states[i], r0 + i, out.loss, out.lse, out.npos, out.weight);
+      }
+    }
   }
 }
 
@@ -409,8 +467,9 @@ template <typename acc_t>
 struct Factors {
   std::vector<acc_t> g, lse, inv_np;
 
+  // sigmoid: every row has a gradient, and weight 1 on each positive (ntxent.h); lse is not read.
   Factors(const at::Tensor& grad_loss, const at::Tensor& lse_in, const at::Tensor& npos_in, acc_t inv_t,
-          const acc_t* weight) {
+          const acc_t* weight, bool sigmoid) {
     const int64_t m = lse_in.size(0);
     const at::Tensor gl = grad_loss.to(lse_in.scalar_type()).contiguous();
     const at::Tensor ls = lse_in.contiguous(), np = npos_in.contiguous();
@@ -421,7 +480,9 @@ struct Factors {
     lse.resize(m);
     inv_np.resize(m);
     for (int64_t i = 0; i < m; ++i) {
-      const RowFactors<acc_t> f = row_factors(gp[i], lp[i], npp[i], inv_t, weight != nullptr ? weight[i] : acc_t(1));
+      const RowFactors<acc_t> f = sigmoid ? RowFactors<acc_t>{gp[i] * inv_t, acc_t(0), acc_t(1)}
+                                          : row_factors(gp[i], lp[i], npp[i], inv_t,
+                                                        weight != nullptr ? weight[i] : acc_t(1));
       g[i] = f.g;
       lse[i] = f.lse;
       inv_np[i] = f.inv_np;
@@ -456,9 +517,15 @@ SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k
     const acc_t rq = a.rq[row];
     const acc_t* rk = a.rk + k0;
     acc_t* t = tile + i * nk;
+    if (a.sigmoid) {  // p = sigmoid(z): the softmax form otherwise (ntxent.h)
+      const acc_t bias = a.bias;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) {
-      t[j] = prob_grad(fast_exp(logit(cosine(t[j], rq, rk[j]), a.inv_t) - fi.lse), fi, false);
+      for (int64_t j = 0; j < nk; ++j) t[j] = prob_grad(sigmoid(logit(cosine(t[j], rq, rk[j]), a.inv_t) + bias), fi, false);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) {
+        t[j] = prob_grad(fast_exp(logit(cosine(t[j], rq, rk[j]), a.inv_t) - fi.lse), fi, false);
+      }
     }
     if (any_label(a.k_labels + k0, nk, label)) {
       for (int64_t j = 0; j < nk; ++j) {
@@ -669,10 +736,13 @@ void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
     const at::Tensor& temperature_t, int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, bool normalize, bool sigmoid,
+    const std::optional<at::Tensor>& bias) {
   check_forward_args(q, k, q_labels, k_labels, temperature_t, self_offset, positive_weight);
   check_two_way(two_way, self_offset, keep_probs, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, keep_probs, exclude_positives, positive_weight, two_way, bias, q);
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked): no synchronization
+  const double bias_value = bias.has_value() ? bias->item<double>() : 0.0;
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), n_out = two_way ? m + l : m;
   const auto acc = acc_type(q.scalar_type());
@@ -686,14 +756,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     npos.zero_();
     return {loss, lse, npos, probs};
   }
+  if (sigmoid && l == 0) {  // no pair: zero sums
+    loss.zero_();
+    lse.zero_();
+    npos.zero_();
+    return {loss, lse, npos, probs};
+  }
   count_path(keep_probs ? Path::kCpuForwardKept : (two_way ? Path::kCpuForwardTwoWay : Path::kCpuForwardStreamed));
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
   dispatch_floating(q.scalar_type(), "ntxent_forward_cpu", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_t_of<scalar_t>;
-    const Side<acc_t> sq = prepare<acc_t>(q);
+    const Side<acc_t> sq = prepare<acc_t>(q, normalize);
     std::optional<Side<acc_t>> k_own;  // k's own side, unless k is q
-    if (!same_tensor(q, k)) k_own = prepare<acc_t>(k);
+    if (!same_tensor(q, k)) k_own = prepare<acc_t>(k, normalize);
     const Side<acc_t>& sk = k_own ? *k_own : sq;
     const Operands<acc_t> args{sq.data(),
                                sk.data(),
@@ -707,7 +783,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
                                acc_t(1.0 / temperature),
                                self_offset,
                                exclude_positives,
-                               two_way};
+                               two_way,
+                               sigmoid,
+                               acc_t(bias_value)};
     const ForwardOutputs<acc_t> out{weight.defined() ? weight.data_ptr<acc_t>() : nullptr, loss.data_ptr<acc_t>(),
                                     lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>()};
     if (keep_probs) {
@@ -741,14 +819,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
     const at::Tensor& k_labels, const at::Tensor& lse, const at::Tensor& npos, const at::Tensor& temperature_t,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs_in, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask, bool normalize,
+    bool sigmoid, const std::optional<at::Tensor>& bias) {
   check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight,
                       two_way);
   const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
   check_probs(probs, q, k);
   const bool kept = probs.defined() && probs.numel() > 0;
   check_two_way(two_way, self_offset, kept, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, kept, exclude_positives, positive_weight, two_way, bias, q);
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
+  const double bias_value = bias.has_value() ? bias->item<double>() : 0.0;
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
   const auto acc = acc_type(q.scalar_type());
@@ -772,14 +853,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     using scalar_t = decltype(tag);
     using acc_t = acc_t_of<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
-    const Side<acc_t> sq = prepare<acc_t>(q);
+    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr,
+                                 sigmoid);
+    const Side<acc_t> sq = prepare<acc_t>(q, normalize);
     std::optional<Side<acc_t>> k_own;  // k's own side, unless k is q
-    if (!symmetric && !same_tensor(q, k)) k_own = prepare<acc_t>(k);
+    if (!symmetric && !same_tensor(q, k)) k_own = prepare<acc_t>(k, normalize);
     const Side<acc_t>& sk = k_own ? *k_own : sq;
     const BackwardArgs<acc_t> args{
         {sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, d, ql.data_ptr<int64_t>(),
-         kl.data_ptr<int64_t>(), inv_t, self_offset, exclude_positives, two_way},
+         kl.data_ptr<int64_t>(), inv_t, self_offset, exclude_positives, two_way, sigmoid, acc_t(bias_value)},
         &factors,
         kept ? probs.data_ptr<acc_t>() : nullptr};
     // The products' outputs a (dzhat / |z|), turned into the gradients in place for float32 / float64.

@@ -90,10 +90,11 @@ int64_t sm_count(const at::Tensor& on) { return device_attributes(on.get_device(
 
 // Normalized, zero-padded copy of x (rows_padded x dim, dtype of x); grid: ceil(rows_padded / 8) blocks.
 template <typename T>
-at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, int64_t grid, cudaStream_t stream) {
+at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, int64_t grid, bool normalize,
+                           cudaStream_t stream) {
   at::Tensor xhat = at::empty({rows_padded, dim}, x.options());
   normalize_kernel<T><<<static_cast<unsigned>(grid), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
-      ptr<const T>(x), x.size(0), x.size(1), rows_padded, dim, ptr<T>(xhat));
+      ptr<const T>(x), x.size(0), x.size(1), rows_padded, dim, normalize, ptr<T>(xhat));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return xhat;
 }
@@ -116,17 +117,23 @@ struct Normalized {
   at::Tensor qhat, khat;
 };
 
+// normalize = false: padded copies of the rows as given (the dot-product similarity).
 template <typename T>
-Normalized normalize_inputs(const ContiguousInputs& in, cudaStream_t stream) {
+Normalized normalize_inputs(const ContiguousInputs& in, bool normalize, cudaStream_t stream) {
   const CudaPlan plan =
       make_cuda_plan(in.q.size(0), in.k.size(0), in.q.size(1), sizeof(T), sizeof(acc_of<T>), sm_count(in.q));
-  const at::Tensor qhat = normalized_copy<T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, stream);
-  const at::Tensor khat =
-      same_tensor(in.k, in.q) ? qhat : normalized_copy<T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, stream);
+  const at::Tensor qhat = normalized_copy<T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, normalize, stream);
+  const at::Tensor khat = same_tensor(in.k, in.q)
+                              ? qhat
+                              : normalized_copy<T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, normalize, stream);
   return {plan, qhat, khat};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return acc_type(q.scalar_type()); }
+
+constexpr const char* kSigmoidOnCpuOnly =
+    "simclr_ext ntxent (CUDA): the sigmoid mode (SigLIP) has no CUDA kernel yet; compute SigLipLoss on CPU "
+    "tensors or use open_clip's SigLipLoss on the GPU";
 
 // The temperature for the kernels: 1 / t rounded from the double reciprocal, as on the CPU. A CPU scalar is
 // read here (free); a GPU one stays on the device (inv_on_device), read by the kernels: no synchronization.
@@ -194,9 +201,12 @@ void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in, const at::Tensor& k_labels_in,
     const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, bool normalize, bool sigmoid,
+    const std::optional<at::Tensor>& bias) {
   check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset, positive_weight);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, false, exclude_positives, positive_weight, two_way, bias, q_in);
+  TORCH_CHECK(!sigmoid, kSigmoidOnCpuOnly);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t m = q_in.size(0), l = k_in.size(0), n_out = two_way ? m + l : m;
@@ -222,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
   dispatch_floating(q.scalar_type(), "simclr_ext ntxent (CUDA)", [&](auto tag) {
     using T = cuda_storage_t<decltype(tag)>;
     using acc_t = acc_of<T>;
-    const Normalized nz = normalize_inputs<T>(in, stream);
+    const Normalized nz = normalize_inputs<T>(in, normalize, stream);
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
     forward_direction<T>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat), ptr<const int64_t>(in.q_labels),
                          ptr<const int64_t>(in.k_labels), m, l, nz.plan, inv_t, self_offset, exclude_positives,
@@ -243,10 +253,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in,
     const at::Tensor& k_labels_in, const at::Tensor& lse_in, const at::Tensor& npos_in, const at::Tensor& temperature,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask, bool normalize,
+    bool sigmoid, const std::optional<at::Tensor>& bias) {
   check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset,
                       positive_weight, two_way);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, false, exclude_positives, positive_weight, two_way, bias, q_in);
+  TORCH_CHECK(!sigmoid, kSigmoidOnCpuOnly);
   if (probs.has_value()) check_probs(*probs, q_in, k_in);  // never kept on CUDA: recomputed below
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -287,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
   dispatch_floating(q.scalar_type(), "simclr_ext ntxent (CUDA)", [&](auto tag) {
     using T = cuda_storage_t<decltype(tag)>;
     using acc_t = acc_of<T>;
-    const Normalized nz = normalize_inputs<T>(in, stream);
+    const Normalized nz = normalize_inputs<T>(in, normalize, stream);
     const CudaPlan& plan = nz.plan;
     // One slice of partial sums per split of the streamed tiles; normalize_backward adds them up.
     const at::Tensor dqhat =
@@ -346,8 +359,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     auto norm_backward = [&](const at::Tensor& x, const at::Tensor& dxhat, int64_t n, int64_t grid, int64_t splits,
                              int64_t rows_padded, const at::Tensor& grad, acc_t* radial_out) {
       normalize_backward_kernel<T><<<static_cast<unsigned>(grid), 32 * kCudaNormRowsPerBlock, 0, stream>>>(
-          ptr<const T>(x), ptr<const acc_t>(dxhat), n, d, plan.dim, splits, rows_padded * plan.dim, ptr<T>(grad),
-          radial_out);
+          ptr<const T>(x), ptr<const acc_t>(dxhat), n, d, plan.dim, splits, rows_padded * plan.dim, normalize,
+          ptr<T>(grad), radial_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (passes.dq) {

@@ -351,7 +351,7 @@ __device__ __forceinline__ acc_of<T> row_sum_squares(const T* __restrict__ x, in
 // xhat[row] = x[row] / max(|x[row]|, eps) into a zero-padded rows_padded x dim buffer; one warp per row.
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
-    normalize_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t rows_padded, int64_t dim,
+    normalize_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t rows_padded, int64_t dim, bool normalize,
                      T* __restrict__ xhat) {
   using acc_t = acc_of<T>;
   const int lane = threadIdx.x % 32;
@@ -359,7 +359,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   if (row >= rows_padded) return;
   const bool real = row < n;
   acc_t norm = acc_t(1);
-  if (real) {
+  if (real && normalize) {  // normalize = false: a padded copy of the rows as given (dot products)
     norm = clamped_norm(row_sum_squares(x, row, d, lane));
   }
   for (int64_t c = lane; c < dim; c += 32) {
@@ -610,15 +610,16 @@ __device__ __forceinline__ acc_t split_sum(const acc_t* __restrict__ dxhat, int6
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     normalize_backward_kernel(const T* __restrict__ x, const acc_of<T>* __restrict__ dxhat, int64_t n, int64_t d,
-                              int64_t dim, int64_t splits, int64_t slice, T* __restrict__ dx,
+                              int64_t dim, int64_t splits, int64_t slice, bool normalize, T* __restrict__ dx,
                               acc_of<T>* __restrict__ radial) {
   using acc_t = acc_of<T>;
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
   if (row >= n) return;
-  const acc_t ss = row_sum_squares(x, row, d, lane);
-  const acc_t norm = clamped_norm(ss);
-  const bool clamped = norm_clamped(ss);
+  // Unnormalized rows (dot products): norm 1 and no projection, dx = dxhat; the radial dot is <x, dx>.
+  const acc_t ss = normalize ? row_sum_squares(x, row, d, lane) : acc_t(1);
+  const acc_t norm = normalize ? clamped_norm(ss) : acc_t(1);
+  const bool clamped = !normalize || norm_clamped(ss);
   acc_t dot = acc_t(0);  // <xhat, dxhat>
   for (int64_t c = lane; c < d; c += 32) {
     dot = fma(to_acc(x[row * d + c]) / norm, split_sum(dxhat, row * dim + c, splits, slice), dot);
