@@ -13,6 +13,7 @@ from .clip_loss import ClipLoss, clip_loss
 from .dcl_loss import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
+from .siglip_loss import SigLipLoss, siglip_loss
 from .ops import set_tf32, tf32_enabled
 from .supcon_loss import SupConLoss, supcon_loss
 
@@ -55,6 +56,8 @@ __all__ = [
     "contrastive_loss",
     "ClipLoss",
     "clip_loss",
+    "SigLipLoss",
+    "siglip_loss",
     "SupConLoss",
     "supcon_loss",
     "DCLLoss",
