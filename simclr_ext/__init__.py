@@ -13,8 +13,8 @@ from .clip_loss import ClipLoss, clip_loss
 from .dcl_loss import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
-from .siglip_loss import SigLipLoss, siglip_loss
 from .ops import set_tf32, tf32_enabled
+from .siglip_loss import SigLipLoss, siglip_loss
 from .supcon_loss import SupConLoss, supcon_loss
 
 # Imported on first use (PEP 562): the per-sample transform needs torchvision (an optional dependency),

@@ -152,8 +152,9 @@ def _collective_blocks(text, labels, rank, world, dist_impl):
 
     for i in range(world):
         block = dist_nn.all_reduce(text * float(rank == i), dist.ReduceOp.SUM)
-        if i != rank:
-            yield block, all_labels[i]
+        # The own block too (labels None: no loss term): each all-reduce's backward is a collective that every
+        # rank must run, in the same order.
+        yield block, (all_labels[i] if i != rank else None)
 
 
 class SigLipLoss(nn.Module):
@@ -224,6 +225,9 @@ class SigLipLoss(nn.Module):
         total = _block_sum(image, text, own_labels, own_labels, temperature, bias, self.normalize, self.allow_tf32)
         source = _ring_blocks if self.dist_impl in ("bidir", "shift") else _collective_blocks
         for block, block_labels in source(text, own_labels, rank, world, self.dist_impl):
+            if block_labels is None:
+                total = total + 0 * block.sum(dtype=torch.float64)
+                continue
             total = total + _block_sum(image, block, own_labels, block_labels, temperature, bias, self.normalize,
                                        self.allow_tf32)
         return (total / n).to(_loss_dtype(image))
