@@ -33,9 +33,9 @@ def _inputs(seed, world):
     return image, text, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64), labels
 
 
-def _run(make_loss, image, text, scale, bias, **kwargs):
+def _run(loss_fn, image, text, scale, bias, **kwargs):
     leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale, bias)]
-    loss = make_loss()(*leaves, **kwargs)
+    loss = loss_fn(*leaves, **kwargs)
     return loss.detach(), torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
@@ -49,14 +49,14 @@ def _worker(rank, world, port, seed, out_dir):
         results = {}
         for impl in ("bidir", "shift", "reduce", "gather"):
             args = dict(rank=rank, world_size=world, dist_impl=impl)
-            results[f"siglip_{impl}"] = (_run(lambda: simclr_ext.SigLipLoss(**args), *mine),
-                                         _run(lambda: open_clip_loss.SigLipLoss(**args), *mine))
-            results[f"siglip_labels_{impl}"] = _run(lambda: simclr_ext.SigLipLoss(**args), *mine,
+            results[f"siglip_{impl}"] = (_run(simclr_ext.SigLipLoss(**args), *mine),
+                                         _run(open_clip_loss.SigLipLoss(**args), *mine))
+            results[f"siglip_labels_{impl}"] = _run(simclr_ext.SigLipLoss(**args), *mine,
                                                     labels=labels[rows])
         for local, with_grad in itertools.product((False, True), repeat=2):
             args = dict(local_loss=local, gather_with_grad=with_grad, rank=rank, world_size=world)
-            results[f"clip_{local}_{with_grad}"] = (_run(lambda: simclr_ext.ClipLoss(**args), *mine),
-                                                   _run(lambda: open_clip_loss.ClipLoss(**args), *mine))
+            results[f"clip_{local}_{with_grad}"] = (_run(simclr_ext.ClipLoss(**args), *mine),
+                                                   _run(open_clip_loss.ClipLoss(**args), *mine))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
