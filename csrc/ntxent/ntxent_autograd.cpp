@@ -29,8 +29,8 @@ ForwardOut call_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::ntxent", "")
           .typed<ForwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&, bool,
-                            bool, bool, const std::optional<at::Tensor>&)>();
+                            const at::Tensor&, int64_t, bool, bool, bool, const std::optional<at::Tensor>&, bool, bool,
+                            bool, const std::optional<at::Tensor>&)>();
   return op.call(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs, exclude_positives,
                  positive_weight, two_way, normalize, sigmoid, bias);
 }
@@ -41,16 +41,15 @@ BackwardOut call_backward(const at::Tensor& grad_loss, const at::Tensor& q, cons
                           const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,
                           const at::Tensor& npos, const at::Tensor& temperature, int64_t self_offset, bool allow_tf32,
                           const std::optional<at::Tensor>& probs, bool exclude_positives,
-                          const std::optional<at::Tensor>& positive_weight, bool two_way,
-                          const OutputMask& output_mask, bool normalize, bool sigmoid,
-                          const std::optional<at::Tensor>& bias) {
+                          const std::optional<at::Tensor>& positive_weight, bool two_way, const OutputMask& output_mask,
+                          bool normalize, bool sigmoid, const std::optional<at::Tensor>& bias) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("simclr_ext::_ntxent_backward", "")
           .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
-                             const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&, bool,
-                             OutputMask, bool, bool, const std::optional<at::Tensor>&)>();
+                             const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&, bool, OutputMask,
+                             bool, bool, const std::optional<at::Tensor>&)>();
   return op.call(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32, probs,
                  exclude_positives, positive_weight, two_way, output_mask, normalize, sigmoid, bias);
 }

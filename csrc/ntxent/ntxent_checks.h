@@ -104,8 +104,8 @@ inline void check_sigmoid(bool sigmoid, int64_t self_offset, bool keep_probs, bo
   if (!bias.has_value()) return;
   TORCH_CHECK(bias->dim() == 0 && bias->is_floating_point(), "bias must be a 0-d floating tensor, got ",
               bias->scalar_type(), " of shape ", bias->sizes());
-  TORCH_CHECK(bias->device().is_cpu() || bias->device() == q.device(), "bias must be on the CPU or on the device of q (",
-              q.device(), "), got ", bias->device());
+  TORCH_CHECK(bias->device().is_cpu() || bias->device() == q.device(),
+              "bias must be on the CPU or on the device of q (", q.device(), "), got ", bias->device());
 }
 
 // grad_loss, lse and npos have one entry per query row, and one more per key column with two_way.

@@ -480,9 +480,9 @@ struct Factors {
     lse.resize(m);
     inv_np.resize(m);
     for (int64_t i = 0; i < m; ++i) {
-      const RowFactors<acc_t> f = sigmoid ? RowFactors<acc_t>{gp[i] * inv_t, acc_t(0), acc_t(1)}
-                                          : row_factors(gp[i], lp[i], npp[i], inv_t,
-                                                        weight != nullptr ? weight[i] : acc_t(1));
+      const RowFactors<acc_t> f =
+          sigmoid ? RowFactors<acc_t>{gp[i] * inv_t, acc_t(0), acc_t(1)}
+                  : row_factors(gp[i], lp[i], npp[i], inv_t, weight != nullptr ? weight[i] : acc_t(1));
       g[i] = f.g;
       lse[i] = f.lse;
       inv_np[i] = f.inv_np;
@@ -520,7 +520,8 @@ SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k
     if (a.sigmoid) {  // p = sigmoid(z): the softmax form otherwise (ntxent.h)
       const acc_t bias = a.bias;
 #pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) t[j] = prob_grad(sigmoid(logit(cosine(t[j], rq, rk[j]), a.inv_t) + bias), fi, false);
+      for (int64_t j = 0; j < nk; ++j)
+        t[j] = prob_grad(sigmoid(logit(cosine(t[j], rq, rk[j]), a.inv_t) + bias), fi, false);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < nk; ++j) {
