@@ -58,7 +58,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, lab
         logit_scale: the scale, already exponentiated (a positive number or a one-element tensor, learnable).
         logit_bias: None (0), a number, or a one-element floating tensor (learnable).
         labels: None (y = +1 on pair i only), or (N,) integer classes: y = +1 on every pair with equal labels.
-        allow_tf32: CUDA only, see `contrastive_loss` (the sigmoid mode runs on the CPU in this build).
+        allow_tf32: CUDA only, see `contrastive_loss`.
 
     Returns the scalar loss (float32 for 16- and 32-bit inputs, float64 for float64). Memory O(N * D).
     """

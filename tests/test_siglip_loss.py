@@ -1,13 +1,13 @@
 """simclr_ext.SigLipLoss against open_clip's SigLipLoss (float64: values and the gradients of the features,
 logit_scale and logit_bias; features as given or normalized), the sigmoid mode's dtypes against the float64
-oracle, multi-positive labels, bad input. The sigmoid mode runs on the CPU."""
+oracle, multi-positive labels, bad input; the CUDA kernel's sigmoid mode on every precision path."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import assert_matches_reference
-from peers import assert_close64, grads, leaves
+from parity import DEVICE_PATHS, assert_matches_reference
+from peers import assert_close64, check_on_device, grads, leaves
 
 import simclr_ext
 import simclr_reference as ref
@@ -142,3 +142,15 @@ def test_opcheck_sigmoid_and_dot_modes(gen):
         args = (q.requires_grad_(), k, ql, kl, torch.tensor(0.5), -1, False, False, False, None, False, normalize,
                 sigmoid, bias)
         torch.library.opcheck(torch.ops.simclr_ext.ntxent.default, args)
+
+
+@pytest.mark.parametrize("device,dtype,tf32", DEVICE_PATHS)
+def test_every_precision_path_against_float64_oracle(device, dtype, tf32, gen):
+    """siglip_loss on every device and precision path (the CUDA kernel's sigmoid mode included): values and the
+    gradients of features, logit_scale and logit_bias against the float64 oracle on the CPU."""
+    image, text, _, _ = _sample(45, 33, gen, torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, bias = torch.tensor(4.0, dtype=acc), torch.tensor(-3.0, dtype=acc)
+    check_on_device(lambda a, b, s, c: simclr_ext.siglip_loss(a, b, s, c, allow_tf32=tf32),
+                    lambda a, b, s, c: ref.siglip_loss(a, b, s.to(a.dtype), c.to(a.dtype)),
+                    [image.to(dtype), text.to(dtype), scale, bias], device, dtype, tf32, gen, "siglip")

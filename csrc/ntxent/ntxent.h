@@ -247,6 +247,12 @@ SIMCLR_HD acc_t symmetric_cosine_grad(acc_t c, acc_t inv_temperature, const RowF
   return positive ? h - symmetric_positive_part(fi, fj) : h;
 }
 
+// Sigmoid mode: dL/dc_ij = g_i / t (sigmoid(z_ij) - [positive]), z_ij = c_ij / t + b (see the header).
+template <typename acc_t>
+SIMCLR_HD acc_t sigmoid_cosine_grad(acc_t c, acc_t inv_temperature, acc_t bias, acc_t g, bool positive) {
+  return g * inv_temperature * (sigmoid(logit(c, inv_temperature) + bias) - (positive ? acc_t(1) : acc_t(0)));
+}
+
 // dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.
 template <typename acc_t>
 SIMCLR_HD acc_t cosine_grad(acc_t c, acc_t inv_temperature, acc_t lse, acc_t g, bool positive, acc_t inv_num_positives,

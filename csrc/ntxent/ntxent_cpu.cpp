@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -158,10 +159,109 @@ void gemm_atb(int64_t rows, int64_t d, int64_t k, const acc_t* a, int64_t lda, c
   product<acc_t>(view(c, rows, d, ldc), view(a, k, rows, lda).t(), view(b, k, d, ldb), accumulate);
 }
 
+// A row's log-sum-exp over its key tiles. double: the online (max, sum of exp(x - max)) merge of ntxent.h.
+template <typename acc_t>
+struct RowLse {
+  OnlineLSE<acc_t> lse = OnlineLSE<acc_t>::empty();
+
+  void add_block(const acc_t* x, int64_t n, acc_t block_max) {
+    acc_t block_sum = 0;
+    // A NaN logit is skipped by the max but makes block_sum NaN, so it still reaches the result.
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t j = 0; j < n; ++j) block_sum += fast_exp(x[j] - block_max);
+    lse.merge(block_max, block_sum);
+  }
+  void add_nan(acc_t nan) { lse.merge(nan, nan); }
+  void set_full(acc_t row_max, double sum) { lse.merge(row_max, static_cast<acc_t>(sum)); }
+  acc_t value() const { return lse.value(); }
+};
+
+// exp(x) 2^-ref as a float: exp(x) = p 2^k with k = round(x log2 e) and p = exp(x - k ln 2) in [0.7, 1.42]
+// (vec_expf's reduction), both functions of x alone, then scaled by the exact power of two 2^(k - ref) (the
+// caller keeps k - ref in [-126, 1]: no rounding but in subnormal terms, 2^-126 below the row's max). Plain
+// inline, not cloned: it must inline into its (cloned) caller's vectorized loop.
+inline float scaled_exp(float x, float ref) {
+  const float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const float e = k - ref < -126.f ? -126.f : k - ref;
+  const int32_t bits = (static_cast<int32_t>(e) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// sum_j exp(x_j) 2^-ref over a tile row, each term a float, summed in double: terms below 2^(ref - 126) count
+// as 0, -inf gives 0, NaN stays NaN.
+SIMCLR_SIMD_CLONES inline double scaled_exp_sum(const float* x, int64_t n, int32_t ref) {
+  const float ref_f = static_cast<float>(ref);
+  const float lo = (ref_f - 126.f) * 0.693147181f;
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    const float t = scaled_exp(v > lo ? v : lo, ref_f);
+    sum += static_cast<double>(v != v ? v : (v > lo ? t : 0.f));
+  }
+  return sum;
+}
+
+// float: a log-sum-exp that does not depend on the order of the keys (swapping NT-Xent's views permutes them),
+// up to double rounding (2^-53 relative, far below float's): each exp(x_j) is p_j 2^(k_j), a function of x_j
+// alone, scaled by 2^-ref (ref: the exponent of the row's max so far, which ends as the row max's whatever the
+// order) and summed in double; a new max rescales the sum by an exact power of two. Logits beyond +-2^20 (no
+// real loss has them) take the online merge instead, in double.
+template <>
+struct RowLse<float> {
+  static constexpr int32_t kEmpty = std::numeric_limits<int32_t>::min();
+  static constexpr int32_t kOnline = std::numeric_limits<int32_t>::max();
+  int32_t ref = kEmpty;
+  double offset = 0;  // kOnline, or the kept path: value = offset + log(acc)
+  double acc = 0;
+
+  void add_block(const float* x, int64_t n, float block_max) {
+    if (ref == kOnline || !(std::fabs(block_max) < 1048576.f)) return add_online(x, n, block_max);
+    const auto k = static_cast<int32_t>(std::nearbyint(block_max * 1.44269504088896341f));
+    if (k > ref) {
+      acc = ref == kEmpty ? 0.0 : std::ldexp(acc, ref - k);
+      ref = k;
+    }
+    acc += scaled_exp_sum(x, n, ref);
+  }
+  void add_online(const float* x, int64_t n, float block_max) {
+    if (ref != kOnline) {  // switch representation: value = offset + log(acc)
+      offset = ref == kEmpty ? double(block_max) : ref * 0.69314718055994531;
+      ref = kOnline;
+    }
+    double block_sum = 0;
+    for (int64_t j = 0; j < n; ++j) block_sum += std::exp(double(x[j]) - double(block_max));
+    const double new_offset = std::max(offset, double(block_max));
+    acc = acc * std::exp(offset - new_offset) + block_sum * std::exp(double(block_max) - new_offset);
+    offset = new_offset;
+  }
+  void add_nan(float nan) { acc = nan; }
+  // The kept path's one full row: sum = sum_j exp(x_j - row_max) in double, row_max the row's (order-free).
+  void set_full(float row_max, double sum) {
+    ref = kOnline;
+    offset = row_max;
+    acc = sum;
+  }
+  float value() const {
+    if (!(acc > 0)) return acc != acc ? static_cast<float>(acc) : -std::numeric_limits<float>::infinity();
+    const double base = ref == kOnline ? offset : ref * 0.69314718055994531;
+    return static_cast<float>(base + std::log(acc));
+  }
+};
+
 // Per-row results of the forward for one query row.
 template <typename acc_t>
 struct RowState {
-  OnlineLSE<acc_t> lse = OnlineLSE<acc_t>::empty();
+  RowLse<acc_t> lse;
   acc_t positive_sum = 0;
   int64_t num_positives = 0;
   // Sigmoid mode: sum_j softplus(z_ij) and sum_j sigmoid(z_ij) (ntxent.h).
@@ -170,10 +270,16 @@ struct RowState {
 };
 
 template <typename acc_t>
+void finish_entry(acc_t lse_value, acc_t positive_sum, int64_t num_positives, int64_t row, acc_t* loss, acc_t* lse,
+                  int32_t* npos, const acc_t* weight) {
+  lse[row] = lse_value;
+  loss[row] = row_loss(lse_value, positive_sum, num_positives, weight != nullptr ? weight[row] : acc_t(1));
+  npos[row] = static_cast<int32_t>(num_positives);
+}
+
+template <typename acc_t>
 void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos, const acc_t* weight) {
-  lse[row] = st.lse.value();
-  loss[row] = row_loss(lse[row], st.positive_sum, st.num_positives, weight != nullptr ? weight[row] : acc_t(1));
-  npos[row] = static_cast<int32_t>(st.num_positives);
+  finish_entry(st.lse.value(), st.positive_sum, st.num_positives, row, loss, lse, npos, weight);
 }
 
 // Sigmoid mode: loss_i = sum_j softplus(z_ij) - sum_{j in P(i)} z_ij (positive_sum holds the positives' z); the
@@ -254,7 +360,7 @@ SIMCLR_SIMD_CLONES acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t
 template <typename acc_t>
 void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
   for (int64_t j = 0; j < n; ++j) {
-    if (row[j] != row[j]) st.lse.merge(row[j], row[j]);
+    if (row[j] != row[j]) st.lse.add_nan(row[j]);
   }
 }
 
@@ -269,11 +375,7 @@ SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64
     merge_nans(row, n, st);
     return;
   }
-  // A NaN logit is skipped by the max above but makes block_sum NaN, so it still reaches the result.
-  acc_t block_sum = 0;
-#pragma omp simd reduction(+ : block_sum)
-  for (int64_t j = 0; j < n; ++j) block_sum += fast_exp(row[j] - block_max);
-  st.lse.merge(block_max, block_sum);
+  st.lse.add_block(row, n, block_max);
 }
 
 // Sigmoid mode: folds one row of a tile of raw dot products (keys [key0, key0 + n)) into the row's sums; every
@@ -333,15 +435,17 @@ SIMCLR_SIMD_CLONES void probs_row(acc_t* row, int64_t n, int64_t self, int64_t l
     for (int64_t j = 0; j < n; ++j) row[j] = row[j] != row[j] ? row[j] : acc_t(0);
     return;
   }
-  acc_t sum = 0;
+  // Summed in double: the row max is the whole row's, so each e_j depends on its logit alone, and the sum (then
+  // the log-sum-exp) on the order of the keys only through double rounding.
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
     const acc_t e = fast_exp(row[j] - row_max);
     row[j] = e;
-    sum += e;
+    sum += static_cast<double>(e);
   }
-  st.lse.merge(row_max, sum);
-  const acc_t inv_sum = acc_t(1) / sum;
+  st.lse.set_full(row_max, sum);
+  const acc_t inv_sum = static_cast<acc_t>(1.0 / sum);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] *= inv_sum;
 }
@@ -437,8 +541,8 @@ void forward_streamed(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out
                 [&](int64_t t, int64_t b_begin, int64_t b_end) { forward_blocks(a, out, b_begin, b_end, &cols[t]); });
   for (size_t t = 1; t < cols.size(); ++t) cols[0].merge(cols[t]);
   for (int64_t j = 0; j < a.l; ++j) {
-    RowState<acc_t> st{cols[0].lse[j], cols[0].positive_sum[j], cols[0].num_positives[j]};
-    finish_row(st, a.m + j, out.loss, out.lse, out.npos, static_cast<const acc_t*>(nullptr));
+    finish_entry(cols[0].lse[j].value(), cols[0].positive_sum[j], cols[0].num_positives[j], a.m + j, out.loss, out.lse,
+                 out.npos, static_cast<const acc_t*>(nullptr));
   }
 }
 

@@ -131,9 +131,27 @@ Normalized normalize_inputs(const ContiguousInputs& in, bool normalize, cudaStre
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return acc_type(q.scalar_type()); }
 
-constexpr const char* kSigmoidOnCpuOnly =
-    "simclr_ext ntxent (CUDA): the sigmoid mode (SigLIP) has no CUDA kernel yet; compute SigLipLoss on CPU "
-    "tensors or use open_clip's SigLipLoss on the GPU";
+// The sigmoid mode's bias for the kernels, like the temperature: a CPU scalar is read here, a GPU one stays there.
+struct HostBias {
+  at::Tensor on_device;  // undefined when the bias is absent or on the CPU
+  double value = 0;
+};
+
+HostBias host_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q) {
+  HostBias h;
+  if (!bias.has_value()) return h;
+  if (bias->device().is_cpu()) {
+    h.value = bias->item<double>();
+  } else {
+    h.on_device = bias->to(acc_dtype(q)).contiguous();
+  }
+  return h;
+}
+
+template <typename acc_t>
+Bias<acc_t> kernel_bias(const HostBias& h) {
+  return {static_cast<acc_t>(h.value), h.on_device.defined() ? ptr<const acc_t>(h.on_device) : nullptr};
+}
 
 // The temperature for the kernels: 1 / t rounded from the double reciprocal, as on the CPU. A CPU scalar is
 // read here (free); a GPU one stays on the device (inv_on_device), read by the kernels: no synchronization.
@@ -174,7 +192,8 @@ template <typename T>
 void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_labels, const int64_t* other_labels,
                        int64_t own_n, int64_t other_n, const CudaPlan& plan, const Temperature<acc_of<T>>& inv_t,
                        int64_t self_offset, bool exclude_positives, const acc_of<T>* weight, bool allow_tf32,
-                       acc_of<T>* loss, acc_of<T>* lse, int* npos, const at::Tensor& on, cudaStream_t stream) {
+                       bool sigmoid, const Bias<acc_of<T>>& bias, acc_of<T>* loss, acc_of<T>* lse, int* npos,
+                       const at::Tensor& on, cudaStream_t stream) {
   using acc_t = acc_of<T>;
   const int64_t splits = plan.splits_fwd;
   const at::Tensor part = at::empty({3, splits, own_n}, on.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -187,12 +206,13 @@ void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_
     set_smem(kernel, plan.smem_fwd, on);
     const dim3 grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(splits));
     kernel<<<grid, kCudaThreads, plan.smem_fwd, stream>>>(own_hat, other_hat, own_labels, other_labels, own_n, other_n,
-                                                          plan.dim, inv_t, self_offset, exclude_positives, parts);
+                                                          plan.dim, inv_t, self_offset, exclude_positives, sigmoid,
+                                                          bias, parts);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   constexpr int kMergeThreads = 256;
   merge_rows_kernel<acc_t><<<static_cast<unsigned>(ceil_div(own_n, kMergeThreads)), kMergeThreads, 0, stream>>>(
-      parts, own_n, splits, weight, loss, lse, npos);
+      parts, own_n, splits, weight, sigmoid, loss, lse, npos);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -206,7 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
   check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset, positive_weight);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
   check_sigmoid(sigmoid, self_offset, false, exclude_positives, positive_weight, two_way, bias, q_in);
-  TORCH_CHECK(!sigmoid, kSigmoidOnCpuOnly);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t m = q_in.size(0), l = k_in.size(0), n_out = two_way ? m + l : m;
@@ -216,9 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
   at::Tensor npos = at::empty({n_out}, q_in.options().dtype(at::kInt));
   const at::Tensor probs = at::empty({0, 0}, q_in.options().dtype(acc));
   if (n_out == 0) return {loss, lse, npos, probs};
-  if (m == 0 || l == 0) {  // nothing to score: empty log-sum-exps, no positives
+  if (m == 0 || l == 0) {  // nothing to score: empty log-sum-exps (sigmoid mode: empty sums), no positives
     loss.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    lse.fill_(sigmoid ? 0.0 : -std::numeric_limits<double>::infinity());
     npos.zero_();
     return {loss, lse, npos, probs};
   }
@@ -226,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
   const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
   const at::Tensor& q = in.q;
   const HostTemperature temp = host_temperature(temperature, q);
+  const HostBias hbias = host_bias(bias, q);
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -234,16 +254,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
     using acc_t = acc_of<T>;
     const Normalized nz = normalize_inputs<T>(in, normalize, stream);
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
+    const Bias<acc_t> b = kernel_bias<acc_t>(hbias);
     forward_direction<T>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat), ptr<const int64_t>(in.q_labels),
                          ptr<const int64_t>(in.k_labels), m, l, nz.plan, inv_t, self_offset, exclude_positives,
-                         weight_ptr<acc_t>(weight), allow_tf32, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos), q,
-                         stream);
+                         weight_ptr<acc_t>(weight), allow_tf32, sigmoid, b, ptr<acc_t>(loss), ptr<acc_t>(lse),
+                         ptr<int>(npos), q, stream);
     if (two_way) {
       // The keys' plan is the queries' with the sides swapped; the padded copies serve both.
       const CudaPlan swapped = make_cuda_plan(l, m, q.size(1), sizeof(T), sizeof(acc_t), sm_count(q));
       forward_direction<T>(ptr<const T>(nz.khat), ptr<const T>(nz.qhat), ptr<const int64_t>(in.k_labels),
-                           ptr<const int64_t>(in.q_labels), l, m, swapped, inv_t, -1, false, nullptr, allow_tf32,
-                           ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
+                           ptr<const int64_t>(in.q_labels), l, m, swapped, inv_t, -1, false, nullptr, allow_tf32, false,
+                           b, ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
     }
   });
   return {loss, lse, npos, probs};
@@ -259,7 +280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
                       positive_weight, two_way);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
   check_sigmoid(sigmoid, self_offset, false, exclude_positives, positive_weight, two_way, bias, q_in);
-  TORCH_CHECK(!sigmoid, kSigmoidOnCpuOnly);
   if (probs.has_value()) check_probs(*probs, q_in, k_in);  // never kept on CUDA: recomputed below
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -292,6 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor npos = npos_in.contiguous();
   const HostTemperature temp = host_temperature(temperature, q);
+  const HostBias hbias = host_bias(bias, q);
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   // Radial dots <qhat_i, dqhat_i> of the query rows: the temperature's gradient (ntxent.h).
   const at::Tensor radial = at::empty({m}, q.options().dtype(acc));
@@ -309,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
         passes.dk ? at::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc)) : at::Tensor();
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
     // Bound of |dL/dcos| for the float16 operand scale (pow2_scale, ntxent.h), on the stream: no sync.
-    at::Tensor g_bound = g.abs().masked_fill(npos == 0, 0);
+    // Sigmoid mode: every row has a gradient, |dL/dcos| <= |g| / t too.
+    at::Tensor g_bound = sigmoid ? g.abs() : g.abs().masked_fill(npos == 0, 0);
     if (weight.defined()) g_bound = g_bound * weight.abs().clamp_min(1);
     const at::Tensor grad_bound = times_inverse_temperature(g_bound.amax(), temp);
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
@@ -327,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
             ptr<const T>(own_hat), ptr<const T>(other_hat), ptr<const int64_t>(own_labels),
             ptr<const int64_t>(other_labels), own_n, other_n, plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g),
             ptr<const int>(npos), own_base, other_base, ptr<const acc_t>(grad_bound), inv_t, self_offset,
-            exclude_positives, weight_ptr<acc_t>(weight), ptr<acc_t>(dhat));
+            exclude_positives, weight_ptr<acc_t>(weight), sigmoid, kernel_bias<acc_t>(hbias), ptr<acc_t>(dhat));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (symmetric) {
