@@ -3,11 +3,13 @@ GPU: time (median of interleaved runs: fused, peer, fused, ...) and peak memory 
 of one call in a fresh process; CUDA: torch.cuda.max_memory_allocated() above the inputs during the first,
 untimed call), per mode (forward, backward of a kept graph, full = forward + backward).
 
-    ClipLoss    vs open_clip's ClipLoss (on F.normalize'd features, what open_clip's models hand it)
+    ClipLoss    vs open_clip's ClipLoss (on F.normalize'd features, what open_clip's models hand it; ours
+                normalizes inside: normalize=True)
+    SigLipLoss  vs open_clip's SigLipLoss (unit-norm features, learnable logit_scale and logit_bias)
     SupConLoss  vs pytorch-metric-learning's SupConLoss (on the flattened views)
     DCLLoss     vs lightly's DCLLoss;  DCLWLoss vs lightly's DCLWLoss
 
-    python benchmarks/bench_losses.py [--device cpu] [--threads 1] [--reps 3] [--cases clip supcon dcl dclw]
+    python benchmarks/bench_losses.py [--device cpu] [--threads 1] [--reps 3] [--cases clip siglip supcon dcl dclw]
                                       [--providers fused peer] [--modes full] [--metrics time memory]
 
 Results: benchmarks/results/losses_<device>_<YYYYMMDD-HHMM>.{md,json} (benchmarks/common.py), unless
@@ -32,11 +34,13 @@ from common import MODES, Step  # noqa: E402
 # name: (rows, D, description). CLIP: N pairs; SupCon: B samples x 2 views; DCL: N pairs (2N anchors).
 CASES = {
     "clip": (8192, 512, "N=8192 pairs, D=512"),
+    "siglip": (8192, 512, "N=8192 pairs, D=512"),
     "supcon": (4096, 128, "B=4096 x V=2 views, D=128, 100 classes"),
     "dcl": (4096, 128, "N=4096 pairs (2N=8192 anchors), D=128"),
     "dclw": (4096, 128, "N=4096 pairs (2N=8192 anchors), D=128, sigma=0.5"),
 }
-PEERS = {"clip": "open_clip", "supcon": "pytorch-metric-learning", "dcl": "lightly", "dclw": "lightly"}
+PEERS = {"clip": "open_clip", "siglip": "open_clip", "supcon": "pytorch-metric-learning", "dcl": "lightly",
+         "dclw": "lightly"}
 PROVIDERS = ("fused", "peer")
 
 
@@ -46,6 +50,9 @@ def _inputs(case):
     if case == "clip":
         return [torch.randn(rows, d, generator=g, requires_grad=True) for _ in range(2)] + \
                [torch.tensor(14.3, requires_grad=True)]
+    if case == "siglip":
+        return [F.normalize(torch.randn(rows, d, generator=g), dim=1).requires_grad_() for _ in range(2)] + \
+               [torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)]
     if case == "supcon":
         return [torch.randn(rows, 2, d, generator=g, requires_grad=True), torch.randint(100, (rows,), generator=g)]
     return [torch.randn(rows, d, generator=g, requires_grad=True) for _ in range(2)]
@@ -57,11 +64,17 @@ def _loss_fn(case, provider):
 
     if case == "clip":
         if provider == "fused":
-            return simclr_ext.ClipLoss()
+            return simclr_ext.ClipLoss(normalize=True)
         from open_clip.loss import ClipLoss
 
         peer = ClipLoss()
         return lambda a, b, s: peer(F.normalize(a, dim=1), F.normalize(b, dim=1), s)
+    if case == "siglip":
+        if provider == "fused":
+            return simclr_ext.SigLipLoss()
+        from open_clip.loss import SigLipLoss
+
+        return SigLipLoss()
     if case == "supcon":
         if provider == "fused":
             return simclr_ext.SupConLoss(0.1)

@@ -79,14 +79,20 @@ TORCH_LIBRARY(simclr_ext, m) {
   // which then skips recomputing scores (simclr_ext/ops.py asks for it on small problems only).
   // two_way (CLIP): also the loss of every key column over the queries, from the same tiles; needs
   // self_offset -1 and no DCL/DCLW terms or kept probabilities.
+  // normalize=False: dot products of the rows as given instead of cosines (open_clip's logits).
+  // sigmoid (SigLIP): per-pair sigmoid losses sum_j softplus(-y_ij (s_ij + bias)) per query row instead of the
+  // softmax; bias: None (0) or a 0-d floating tensor on the CPU or q's device, differentiable; needs
+  // self_offset -1 and none of two_way, keep_probs, DCL / DCLW terms. Its lse output is sum_j sigmoid(z_ij).
   // Returns (loss, lse, npos int32, probs): (M,) each, (M + L,) with two_way (query rows, then key columns);
   // loss/lse/probs are float64 for float64 inputs, else float32; probs is (M, L) when kept, else (0, 0).
   m.def(
       "ntxent(Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, Tensor temperature, "
       "int self_offset, bool allow_tf32, bool keep_probs=False, bool exclude_positives=False, "
-      "Tensor? positive_weight=None, bool two_way=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? positive_weight=None, bool two_way=False, bool normalize=True, bool sigmoid=False, "
+      "Tensor? bias=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of sum_i grad_loss[i] * loss[i] with respect to q and k (dtype and shape of q and k) and the
-  // temperature (0-d, accumulation dtype, on q's device).
+  // temperature (0-d, accumulation dtype, on q's device). The bias's gradient needs no pass: the autograd
+  // forms it from the forward's outputs (ntxent.h).
   // probs: the forward's, when kept. When q is k (same labels tensor, self_offset 0, not two_way) the whole
   // gradient of that one tensor is returned as grad_q and grad_k is zero.
   // output_mask: which of (grad_q, grad_k, grad_temperature) to compute; the others come back undefined
@@ -95,7 +101,8 @@ TORCH_LIBRARY(simclr_ext, m) {
       "_ntxent_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor q_labels, Tensor k_labels, "
       "Tensor lse, Tensor npos, Tensor temperature, int self_offset, bool allow_tf32, Tensor? probs=None, "
       "bool exclude_positives=False, Tensor? positive_weight=None, bool two_way=False, "
-      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask=[True, True, True], bool normalize=True, bool sigmoid=False, Tensor? bias=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // How the extension was built, for simclr_ext.info().
   m.def("_build_info() -> str", &build_info);
   // Debug counters of the kernels' code paths and backward passes (csrc/ntxent/ntxent_paths.h):

@@ -14,6 +14,7 @@ from .dcl_loss import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
 from .ops import set_tf32, tf32_enabled
+from .siglip_loss import SigLipLoss, siglip_loss
 from .supcon_loss import SupConLoss, supcon_loss
 
 # Imported on first use (PEP 562): the per-sample transform needs torchvision (an optional dependency),
@@ -55,6 +56,8 @@ __all__ = [
     "contrastive_loss",
     "ClipLoss",
     "clip_loss",
+    "SigLipLoss",
+    "siglip_loss",
     "SupConLoss",
     "supcon_loss",
     "DCLLoss",

@@ -1,14 +1,16 @@
 """CLIP's symmetric image-text contrastive loss on the fused op: the N x N logits are never built.
 
 Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021:
-the mean of the image->text and text->image cross-entropies over the cosine similarities scaled by a
-learned logit scale. The call is open_clip's `ClipLoss()(image_features, text_features, logit_scale)`.
+the mean of the image->text and text->image cross-entropies over the logits logit_scale * <image_i, text_j>.
+The module is open_clip's `ClipLoss(local_loss, gather_with_grad, cache_labels, rank, world_size)` with its call
+`(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)`; the features are scored as
+given (dot products, as open_clip does), or L2-normalized inside with `normalize=True`.
 """
 import torch
 from torch import nn
 
 from . import distributed, ops
-from .loss import _check_embeddings, _check_temperature, contrastive_loss
+from .loss import _check_embeddings, _check_labels, _check_temperature, _reduce
 
 __all__ = ["clip_loss", "ClipLoss"]
 
@@ -35,73 +37,186 @@ def _temperature_of(logit_scale):
     return 1.0 / scale if isinstance(scale, torch.Tensor) else _check_temperature(1.0 / scale, "1 / logit_scale")
 
 
+def _pair_labels(labels, image_features):
+    """The pairs' labels: arange(N) (pair i is the only positive of image i and text i) or the caller's classes
+    (every pair with equal labels is a positive)."""
+    n = image_features.shape[0]
+    if labels is None:
+        return torch.arange(n, device=image_features.device)
+    return _check_labels("labels", labels, n, image_features.device)
+
+
+def _with_bias_gradient(loss, logit_bias):
+    """open_clip adds logit_bias to every logit; a constant added to a whole row of a softmax changes neither the
+    loss nor any other gradient, and its own gradient is 0: the same graph, computed exactly."""
+    if logit_bias is None:
+        return loss
+    if isinstance(logit_bias, torch.Tensor):
+        return loss + 0 * logit_bias.reshape(()).to(loss.dtype)
+    return loss
+
+
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, gather_distributed=False,
-              allow_tf32=None):
+              allow_tf32=None, normalize=False, labels=None):
     """CLIP loss, fused: (CE(image -> text) + CE(text -> image)) / 2 over the N pairs.
 
     Args:
-        image_features, text_features: (N, D); pair i (image i, text i) is the only positive of both.
-            Both are L2-normalized inside (open_clip's models normalize them before the loss, so the
-            value and the gradients reaching the model are open_clip's).
-        logit_scale: the scale of the cosines, already exponentiated (CLIP's `logit_scale.exp()`, 1 / tau):
+        image_features, text_features: (N, D); pair i (image i, text i) is the positive of both.
+        logit_scale: the scale of the similarities, already exponentiated (CLIP's `logit_scale.exp()`, 1 / tau):
             a positive number or a one-element floating tensor that may require grad.
-        logit_bias: SigLIP's bias; refused (SigLIP is a sigmoid loss, not this softmax one).
+        logit_bias: None, or a constant added to every logit as open_clip allows; the softmax loss does not
+            depend on it (its gradient is 0).
         gather_distributed: under torch.distributed, this rank's queries are scored against every rank's
-            keys in both directions; each rank returns the mean over its own pairs (the mean over ranks is
-            the loss of the global batch; DDP's gradient averaging gives its gradient).
+            keys in both directions (open_clip's local_loss=True, gather_with_grad=True).
         allow_tf32: CUDA only, see `contrastive_loss`.
+        normalize: False (default, open_clip): logits = logit_scale * image_features @ text_features.T on the
+            features as given; True: on their L2-normalized rows (cosine similarities).
+        labels: None (pair i alone is positive), or (N,) integer classes: every image-text pair with equal
+            labels is a positive (duplicate captions, same-class pairs), each direction's loss the mean over
+            a row's positives as in SupCon.
 
     Returns the scalar loss (float32 for 16- and 32-bit inputs, float64 for float64). Memory O(N * D).
     """
-    if logit_bias is not None:
-        raise ValueError("logit_bias is not supported: it belongs to SigLIP's sigmoid loss "
-                         "(open_clip's SigLipLoss), not to the softmax CLIP loss; pass logit_bias=None")
     _check_features(image_features, text_features)
     temperature = _temperature_of(logit_scale)
-    n = image_features.shape[0]
-    labels = torch.arange(n, device=image_features.device)
-    if not (gather_distributed and distributed.is_distributed()):
-        # One op call, both directions: the image rows' and the text columns' losses from the same tiles.
-        per_row, _, _ = ops.ntxent(image_features, text_features, labels, labels, temperature, -1,
-                                           ops.resolve_tf32(allow_tf32), two_way=True)
-        return per_row.mean()
-    # This rank's images against every rank's texts, and its texts against every rank's images: the other
-    # ranks' column sums are not here, so each direction is its own call.
-    rank, world = distributed.world_info()
-    all_text = distributed.all_gather_with_grad(text_features)
-    all_image = distributed.all_gather_with_grad(image_features)
-    q_labels, k_labels = labels + rank * n, torch.arange(world * n, device=labels.device)
-    image_to_text = contrastive_loss(image_features, all_text, q_labels, k_labels, temperature,
-                                     allow_tf32=allow_tf32)
-    text_to_image = contrastive_loss(text_features, all_image, q_labels, k_labels, temperature,
-                                     allow_tf32=allow_tf32)
+    pair_labels = _pair_labels(labels, image_features)
+    if gather_distributed and distributed.is_distributed():
+        rank, world = distributed.world_info()
+        loss = _local_loss_gathered(image_features, text_features, pair_labels, labels is None, rank, world,
+                                    temperature, True, normalize, allow_tf32)
+    else:
+        loss = _two_way(image_features, text_features, pair_labels, temperature, normalize, allow_tf32)
+    return _with_bias_gradient(loss, logit_bias)
+
+
+def _two_way(image, text, labels, temperature, normalize, allow_tf32):
+    """One op call, both directions: the image rows' and the text columns' losses from the same tiles."""
+    per_row, _, npos = ops.ntxent(image, text, labels, labels, temperature, -1, ops.resolve_tf32(allow_tf32),
+                                  two_way=True, normalize=normalize)
+    return _reduce(per_row, npos, "mean")
+
+
+def _one_way(q, keys, q_labels, k_labels, temperature, normalize, allow_tf32):
+    per_row, _, npos = ops.ntxent(q, keys, q_labels, k_labels, temperature, -1, ops.resolve_tf32(allow_tf32),
+                                  normalize=normalize)
+    return _reduce(per_row, npos, "mean")
+
+
+def _gather(x, with_grad, keep_own_grad, rank):
+    """Every rank's rows in rank order. with_grad: the gather's backward sums the ranks' gradients (open_clip's
+    gather_with_grad, torch.distributed.nn.all_gather). Without: a constant, except this rank's own slice when
+    keep_own_grad (open_clip's local_loss=False puts the local features back there)."""
+    if with_grad:
+        return distributed.all_gather_with_grad(x)
+    gathered = distributed.all_gather_no_grad(x)
+    if not keep_own_grad:
+        return gathered
+    n = x.shape[0]
+    return torch.cat([gathered[:rank * n], x, gathered[(rank + 1) * n:]])
+
+
+def _gathered_labels(pair_labels, implicit, rank, world, n):
+    """Labels of the gathered pairs: global pair ids rank * N + i (no communication), or the gathered classes."""
+    if implicit:
+        return torch.arange(world * n, device=pair_labels.device)
+    return distributed.all_gather_no_grad(pair_labels)
+
+
+def _local_loss_gathered(image, text, pair_labels, implicit, rank, world, temperature, with_grad, normalize,
+                         allow_tf32):
+    """open_clip's local_loss=True: this rank's images against every rank's texts and its texts against every
+    rank's images, the mean over this rank's rows of each direction, averaged."""
+    n = image.shape[0]
+    all_image, all_text = _gather(image, with_grad, False, rank), _gather(text, with_grad, False, rank)
+    k_labels = _gathered_labels(pair_labels, implicit, rank, world, n)
+    q_labels = pair_labels + rank * n if implicit else pair_labels
+    image_to_text = _one_way(image, all_text, q_labels, k_labels, temperature, normalize, allow_tf32)
+    text_to_image = _one_way(text, all_image, q_labels, k_labels, temperature, normalize, allow_tf32)
     return (image_to_text + text_to_image) / 2
 
 
+def _global_loss_gathered(image, text, pair_labels, implicit, rank, world, temperature, with_grad, normalize,
+                          allow_tf32):
+    """open_clip's local_loss=False: every rank computes the loss of the whole global batch (both directions over
+    all the gathered pairs, one two-way call)."""
+    n = image.shape[0]
+    all_image, all_text = _gather(image, with_grad, True, rank), _gather(text, with_grad, True, rank)
+    labels = _gathered_labels(pair_labels, implicit, rank, world, n)
+    return _two_way(all_image, all_text, labels, temperature, normalize, allow_tf32)
+
+
 class ClipLoss(nn.Module):
-    """CLIP's contrastive loss as a module, open_clip's call:
-    `ClipLoss()(image_features, text_features, logit_scale, output_dict=False)`.
+    """CLIP's contrastive loss as a module, open_clip's constructor and call:
+    `ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1)
+    (image_features, text_features, logit_scale, logit_bias=None, output_dict=False)`.
 
-    Equal to open_clip's `ClipLoss` on L2-normalized features (what open_clip's models output), in value and
-    in every gradient, logit_scale's included; memory O(N * D) instead of the N x N logits.
+    Equal to open_clip's `ClipLoss` for any features, in value and in every gradient (logit_scale's included),
+    with memory O(N * D) instead of the N x N logits.
 
-    Args:
-        gather_distributed: score this rank's pairs against the features of every rank (open_clip's
-            `local_loss=True, gather_with_grad=True`); see `clip_loss`. No effect outside a process group.
+    Args (open_clip's meaning):
+        local_loss: with world_size > 1, each rank's loss is over its own rows against the gathered features
+            (False: every rank computes the loss of the whole global batch).
+        gather_with_grad: the gathered features carry gradients back to their ranks (False: a constant gather,
+            the local features put back in their slot when local_loss is False).
+        cache_labels: accepted for open_clip's signature; the labels are built inside the fused op, so there
+            is nothing to cache.
+        rank, world_size: this process's rank and the number of ranks; world_size > 1 gathers through the
+            initialized default process group, which must agree with them.
+        use_horovod: refused when True (horovod's collectives are not supported; use torch.distributed).
+    simclr_ext's own:
+        gather_distributed: local_loss=True, gather_with_grad=True with the rank and world size read from the
+            process group (no effect outside one).
         allow_tf32: CUDA only, see `contrastive_loss`.
+        normalize: False (default): open_clip's logits on the features as given; True: on L2-normalized rows.
     """
 
-    def __init__(self, gather_distributed=False, allow_tf32=None):
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False, *, gather_distributed=False, allow_tf32=None, normalize=False):
         super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported by simclr_ext's ClipLoss: gather through "
+                             "torch.distributed (use_horovod=False, rank and world_size of the process group)")
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"world_size must be >= 1 and rank in [0, world_size), got rank={rank}, "
+                             f"world_size={world_size}")
+        self.local_loss = bool(local_loss)
+        self.gather_with_grad = bool(gather_with_grad)
+        self.cache_labels = bool(cache_labels)
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = False
         self.gather_distributed = bool(gather_distributed)
         self.allow_tf32 = allow_tf32
+        self.normalize = bool(normalize)
 
     def extra_repr(self):
-        return f"gather_distributed={self.gather_distributed}"
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
+                f"world_size={self.world_size}, gather_distributed={self.gather_distributed}, "
+                f"normalize={self.normalize}")
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        """image_features, text_features: (N, D); logit_scale: exp of the learned log scale (1 / tau).
-        Returns the loss, or {"contrastive_loss": loss} with output_dict=True."""
-        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, self.gather_distributed,
-                         self.allow_tf32)
+    def _check_group(self):
+        rank, world = distributed.world_info()
+        if (rank, world) != (self.rank, self.world_size):
+            raise ValueError(f"ClipLoss(rank={self.rank}, world_size={self.world_size}) needs an initialized "
+                             f"torch.distributed process group of that size and rank, got rank {rank} of {world}")
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False, labels=None):
+        """image_features, text_features: (N, D); logit_scale: exp of the learned log scale (1 / tau); labels:
+        None or (N,) classes (multi-positive, see `clip_loss`). Returns the loss, or {"contrastive_loss": loss}
+        with output_dict=True."""
+        if self.world_size == 1:
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias, self.gather_distributed,
+                             self.allow_tf32, self.normalize, labels)
+        else:
+            self._check_group()
+            _check_features(image_features, text_features)
+            temperature = _temperature_of(logit_scale)
+            pair_labels = _pair_labels(labels, image_features)
+            gathered = _local_loss_gathered if self.local_loss else _global_loss_gathered
+            loss = gathered(image_features, text_features, pair_labels, labels is None, self.rank, self.world_size,
+                            temperature, self.gather_with_grad, self.normalize, self.allow_tf32)
+            loss = _with_bias_gradient(loss, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss

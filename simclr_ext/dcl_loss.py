@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .loss import _check_embeddings, _check_temperature, contrastive_loss
+from .loss import _check_embeddings, _check_temperature, _paired_loss
 
 __all__ = ["dcl_loss", "dclw_loss", "negative_mises_fisher_weights", "DCLLoss", "DCLWLoss"]
 
@@ -67,8 +67,8 @@ def _dcl(out0, out1, temperature, weights, cos_pos, gather_distributed, allow_tf
         raise ValueError(f"DCL needs at least 2 samples in the (global) batch: with one sample the positive pair "
                          f"leaves no negative, got out0 of shape {list(out0.shape)}")
     constant = None if weights is None else weights.detach()
-    loss = contrastive_loss(q, keys, q_labels, k_labels, temperature, self_offset=offset, allow_tf32=allow_tf32,
-                            exclude_positives=True, positive_weight=constant)
+    loss = _paired_loss(q, keys, q_labels, k_labels, temperature, offset, "mean", allow_tf32,
+                       exclude_positives=True, positive_weight=constant)
     if weights is not None and weights.requires_grad:
         # A differentiable weight_fn: d loss / d w_i = -s_pos_i / 2N. This term adds exactly that gradient
         # (its value is 0), so the fused op keeps its weights constant. O(N) on top of the op.
@@ -123,6 +123,7 @@ class DCLLoss(nn.Module):
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn must be None or callable, got {type(weight_fn).__name__}")
         self.weight_fn = weight_fn
+        distributed.check_gather_available(gather_distributed)
         self.gather_distributed = bool(gather_distributed)
         self.allow_tf32 = allow_tf32
 

@@ -12,11 +12,20 @@ from typing import Dict, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_info", "all_gather_with_grad", "all_gather_no_grad", "gather_pairs"]
+__all__ = ["is_distributed", "world_info", "check_gather_available", "all_gather_with_grad", "all_gather_no_grad",
+           "gather_pairs"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_gather_available(gather_distributed: bool) -> None:
+    """A loss asked to gather across ranks in a torch built without torch.distributed cannot ever do it: refused
+    at construction with ValueError, as lightly 1.6 does (one `is_available()` call, only when asked to gather)."""
+    if gather_distributed and not dist.is_available():
+        raise ValueError("gather_distributed is True but torch.distributed is not available in this torch build; "
+                         "pass gather_distributed=False or install a torch with distributed support")
 
 
 def world_info() -> Tuple[int, int]:

@@ -74,17 +74,27 @@ def _check_positive_weight(weight, q):
     return weight
 
 
-def _reduce(per_row, npos, reduction):
+def _reduce(per_row, npos, reduction, paired=False):
+    """The row losses' sum or mean, accumulated in float64 and rounded once.
+
+    paired: the rows are two views [z1; z2] of the same N samples (NT-Xent): row i and row i + N are added first
+    (an addition of two numbers commutes exactly), then the N pair sums in index order, so that swapping the
+    views (z2, z1), which swaps the halves, gives the same bits whenever the row losses are the same bits."""
     if reduction == "none":
         return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    # Rows without a positive contribute 0 and do not count: an all-empty batch gives 0, not NaN.
-    return per_row.sum() / (npos > 0).sum().clamp_min(1).to(per_row.dtype)
+    if paired:
+        n = per_row.shape[0] // 2
+        total = (per_row[:n] + per_row[n:]).sum(dtype=torch.float64)
+    else:
+        total = per_row.sum(dtype=torch.float64)
+    if reduction == "mean":
+        # Rows without a positive contribute 0 and do not count: an all-empty batch gives 0, not NaN.
+        total = total / (npos > 0).sum().clamp_min(1)
+    return total.to(per_row.dtype)
 
 
 def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean", allow_tf32=None,
-                     exclude_positives=False, positive_weight=None):
+                     exclude_positives=False, positive_weight=None, normalize=True):
     """Multi-positive contrastive loss over cosine similarities, fused (the M x L matrix is never built).
 
     Args:
@@ -104,6 +114,8 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
             Yeh et al. 2022): the log-sum-exp runs over the negatives only.
         positive_weight: None, or (M,) per-row weights w_i of the positive term (DCLW); constants: a tensor
             that requires grad is refused (detach it, or see DCLLoss for a differentiable weight).
+        normalize: True (default): cosine similarities; False: dot products of the rows as given (for features
+            the caller has normalized itself, or open_clip's unnormalized logits).
 
     Returns:
         loss_i = logsumexp_{j != self(i)} s_ij - w_i mean_{j in P(i)} s_ij, s = cos(q_i, k_j) / temperature;
@@ -112,6 +124,15 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     With q = k = cat(z1, z2) and labels arange(N).repeat(2), self_offset=0 this is NT-Xent; with class
     labels it is the supervised contrastive loss (Khosla et al. 2020, L_out).
     """
+    _check_reduction(reduction)
+    per_row, npos = _contrastive_rows(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
+                                      exclude_positives, positive_weight, normalize)
+    return _reduce(per_row, npos, reduction)
+
+
+def _contrastive_rows(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
+                      positive_weight=None, normalize=True):
+    """`contrastive_loss`'s checks and op call: the (M,) row losses and positive counts, unreduced."""
     _check_embeddings("q", q)
     _check_embeddings("k", k)
     if k.dtype != q.dtype or k.device != q.device or k.shape[1] != q.shape[1]:
@@ -123,7 +144,6 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     if isinstance(temperature, torch.Tensor) and temperature.device not in (torch.device("cpu"), q.device):
         raise ValueError(f"temperature must be on the CPU or on {q.device}, got {temperature.device}")
     positive_weight = _check_positive_weight(positive_weight, q)
-    _check_reduction(reduction)
     if self_offset is None:
         offset = -1
     elif isinstance(self_offset, bool) or not isinstance(self_offset, numbers.Integral):
@@ -135,8 +155,17 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
         offset = int(self_offset)
     tf32 = ops.resolve_tf32(allow_tf32)
     per_row, _, npos = ops.ntxent(q, k, q_labels, k_labels, temperature, offset, tf32,
-                                          exclude_positives=bool(exclude_positives), positive_weight=positive_weight)
-    return _reduce(per_row, npos, reduction)
+                                  exclude_positives=bool(exclude_positives), positive_weight=positive_weight,
+                                  normalize=bool(normalize))
+    return per_row, npos
+
+
+def _paired_loss(q, keys, q_labels, k_labels, temperature, self_offset, reduction, allow_tf32, **op_args):
+    """A loss whose query rows are this rank's two views [z1; z2] (NT-Xent, DCL): `contrastive_loss` reduced
+    pairwise (`_reduce`), so that loss(z1, z2) and loss(z2, z1) agree to the bit whenever the row losses do."""
+    _check_reduction(reduction)
+    per_row, npos = _contrastive_rows(q, keys, q_labels, k_labels, temperature, self_offset, allow_tf32, **op_args)
+    return _reduce(per_row, npos, reduction, paired=True)
 
 
 def _check_pair(z1, z2):
@@ -176,8 +205,7 @@ def nt_xent(z1, z2, temperature=0.5, reduction="mean", allow_tf32=None):
     n = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)
     labels = torch.arange(n, device=z.device).repeat(2)
-    return contrastive_loss(z, z, labels, labels, temperature, self_offset=0, reduction=reduction,
-                            allow_tf32=allow_tf32)
+    return _paired_loss(z, z, labels, labels, temperature, 0, reduction, allow_tf32)
 
 
 _BANK_MODES = ("bank_only", "batch_and_bank")
@@ -253,6 +281,7 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"memory_bank_mode must be one of {_BANK_MODES}, got {memory_bank_mode!r}")
         self.memory_bank_size, self.memory_bank_dim = _check_bank_size(memory_bank_size)
         self.memory_bank_mode = memory_bank_mode
+        distributed.check_gather_available(gather_distributed)
         self.gather_distributed = bool(gather_distributed)
         self.reduction = reduction
         self.allow_tf32 = allow_tf32
@@ -298,8 +327,8 @@ class NTXentLoss(nn.Module):
                 return nt_xent(z1, z2, self.temperature, self.reduction, self.allow_tf32)
             # Local queries against the keys of every rank (gradients summed back across ranks).
             q, keys, q_labels, k_labels, offset = distributed.gather_pairs(z1, z2)
-            return contrastive_loss(q, keys, q_labels, k_labels, self.temperature, self_offset=offset,
-                                    reduction=self.reduction, allow_tf32=self.allow_tf32)
+            return _paired_loss(q, keys, q_labels, k_labels, self.temperature, offset, self.reduction,
+                               self.allow_tf32)
         update = self.training and torch.is_grad_enabled() and z1.requires_grad
         bank = self._bank_for(z1)
         if self.memory_bank_mode == "bank_only":

@@ -95,15 +95,19 @@ def _weight_arg(positive_weight, q):
 
 
 def ntxent(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, exclude_positives=False,
-                   positive_weight=None, two_way=False):
+           positive_weight=None, two_way=False, normalize=True, sigmoid=False, bias=None):
     """Per-row losses, log-sum-exps and positive counts of the contrastive op (see csrc/ntxent/ntxent.h).
     temperature: a number or a 0-d floating tensor (its gradient flows); exclude_positives: DCL;
     positive_weight: None or (M,) constant weights of the positive term (DCLW); two_way: CLIP, the key
-    columns' losses over the queries follow the M query rows' (outputs (M + L,))."""
-    keep = _keep_probs(q, k) and not two_way
+    columns' losses over the queries follow the M query rows' (outputs (M + L,)); normalize=False: dot
+    products of the rows as given instead of cosines; sigmoid: SigLIP's per-pair sigmoid loss with `bias`
+    (None: 0; a number or a 0-d floating tensor, its gradient flows), whose second output is then the row's
+    sum of sigmoids instead of a log-sum-exp."""
+    keep = _keep_probs(q, k) and not two_way and not sigmoid
     loss, lse, npos, _ = _ops.ntxent.default(q, k, q_labels, k_labels, _temperature_arg(temperature),
                                              int(self_offset), bool(allow_tf32), keep, bool(exclude_positives),
-                                             _weight_arg(positive_weight, q), bool(two_way))
+                                             _weight_arg(positive_weight, q), bool(two_way), bool(normalize),
+                                             bool(sigmoid), None if bias is None else _temperature_arg(bias))
     return loss, lse, npos
 
 
@@ -153,7 +157,7 @@ def _check_labels_fake(labels, name, rows, q):
 
 
 def _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, positive_weight, two_way,
-                        keep_probs=False, exclude_positives=False):
+                        keep_probs=False, exclude_positives=False, sigmoid=False, bias=None):
     torch._check(q.dim() == 2, lambda: f"q must be 2-D (M, D), got shape {list(q.shape)}")
     torch._check(k.dim() == 2, lambda: f"k must be 2-D (L, D), got shape {list(k.shape)}")
     torch._check(q.dtype in _FLOAT_DTYPES, lambda: f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
@@ -183,6 +187,23 @@ def _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, posi
         torch._check(not keep_probs, lambda: "two_way does not keep probabilities: pass keep_probs=False")
         torch._check(not exclude_positives and positive_weight is None,
                      lambda: "two_way does not take exclude_positives or positive_weight (DCL / DCLW terms)")
+    _check_sigmoid_fake(q, self_offset, keep_probs, exclude_positives, positive_weight, two_way, sigmoid, bias)
+
+
+def _check_sigmoid_fake(q, self_offset, keep_probs, exclude_positives, positive_weight, two_way, sigmoid, bias):
+    if not sigmoid:
+        torch._check(bias is None, lambda: "bias is the sigmoid mode's (sigmoid=True); pass bias=None")
+        return
+    torch._check(self_offset == -1, lambda: f"the sigmoid mode needs self_offset = -1 (no query is one of the keys), "
+                                            f"got {self_offset}")
+    torch._check(not keep_probs, lambda: "the sigmoid mode does not keep probabilities: pass keep_probs=False")
+    torch._check(not exclude_positives and positive_weight is None and not two_way,
+                 lambda: "the sigmoid mode does not take exclude_positives, positive_weight or two_way")
+    if bias is not None:
+        torch._check(bias.dim() == 0 and bias.dtype.is_floating_point,
+                     lambda: f"bias must be a 0-d floating tensor, got {bias.dtype} of shape {list(bias.shape)}")
+        torch._check(bias.device.type == "cpu" or bias.device == q.device,
+                     lambda: f"bias must be on the CPU or on the device of q ({q.device}), got {bias.device}")
 
 
 def _check_backward_fake(grad_loss, q, k, lse, npos, two_way):
@@ -202,9 +223,10 @@ def _check_backward_fake(grad_loss, q, k, lse, npos, two_way):
 
 @torch.library.register_fake("simclr_ext::ntxent")
 def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32, keep_probs=False,
-                 exclude_positives=False, positive_weight=None, two_way=False):
+                 exclude_positives=False, positive_weight=None, two_way=False, normalize=True, sigmoid=False,
+                 bias=None):
     _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, positive_weight, two_way, keep_probs,
-                        exclude_positives)
+                        exclude_positives, sigmoid, bias)
     m = q.shape[0] + k.shape[0] if two_way else q.shape[0]
     acc = _acc_dtype(q.dtype)
     probs_shape = (q.shape[0], k.shape[0]) if keep_probs and q.device.type == "cpu" else (0, 0)
@@ -217,9 +239,9 @@ def _ntxent_fake(q, k, q_labels, k_labels, temperature, self_offset, allow_tf32,
 @torch.library.register_fake("simclr_ext::_ntxent_backward")
 def _ntxent_backward_fake(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature, self_offset, allow_tf32,
                           probs=None, exclude_positives=False, positive_weight=None, two_way=False,
-                          output_mask=(True, True, True)):
+                          output_mask=(True, True, True), normalize=True, sigmoid=False, bias=None):
     _check_forward_fake(q, k, q_labels, k_labels, temperature, self_offset, positive_weight, two_way,
-                        probs is not None and probs.numel() > 0, exclude_positives)
+                        probs is not None and probs.numel() > 0, exclude_positives, sigmoid, bias)
     _check_backward_fake(grad_loss, q, k, lse, npos, two_way)
     grad_q = torch.empty_like(q, memory_format=torch.contiguous_format) if output_mask[0] else None
     grad_k = torch.empty_like(k, memory_format=torch.contiguous_format) if output_mask[1] else None

@@ -57,7 +57,9 @@ def supcon_loss(features, labels=None, temperature=0.1, base_temperature=None, g
         allow_tf32: CUDA only, see `contrastive_loss`.
 
     Returns the mean over the anchors that have a positive (an anchor alone in its class with V = 1 is left
-    out, as pytorch-metric-learning's AvgNonZeroReducer does); 0 when none has.
+    out, as pytorch-metric-learning's AvgNonZeroReducer does); 0 when none has, and 0 when the (global) batch
+    has no negative pair (a single label), as pytorch-metric-learning's SupConLoss: still differentiable, with
+    zero gradients.
     """
     rows, views = _flatten_views(features)
     row_labels = _row_labels(features, labels, views)
@@ -79,6 +81,10 @@ def supcon_loss(features, labels=None, temperature=0.1, base_temperature=None, g
         offset = rank * rows.shape[0]
     loss = contrastive_loss(rows, keys, row_labels, key_labels, temperature, self_offset=offset,
                             allow_tf32=allow_tf32)
+    # No negative anywhere (every key shares the one label): pytorch-metric-learning's value is 0. A mask, not a
+    # branch, so that no device synchronization is needed and the gradient is an exact 0.
+    has_negative = (key_labels != key_labels[:1]).any()
+    loss = loss * has_negative.to(loss.dtype)
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss
@@ -111,7 +117,12 @@ class SupConLoss(nn.Module):
         return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
                 f"gather_distributed={self.gather_distributed}")
 
-    def forward(self, features, labels=None):
-        """features: (B, V, D) or (N, D); labels: (B,) / (N,) integer classes or None. Returns the scalar loss."""
+    def forward(self, features=None, labels=None, *, embeddings=None):
+        """features: (B, V, D) or (N, D), positionally or as `features=` / `embeddings=` (pytorch-metric-learning's
+        name); labels: (B,) / (N,) integer classes or None. Returns the scalar loss."""
+        if (features is None) == (embeddings is None):
+            raise TypeError("SupConLoss.forward takes the features once: positionally, as features= or as "
+                            f"embeddings=; got {'both' if features is not None else 'neither'}")
+        features = embeddings if features is None else features
         return supcon_loss(features, labels, self.temperature, self.base_temperature, self.gather_distributed,
                            self.allow_tf32)

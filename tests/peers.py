@@ -21,11 +21,14 @@ def assert_close64(ours, theirs, what):
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=RTOL, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
-def ref_clip(image, text, logit_scale):
-    labels = torch.arange(image.shape[0], device=image.device)
+def ref_clip(image, text, logit_scale, normalize=False, labels=None):
+    """CLIP's loss on the materialized logits: dot products of the features as given (open_clip), or cosines;
+    labels: None (pair i alone) or classes (every equal-label pair is a positive)."""
+    if labels is None:
+        labels = torch.arange(image.shape[0], device=image.device)
     t = 1.0 / logit_scale
-    return (ref.contrastive_loss(image, text, labels, labels, t)
-            + ref.contrastive_loss(text, image, labels, labels, t)) / 2
+    return (ref.contrastive_loss(image, text, labels, labels, t, normalize=normalize)
+            + ref.contrastive_loss(text, image, labels, labels, t, normalize=normalize)) / 2
 
 
 def ref_supcon(features, labels, temperature, base_temperature=None):

@@ -144,3 +144,37 @@ def test_bad_temperatures():
         simclr_ext.SupConLoss(0.1, base_temperature=0.0)
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         simclr_ext.SupConLoss(-0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 8), (3, 2, 8)])
+def test_no_negative_pair_gives_zero_as_pytorch_metric_learning(shape, device, gen):
+    """One label for the whole batch: no negative pair, PML's SupConLoss returns 0; ours too, differentiable with
+    zero gradients (the temperature's included)."""
+    features = torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    labels = torch.full((shape[0],), 3, device=device)
+    loss = simclr_ext.SupConLoss(temperature)(features, labels)
+    rows = features if features.dim() == 2 else features.transpose(0, 1).reshape(-1, shape[-1])
+    theirs = pml_losses.SupConLoss(temperature=0.2)(rows.detach().cpu(),
+                                                    labels.repeat(rows.shape[0] // shape[0]).cpu())
+    assert loss.item() == 0 and theirs.item() == 0
+    g_f, g_t = torch.autograd.grad(loss, [features, temperature])
+    assert torch.equal(g_f, torch.zeros_like(g_f)) and g_t.item() == 0
+    # Views without labels on a single sample: no negative either.
+    assert simclr_ext.SupConLoss()(features[:1] if features.dim() == 3 else features[:1, None].expand(1, 2, -1)) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embeddings_keyword_as_pytorch_metric_learning(device, gen):
+    rows = torch.randn(12, 6, generator=gen, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 3, (12,), generator=gen).to(device)
+    loss = simclr_ext.SupConLoss(0.3)
+    expected = loss(rows, labels)
+    assert torch.equal(loss(embeddings=rows, labels=labels), expected)
+    assert torch.equal(loss(features=rows, labels=labels), expected)
+    assert_close64(expected, pml_losses.SupConLoss(temperature=0.3)(rows.cpu(), labels.cpu()), "loss")
+    with pytest.raises(TypeError, match="takes the features once"):
+        loss(rows, labels, embeddings=rows)
+    with pytest.raises(TypeError, match="got neither"):
+        loss(labels=labels)

@@ -56,8 +56,9 @@ struct CudaBackend {
                           at::MemoryFormat format = at::MemoryFormat::Contiguous) {
     return at::empty(sizes, options, format);
   }
-  // A CPU temperature is read on the host and passed by value; a GPU one is read by the kernels.
-  static bool temperature_on_host(const at::Tensor& t) { return t.device().is_cpu(); }
+  // A CPU scalar (the temperature, the sigmoid bias) is read on the host and passed by value; a GPU one is read by
+  // the kernels.
+  static bool scalar_on_host(const at::Tensor& t) { return t.device().is_cpu(); }
 };
 
 }  // namespace simclr_ext

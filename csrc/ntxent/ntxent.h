@@ -16,6 +16,15 @@
 // radial dots that the normalization backward forms anyway (every row, clamped ones included), so
 // dL/dt = -(1/t) sum_i <dqhat_i, qhat_i>: no extra pass, nothing more in the forward. When q is k the rows'
 // dzhat = dqhat + dkhat count both sides: dL/dt = -(1/(2t)) sum_i <dzhat_i, zhat_i>.
+//
+// Similarity: s_ij = <qhat_i, khat_j> / t (cosine, normalize = true) or <q_i, k_j> / t (dot products as given,
+// normalize = false: open_clip's logit_scale * x @ y.T; no normalization, so its backward has no radial
+// projection, and dL/dt keeps the same formula with the raw rows in place of the normalized ones).
+// Sigmoid mode (SigLIP, sigmoid = true): no softmax; with z_ij = s_ij + b (b: the bias) and y_ij = +1 for a
+// positive, -1 otherwise, loss_i = sum_j softplus(-y_ij z_ij) = sum_j softplus(z_ij) - sum_{j in P(i)} z_ij.
+// dL/dz_ij = g_i (sigmoid(z_ij) - [j in P(i)]): the softmax form with sigmoid for the probability and weight 1 on
+// every positive. The forward's lse output holds sum_j sigmoid(z_ij) instead, so that
+// dL/db = sum_i g_i (lse_i - |P(i)|) costs nothing more; every row has a loss (no positive is needed).
 #pragma once
 
 #include <cmath>
@@ -120,6 +129,37 @@ SIMCLR_HD float fast_exp(float x) {
 }
 SIMCLR_HD double fast_exp(double x) { return exp(x); }
 
+// log(1 + u) for u in [0, 1] written so that loops over it vectorize: log1p(u) = 2 atanh(s), s = u / (2 + u) in
+// [0, 1/3] (no rounding of 1 + u), by its series to s^15 (relative error < 2e-9). double keeps std::log1p.
+SIMCLR_HD float fast_log1p(float u) {
+  const float s = u / (2.f + u);
+  const float s2 = s * s;
+  float p = 1.f / 15.f;
+  p = p * s2 + 1.f / 13.f;
+  p = p * s2 + 1.f / 11.f;
+  p = p * s2 + 1.f / 9.f;
+  p = p * s2 + 1.f / 7.f;
+  p = p * s2 + 1.f / 5.f;
+  p = p * s2 + 1.f / 3.f;
+  p = p * s2 + 1.f;
+  return 2.f * s * p;
+}
+SIMCLR_HD double fast_log1p(double u) { return log1p(u); }
+
+// softplus(z) = log(1 + exp(z)) = max(z, 0) + log1p(exp(-|z|)), and sigmoid(z) from the same exp: the sigmoid
+// mode's per-pair terms (NaN stays NaN).
+template <typename acc_t>
+SIMCLR_HD acc_t softplus(acc_t z) {
+  const acc_t e = fast_exp(z > acc_t(0) ? -z : z);
+  return (z > acc_t(0) ? z : acc_t(0)) + fast_log1p(e);
+}
+template <typename acc_t>
+SIMCLR_HD acc_t sigmoid(acc_t z) {
+  const acc_t e = fast_exp(z > acc_t(0) ? -z : z);
+  const acc_t r = acc_t(1) / (acc_t(1) + e);
+  return z > acc_t(0) ? r : e * r;
+}
+
 // loss_i from the row's log-sum-exp (over its denominator), sum of positive logits, positive count and the
 // weight of the positive term (1 but for DCLW).
 template <typename acc_t>
@@ -205,6 +245,12 @@ SIMCLR_HD acc_t symmetric_cosine_grad(acc_t c, acc_t inv_temperature, const RowF
   if (positive && exclude_positives) return -symmetric_positive_part(fi, fj);
   const acc_t h = symmetric_softmax_part(logit(c, inv_temperature), fi, fj.g, fj.lse);
   return positive ? h - symmetric_positive_part(fi, fj) : h;
+}
+
+// Sigmoid mode: dL/dc_ij = g_i / t (sigmoid(z_ij) - [positive]), z_ij = c_ij / t + b (see the header).
+template <typename acc_t>
+SIMCLR_HD acc_t sigmoid_cosine_grad(acc_t c, acc_t inv_temperature, acc_t bias, acc_t g, bool positive) {
+  return g * inv_temperature * (sigmoid(logit(c, inv_temperature) + bias) - (positive ? acc_t(1) : acc_t(0)));
 }
 
 // dL/dc_ij for one pair: c is the cosine (pre-temperature), g the row's incoming gradient.

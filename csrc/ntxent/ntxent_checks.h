@@ -86,6 +86,28 @@ inline void check_two_way(bool two_way, int64_t self_offset, bool keep_probs, bo
               "two_way does not take exclude_positives or positive_weight (DCL / DCLW terms)");
 }
 
+// The sigmoid mode (SigLIP) scores every query against every key with its own loss: no own key, no DCL / DCLW
+// terms, no second direction (the sum over all pairs is one direction's), no kept probabilities. The bias
+// (0-d floating, on the CPU or q's device; none: 0) belongs to the sigmoid mode only.
+inline void check_sigmoid(bool sigmoid, int64_t self_offset, bool keep_probs, bool exclude_positives,
+                          const std::optional<at::Tensor>& positive_weight, bool two_way,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& q) {
+  if (!sigmoid) {
+    TORCH_CHECK(!bias.has_value(), "bias is the sigmoid mode's (sigmoid=True); pass bias=None");
+    return;
+  }
+  TORCH_CHECK(self_offset == -1, "the sigmoid mode needs self_offset = -1 (no query is one of the keys), got ",
+              self_offset);
+  TORCH_CHECK(!keep_probs, "the sigmoid mode does not keep probabilities: pass keep_probs=False");
+  TORCH_CHECK(!exclude_positives && !positive_weight.has_value() && !two_way,
+              "the sigmoid mode does not take exclude_positives, positive_weight or two_way");
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 0 && bias->is_floating_point(), "bias must be a 0-d floating tensor, got ",
+              bias->scalar_type(), " of shape ", bias->sizes());
+  TORCH_CHECK(bias->device().is_cpu() || bias->device() == q.device(),
+              "bias must be on the CPU or on the device of q (", q.device(), "), got ", bias->device());
+}
+
 // grad_loss, lse and npos have one entry per query row, and one more per key column with two_way.
 inline void check_backward_args(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& q_labels, const at::Tensor& k_labels, const at::Tensor& lse,

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -51,18 +52,26 @@ namespace {
 // One side (q or k) as the kernels read it: the raw rows in the accumulation dtype (the input itself when it
 // is contiguous in that dtype: no copy; float16 / bfloat16 are widened once, for BLAS) and their norms. The
 // normalized rows are never stored: a tile of cosines is a product of raw rows scaled by the inverse norms.
+// Without normalization (dot products as given) the inverse norms are 1: cosine() then returns the dot product
+// itself, and the normalization backward is the identity.
 template <typename acc_t>
 struct Side {
   at::Tensor rows;              // (n, D) contiguous, accumulation dtype
   std::vector<acc_t> inv_norm;  // 1 / max(|x|, eps)
   std::vector<acc_t> norm;      // max(|x|, eps), negative where the norm was clamped
+  bool normalized;
   const acc_t* data() const { return rows.data_ptr<acc_t>(); }
 };
 
 template <typename acc_t>
-Side<acc_t> prepare(const at::Tensor& x) {
-  Side<acc_t> side{x.to(acc_type(x.scalar_type())).contiguous(), {}, {}};
+Side<acc_t> prepare(const at::Tensor& x, bool normalize) {
+  Side<acc_t> side{x.to(acc_type(x.scalar_type())).contiguous(), {}, {}, normalize};
   const int64_t n = x.size(0), d = x.size(1);
+  if (!normalize) {
+    side.inv_norm.assign(n, acc_t(1));
+    side.norm.assign(n, acc_t(1));
+    return side;
+  }
   side.inv_norm.resize(n);
   side.norm.resize(n);
   const acc_t* src = side.data();
@@ -102,7 +111,8 @@ at::Tensor normalization_backward(const Side<acc_t>& side, const at::Tensor& a_i
       acc_t dot = 0;
       for (int64_t c = 0; c < d; ++c) dot += (zr[c] / norm) * (ar[c] * norm);
       if (radial != nullptr) radial[r] = dot;
-      const acc_t projected = clamped ? acc_t(0) : dot;
+      // Unnormalized rows (norm 1): no projection, dz = a.
+      const acc_t projected = clamped || !side.normalized ? acc_t(0) : dot;
       for (int64_t c = 0; c < d; ++c) {
         out[r * d + c] = static_cast<scalar_t>((ar[c] * norm - (zr[c] / norm) * projected) / norm);
       }
@@ -149,18 +159,135 @@ void gemm_atb(int64_t rows, int64_t d, int64_t k, const acc_t* a, int64_t lda, c
   product<acc_t>(view(c, rows, d, ldc), view(a, k, rows, lda).t(), view(b, k, d, ldb), accumulate);
 }
 
+// A row's log-sum-exp over its key tiles. double: the online (max, sum of exp(x - max)) merge of ntxent.h.
+template <typename acc_t>
+struct RowLse {
+  OnlineLSE<acc_t> lse = OnlineLSE<acc_t>::empty();
+
+  void add_block(const acc_t* x, int64_t n, acc_t block_max) {
+    acc_t block_sum = 0;
+    // A NaN logit is skipped by the max but makes block_sum NaN, so it still reaches the result.
+#pragma omp simd reduction(+ : block_sum)
+    for (int64_t j = 0; j < n; ++j) block_sum += fast_exp(x[j] - block_max);
+    lse.merge(block_max, block_sum);
+  }
+  void add_nan(acc_t nan) { lse.merge(nan, nan); }
+  void set_full(acc_t row_max, double sum) { lse.merge(row_max, static_cast<acc_t>(sum)); }
+  acc_t value() const { return lse.value(); }
+};
+
+// exp(x) 2^-ref as a float: exp(x) = p 2^k with k = round(x log2 e) and p = exp(x - k ln 2) in [0.7, 1.42]
+// (vec_expf's reduction), both functions of x alone, then scaled by the exact power of two 2^(k - ref) (the
+// caller keeps k - ref in [-126, 1]: no rounding but in subnormal terms, 2^-126 below the row's max). Plain
+// inline, not cloned: it must inline into its (cloned) caller's vectorized loop.
+inline float scaled_exp(float x, float ref) {
+  const float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const float e = k - ref < -126.f ? -126.f : k - ref;
+  const int32_t bits = (static_cast<int32_t>(e) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// sum_j exp(x_j) 2^-ref over a tile row, each term a float, summed in double: terms below 2^(ref - 126) count
+// as 0, -inf gives 0, NaN stays NaN.
+SIMCLR_SIMD_CLONES inline double scaled_exp_sum(const float* x, int64_t n, int32_t ref) {
+  const float ref_f = static_cast<float>(ref);
+  const float lo = (ref_f - 126.f) * 0.693147181f;
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    const float t = scaled_exp(v > lo ? v : lo, ref_f);
+    sum += static_cast<double>(v != v ? v : (v > lo ? t : 0.f));
+  }
+  return sum;
+}
+
+// float: a log-sum-exp that does not depend on the order of the keys (swapping NT-Xent's views permutes them),
+// up to double rounding (2^-53 relative, far below float's): each exp(x_j) is p_j 2^(k_j), a function of x_j
+// alone, scaled by 2^-ref (ref: the exponent of the row's max so far, which ends as the row max's whatever the
+// order) and summed in double; a new max rescales the sum by an exact power of two. Logits beyond +-2^20 (no
+// real loss has them) take the online merge instead, in double.
+template <>
+struct RowLse<float> {
+  static constexpr int32_t kEmpty = std::numeric_limits<int32_t>::min();
+  static constexpr int32_t kOnline = std::numeric_limits<int32_t>::max();
+  int32_t ref = kEmpty;
+  double offset = 0;  // kOnline, or the kept path: value = offset + log(acc)
+  double acc = 0;
+
+  void add_block(const float* x, int64_t n, float block_max) {
+    if (ref == kOnline || !(std::fabs(block_max) < 1048576.f)) return add_online(x, n, block_max);
+    const auto k = static_cast<int32_t>(std::nearbyint(block_max * 1.44269504088896341f));
+    if (k > ref) {
+      acc = ref == kEmpty ? 0.0 : std::ldexp(acc, ref - k);
+      ref = k;
+    }
+    acc += scaled_exp_sum(x, n, ref);
+  }
+  void add_online(const float* x, int64_t n, float block_max) {
+    if (ref != kOnline) {  // switch representation: value = offset + log(acc)
+      offset = ref == kEmpty ? double(block_max) : ref * 0.69314718055994531;
+      ref = kOnline;
+    }
+    double block_sum = 0;
+    for (int64_t j = 0; j < n; ++j) block_sum += std::exp(double(x[j]) - double(block_max));
+    const double new_offset = std::max(offset, double(block_max));
+    acc = acc * std::exp(offset - new_offset) + block_sum * std::exp(double(block_max) - new_offset);
+    offset = new_offset;
+  }
+  void add_nan(float nan) { acc = nan; }
+  // The kept path's one full row: sum = sum_j exp(x_j - row_max) in double, row_max the row's (order-free).
+  void set_full(float row_max, double sum) {
+    ref = kOnline;
+    offset = row_max;
+    acc = sum;
+  }
+  float value() const {
+    if (!(acc > 0)) return acc != acc ? static_cast<float>(acc) : -std::numeric_limits<float>::infinity();
+    const double base = ref == kOnline ? offset : ref * 0.69314718055994531;
+    return static_cast<float>(base + std::log(acc));
+  }
+};
+
 // Per-row results of the forward for one query row.
 template <typename acc_t>
 struct RowState {
-  OnlineLSE<acc_t> lse = OnlineLSE<acc_t>::empty();
+  RowLse<acc_t> lse;
   acc_t positive_sum = 0;
   int64_t num_positives = 0;
+  // Sigmoid mode: sum_j softplus(z_ij) and sum_j sigmoid(z_ij) (ntxent.h).
+  acc_t softplus_sum = 0;
+  acc_t sigmoid_sum = 0;
 };
 
 template <typename acc_t>
+void finish_entry(acc_t lse_value, acc_t positive_sum, int64_t num_positives, int64_t row, acc_t* loss, acc_t* lse,
+                  int32_t* npos, const acc_t* weight) {
+  lse[row] = lse_value;
+  loss[row] = row_loss(lse_value, positive_sum, num_positives, weight != nullptr ? weight[row] : acc_t(1));
+  npos[row] = static_cast<int32_t>(num_positives);
+}
+
+template <typename acc_t>
 void finish_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos, const acc_t* weight) {
-  lse[row] = st.lse.value();
-  loss[row] = row_loss(lse[row], st.positive_sum, st.num_positives, weight != nullptr ? weight[row] : acc_t(1));
+  finish_entry(st.lse.value(), st.positive_sum, st.num_positives, row, loss, lse, npos, weight);
+}
+
+// Sigmoid mode: loss_i = sum_j softplus(z_ij) - sum_{j in P(i)} z_ij (positive_sum holds the positives' z); the
+// lse slot gets sum_j sigmoid(z_ij), which dL/dbias needs (ntxent.h).
+template <typename acc_t>
+void finish_sigmoid_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc_t* lse, int32_t* npos) {
+  loss[row] = st.softplus_sum - st.positive_sum;
+  lse[row] = st.sigmoid_sum;
   npos[row] = static_cast<int32_t>(st.num_positives);
 }
 
@@ -233,7 +360,7 @@ SIMCLR_SIMD_CLONES acc_t logits_row(acc_t* row, int64_t n, int64_t key0, int64_t
 template <typename acc_t>
 void merge_nans(const acc_t* row, int64_t n, RowState<acc_t>& st) {
   for (int64_t j = 0; j < n; ++j) {
-    if (row[j] != row[j]) st.lse.merge(row[j], row[j]);
+    if (row[j] != row[j]) st.lse.add_nan(row[j]);
   }
 }
 
@@ -248,11 +375,31 @@ SIMCLR_SIMD_CLONES void scan_tile_row(acc_t* row, int64_t n, int64_t key0, int64
     merge_nans(row, n, st);
     return;
   }
-  // A NaN logit is skipped by the max above but makes block_sum NaN, so it still reaches the result.
-  acc_t block_sum = 0;
-#pragma omp simd reduction(+ : block_sum)
-  for (int64_t j = 0; j < n; ++j) block_sum += fast_exp(row[j] - block_max);
-  st.lse.merge(block_max, block_sum);
+  st.lse.add_block(row, n, block_max);
+}
+
+// Sigmoid mode: folds one row of a tile of raw dot products (keys [key0, key0 + n)) into the row's sums; every
+// entry counts as a negative in the vectorized loop, and the few positives then subtract their z (ntxent.h).
+template <typename acc_t>
+SIMCLR_SIMD_CLONES void scan_tile_row_sigmoid(acc_t* row, int64_t n, int64_t label, const int64_t* k_labels,
+                                              acc_t inv_t, acc_t bias, acc_t rq, const acc_t* rk, RowState<acc_t>& st) {
+  acc_t sp = 0, sg = 0;
+#pragma omp simd reduction(+ : sp, sg)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t z = logit(cosine(row[j], rq, rk[j]), inv_t) + bias;
+    row[j] = z;
+    sp += softplus(z);
+    sg += sigmoid(z);
+  }
+  st.softplus_sum += sp;
+  st.sigmoid_sum += sg;
+  if (!any_label(k_labels, n, label)) return;
+  for (int64_t j = 0; j < n; ++j) {
+    if (k_labels[j] == label) {
+      st.positive_sum += row[j];
+      st.num_positives += 1;
+    }
+  }
 }
 
 // Two-way: folds a tile of logits (rows x n keys, from key0) into the key columns' log-sum-exps, a column
@@ -288,15 +435,17 @@ SIMCLR_SIMD_CLONES void probs_row(acc_t* row, int64_t n, int64_t self, int64_t l
     for (int64_t j = 0; j < n; ++j) row[j] = row[j] != row[j] ? row[j] : acc_t(0);
     return;
   }
-  acc_t sum = 0;
+  // Summed in double: the row max is the whole row's, so each e_j depends on its logit alone, and the sum (then
+  // the log-sum-exp) on the order of the keys only through double rounding.
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
     const acc_t e = fast_exp(row[j] - row_max);
     row[j] = e;
-    sum += e;
+    sum += static_cast<double>(e);
   }
-  st.lse.merge(row_max, sum);
-  const acc_t inv_sum = acc_t(1) / sum;
+  st.lse.set_full(row_max, sum);
+  const acc_t inv_sum = static_cast<acc_t>(1.0 / sum);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] *= inv_sum;
 }
@@ -316,6 +465,8 @@ struct Operands {
   int64_t self_offset;
   bool exclude_positives;  // DCL
   bool two_way;            // CLIP: key columns' losses too
+  bool sigmoid;            // SigLIP: per-pair sigmoid losses (ntxent.h)
+  acc_t bias;              // the sigmoid mode's bias b, 0 otherwise
 };
 
 // Outputs of the forward: M entries, M + L with two_way (query rows, then key columns).
@@ -356,12 +507,23 @@ void forward_blocks(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, 
       gemm_abt(rows, keys, a.d, a.q + r0 * a.d, a.d, a.k + k0 * a.d, a.d, buffer.data(), keys);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = r0 + i;
+        if (a.sigmoid) {
+          scan_tile_row_sigmoid(buffer.data() + i * keys, keys, a.q_labels[row], a.k_labels + k0, a.inv_t, a.bias,
+                                a.rq[row], a.rk + k0, states[i]);
+          continue;
+        }
         scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
                       a.k_labels + k0, a.inv_t, a.rq[row], a.rk + k0, a.exclude_positives, states[i], cols);
       }
       if (cols != nullptr) scan_tile_columns(buffer.data(), rows, keys, k0, col_max.data(), col_sum.data(), *cols);
     }
-    for (int64_t i = 0; i < rows; ++i) finish_row(states[i], r0 + i, out.loss, out.lse, out.npos, out.weight);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (a.sigmoid) {
+        finish_sigmoid_row(states[i], r0 + i, out.loss, out.lse, out.npos);
+      } else {
+        finish_row(states[i], r0 + i, out.loss, out.lse, out.npos, out.weight);
+      }
+    }
   }
 }
 
@@ -379,8 +541,8 @@ void forward_streamed(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out
                 [&](int64_t t, int64_t b_begin, int64_t b_end) { forward_blocks(a, out, b_begin, b_end, &cols[t]); });
   for (size_t t = 1; t < cols.size(); ++t) cols[0].merge(cols[t]);
   for (int64_t j = 0; j < a.l; ++j) {
-    RowState<acc_t> st{cols[0].lse[j], cols[0].positive_sum[j], cols[0].num_positives[j]};
-    finish_row(st, a.m + j, out.loss, out.lse, out.npos, static_cast<const acc_t*>(nullptr));
+    finish_entry(cols[0].lse[j].value(), cols[0].positive_sum[j], cols[0].num_positives[j], a.m + j, out.loss, out.lse,
+                 out.npos, static_cast<const acc_t*>(nullptr));
   }
 }
 
@@ -409,8 +571,9 @@ template <typename acc_t>
 struct Factors {
   std::vector<acc_t> g, lse, inv_np;
 
+  // sigmoid: every row has a gradient, and weight 1 on each positive (ntxent.h); lse is not read.
   Factors(const at::Tensor& grad_loss, const at::Tensor& lse_in, const at::Tensor& npos_in, acc_t inv_t,
-          const acc_t* weight) {
+          const acc_t* weight, bool sigmoid) {
     const int64_t m = lse_in.size(0);
     const at::Tensor gl = grad_loss.to(lse_in.scalar_type()).contiguous();
     const at::Tensor ls = lse_in.contiguous(), np = npos_in.contiguous();
@@ -421,7 +584,9 @@ struct Factors {
     lse.resize(m);
     inv_np.resize(m);
     for (int64_t i = 0; i < m; ++i) {
-      const RowFactors<acc_t> f = row_factors(gp[i], lp[i], npp[i], inv_t, weight != nullptr ? weight[i] : acc_t(1));
+      const RowFactors<acc_t> f =
+          sigmoid ? RowFactors<acc_t>{gp[i] * inv_t, acc_t(0), acc_t(1)}
+                  : row_factors(gp[i], lp[i], npp[i], inv_t, weight != nullptr ? weight[i] : acc_t(1));
       g[i] = f.g;
       lse[i] = f.lse;
       inv_np[i] = f.inv_np;
@@ -456,9 +621,16 @@ SIMCLR_SIMD_CLONES void tile_grad(acc_t* tile, int64_t q0, int64_t nq, int64_t k
     const acc_t rq = a.rq[row];
     const acc_t* rk = a.rk + k0;
     acc_t* t = tile + i * nk;
+    if (a.sigmoid) {  // p = sigmoid(z): the softmax form otherwise (ntxent.h)
+      const acc_t bias = a.bias;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) {
-      t[j] = prob_grad(fast_exp(logit(cosine(t[j], rq, rk[j]), a.inv_t) - fi.lse), fi, false);
+      for (int64_t j = 0; j < nk; ++j)
+        t[j] = prob_grad(sigmoid(logit(cosine(t[j], rq, rk[j]), a.inv_t) + bias), fi, false);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) {
+        t[j] = prob_grad(fast_exp(logit(cosine(t[j], rq, rk[j]), a.inv_t) - fi.lse), fi, false);
+      }
     }
     if (any_label(a.k_labels + k0, nk, label)) {
       for (int64_t j = 0; j < nk; ++j) {
@@ -669,10 +841,13 @@ void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels, const at::Tensor& k_labels,
     const at::Tensor& temperature_t, int64_t self_offset, bool allow_tf32, bool keep_probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, bool normalize, bool sigmoid,
+    const std::optional<at::Tensor>& bias) {
   check_forward_args(q, k, q_labels, k_labels, temperature_t, self_offset, positive_weight);
   check_two_way(two_way, self_offset, keep_probs, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, keep_probs, exclude_positives, positive_weight, two_way, bias, q);
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked): no synchronization
+  const double bias_value = bias.has_value() ? bias->item<double>() : 0.0;
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), n_out = two_way ? m + l : m;
   const auto acc = acc_type(q.scalar_type());
@@ -686,14 +861,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
     npos.zero_();
     return {loss, lse, npos, probs};
   }
+  if (sigmoid && l == 0) {  // no pair: zero sums
+    loss.zero_();
+    lse.zero_();
+    npos.zero_();
+    return {loss, lse, npos, probs};
+  }
   count_path(keep_probs ? Path::kCpuForwardKept : (two_way ? Path::kCpuForwardTwoWay : Path::kCpuForwardStreamed));
   const at::Tensor ql = q_labels.contiguous(), kl = k_labels.contiguous();
   dispatch_floating(q.scalar_type(), "ntxent_forward_cpu", [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_t_of<scalar_t>;
-    const Side<acc_t> sq = prepare<acc_t>(q);
+    const Side<acc_t> sq = prepare<acc_t>(q, normalize);
     std::optional<Side<acc_t>> k_own;  // k's own side, unless k is q
-    if (!same_tensor(q, k)) k_own = prepare<acc_t>(k);
+    if (!same_tensor(q, k)) k_own = prepare<acc_t>(k, normalize);
     const Side<acc_t>& sk = k_own ? *k_own : sq;
     const Operands<acc_t> args{sq.data(),
                                sk.data(),
@@ -707,7 +888,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cpu(
                                acc_t(1.0 / temperature),
                                self_offset,
                                exclude_positives,
-                               two_way};
+                               two_way,
+                               sigmoid,
+                               acc_t(bias_value)};
     const ForwardOutputs<acc_t> out{weight.defined() ? weight.data_ptr<acc_t>() : nullptr, loss.data_ptr<acc_t>(),
                                     lse.data_ptr<acc_t>(), npos.data_ptr<int32_t>()};
     if (keep_probs) {
@@ -741,14 +924,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_labels,
     const at::Tensor& k_labels, const at::Tensor& lse, const at::Tensor& npos, const at::Tensor& temperature_t,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs_in, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask, bool normalize,
+    bool sigmoid, const std::optional<at::Tensor>& bias) {
   check_backward_args(grad_loss, q, k, q_labels, k_labels, lse, npos, temperature_t, self_offset, positive_weight,
                       two_way);
   const at::Tensor probs = probs_in.has_value() ? *probs_in : at::Tensor();
   check_probs(probs, q, k);
   const bool kept = probs.defined() && probs.numel() > 0;
   check_two_way(two_way, self_offset, kept, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, kept, exclude_positives, positive_weight, two_way, bias, q);
   const double temperature = temperature_t.item<double>();  // a CPU scalar here (checked)
+  const double bias_value = bias.has_value() ? bias->item<double>() : 0.0;
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const int64_t m = q.size(0), l = k.size(0), d = q.size(1);
   const auto acc = acc_type(q.scalar_type());
@@ -772,14 +958,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cpu(
     using scalar_t = decltype(tag);
     using acc_t = acc_t_of<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr);
-    const Side<acc_t> sq = prepare<acc_t>(q);
+    const Factors<acc_t> factors(grad_loss, lse, npos, inv_t, weight.defined() ? weight.data_ptr<acc_t>() : nullptr,
+                                 sigmoid);
+    const Side<acc_t> sq = prepare<acc_t>(q, normalize);
     std::optional<Side<acc_t>> k_own;  // k's own side, unless k is q
-    if (!symmetric && !same_tensor(q, k)) k_own = prepare<acc_t>(k);
+    if (!symmetric && !same_tensor(q, k)) k_own = prepare<acc_t>(k, normalize);
     const Side<acc_t>& sk = k_own ? *k_own : sq;
     const BackwardArgs<acc_t> args{
         {sq.data(), sk.data(), sq.inv_norm.data(), sk.inv_norm.data(), m, l, d, ql.data_ptr<int64_t>(),
-         kl.data_ptr<int64_t>(), inv_t, self_offset, exclude_positives, two_way},
+         kl.data_ptr<int64_t>(), inv_t, self_offset, exclude_positives, two_way, sigmoid, acc_t(bias_value)},
         &factors,
         kept ? probs.data_ptr<acc_t>() : nullptr};
     // The products' outputs a (dzhat / |z|), turned into the gradients in place for float32 / float64.

@@ -4,7 +4,7 @@
 // the test build tests/cuda_emu/ includes this file and runs it on the host emulation of the same kernels
 // (csrc/common/simt_host.h), so that CI runs the very launch sequence a GPU runs. B provides Stream, Guard,
 // kName, check_device, stream, sm_count, smem_optin, static_smem, set_max_dynamic_smem, launch, empty and
-// temperature_on_host.
+// scalar_on_host.
 //
 // One call runs:
 //   normalize   q, k -> zero-padded normalized copies qhat, khat (input dtype; O((M + L) D) memory)
@@ -90,11 +90,11 @@ void set_smem(Kernel kernel, int64_t bytes, const at::Tensor& on) {
 
 // Normalized, zero-padded copy of x (rows_padded x dim, dtype of x); grid: ceil(rows_padded / 8) blocks.
 template <typename B, typename T>
-at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, int64_t grid,
+at::Tensor normalized_copy(const at::Tensor& x, int64_t rows_padded, int64_t dim, int64_t grid, bool normalize,
                            typename B::Stream stream) {
   at::Tensor xhat = B::empty({rows_padded, dim}, x.options());
   B::launch(normalize_kernel<T>, dim3(static_cast<unsigned>(grid)), dim3(32 * kCudaNormRowsPerBlock), 0, stream,
-            ptr<const T>(x), x.size(0), x.size(1), rows_padded, dim, ptr<T>(xhat));
+            ptr<const T>(x), x.size(0), x.size(1), rows_padded, dim, normalize, ptr<T>(xhat));
   return xhat;
 }
 
@@ -116,17 +116,43 @@ struct Normalized {
   at::Tensor qhat, khat;
 };
 
+// normalize = false: padded copies of the rows as given (the dot-product similarity).
 template <typename B, typename T>
-Normalized normalize_inputs(const ContiguousInputs& in, typename B::Stream stream) {
+Normalized normalize_inputs(const ContiguousInputs& in, bool normalize, typename B::Stream stream) {
   const CudaPlan plan =
       make_cuda_plan(in.q.size(0), in.k.size(0), in.q.size(1), sizeof(T), sizeof(acc_of<T>), B::sm_count(in.q));
-  const at::Tensor qhat = normalized_copy<B, T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, stream);
+  const at::Tensor qhat = normalized_copy<B, T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, normalize, stream);
   const at::Tensor khat =
-      same_tensor(in.k, in.q) ? qhat : normalized_copy<B, T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, stream);
+      same_tensor(in.k, in.q)
+          ? qhat
+          : normalized_copy<B, T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, normalize, stream);
   return {plan, qhat, khat};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& q) { return acc_type(q.scalar_type()); }
+
+// The sigmoid mode's bias for the kernels, like the temperature: a CPU scalar is read here, a GPU one stays there.
+struct HostBias {
+  at::Tensor on_device;  // undefined when the bias is absent or on the CPU
+  double value = 0;
+};
+
+template <typename B>
+HostBias host_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q) {
+  HostBias h;
+  if (!bias.has_value()) return h;
+  if (B::scalar_on_host(*bias)) {
+    h.value = bias->item<double>();
+  } else {
+    h.on_device = bias->to(acc_dtype(q)).contiguous();
+  }
+  return h;
+}
+
+template <typename acc_t>
+Bias<acc_t> kernel_bias(const HostBias& h) {
+  return {static_cast<acc_t>(h.value), h.on_device.defined() ? ptr<const acc_t>(h.on_device) : nullptr};
+}
 
 // The temperature for the kernels: 1 / t rounded from the double reciprocal, as on the CPU. A CPU scalar is
 // read here (free); a GPU one stays on the device (inv_on_device), read by the kernels: no synchronization.
@@ -138,7 +164,7 @@ struct HostTemperature {
 template <typename B>
 HostTemperature host_temperature(const at::Tensor& temperature, const at::Tensor& q) {
   HostTemperature h;
-  if (B::temperature_on_host(temperature)) {
+  if (B::scalar_on_host(temperature)) {
     h.inv_value = 1.0 / temperature.item<double>();
   } else {
     h.inv_on_device = temperature.to(at::kDouble).reciprocal().to(acc_dtype(q)).contiguous();
@@ -168,7 +194,8 @@ template <typename B, typename T>
 void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_labels, const int64_t* other_labels,
                        int64_t own_n, int64_t other_n, const CudaPlan& plan, const Temperature<acc_of<T>>& inv_t,
                        int64_t self_offset, bool exclude_positives, const acc_of<T>* weight, bool allow_tf32,
-                       acc_of<T>* loss, acc_of<T>* lse, int* npos, const at::Tensor& on, typename B::Stream stream) {
+                       bool sigmoid, const Bias<acc_of<T>>& bias, acc_of<T>* loss, acc_of<T>* lse, int* npos,
+                       const at::Tensor& on, typename B::Stream stream) {
   using acc_t = acc_of<T>;
   const int64_t splits = plan.splits_fwd;
   const at::Tensor part = B::empty({3, splits, own_n}, on.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -181,11 +208,11 @@ void forward_direction(const T* own_hat, const T* other_hat, const int64_t* own_
     set_smem<B>(kernel, plan.smem_fwd, on);
     const dim3 grid(static_cast<unsigned>(plan.grid_q), static_cast<unsigned>(splits));
     B::launch(kernel, grid, dim3(kCudaThreads), plan.smem_fwd, stream, own_hat, other_hat, own_labels, other_labels,
-              own_n, other_n, plan.dim, inv_t, self_offset, exclude_positives, parts);
+              own_n, other_n, plan.dim, inv_t, self_offset, exclude_positives, sigmoid, bias, parts);
   });
   constexpr int kMergeThreads = 256;
   B::launch(merge_rows_kernel<acc_t>, dim3(static_cast<unsigned>(ceil_div(own_n, kMergeThreads))), dim3(kMergeThreads),
-            0, stream, parts, own_n, splits, weight, loss, lse, npos);
+            0, stream, parts, own_n, splits, weight, sigmoid, loss, lse, npos);
 }
 
 // keep_probs is a CPU-only optimization (small problems, where recomputing costs more than the memory):
@@ -194,9 +221,11 @@ template <typename B>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in, const at::Tensor& k_labels_in,
     const at::Tensor& temperature, int64_t self_offset, bool allow_tf32, bool /*keep_probs*/, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, bool normalize, bool sigmoid,
+    const std::optional<at::Tensor>& bias) {
   check_forward_args(q_in, k_in, q_labels_in, k_labels_in, temperature, self_offset, positive_weight);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, false, exclude_positives, positive_weight, two_way, bias, q_in);
   B::check_device(q_in);
   const typename B::Guard guard(q_in.device());
   const int64_t m = q_in.size(0), l = k_in.size(0), n_out = two_way ? m + l : m;
@@ -206,9 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
   at::Tensor npos = B::empty({n_out}, q_in.options().dtype(at::kInt));
   const at::Tensor probs = at::empty({0, 0}, q_in.options().dtype(acc));
   if (n_out == 0) return {loss, lse, npos, probs};
-  if (m == 0 || l == 0) {  // nothing to score: empty log-sum-exps, no positives
+  if (m == 0 || l == 0) {  // nothing to score: empty log-sum-exps (sigmoid mode: empty sums), no positives
     loss.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
+    lse.fill_(sigmoid ? 0.0 : -std::numeric_limits<double>::infinity());
     npos.zero_();
     return {loss, lse, npos, probs};
   }
@@ -216,24 +245,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntxent_forward_cuda(
   const ContiguousInputs in = contiguous_inputs(q_in, k_in, q_labels_in, k_labels_in);
   const at::Tensor& q = in.q;
   const HostTemperature temp = host_temperature<B>(temperature, q);
+  const HostBias hbias = host_bias<B>(bias, q);
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   const typename B::Stream stream = B::stream(q);
 
   dispatch_floating(q.scalar_type(), "simclr_ext ntxent (CUDA)", [&](auto tag) {
     using T = cuda_storage_t<decltype(tag)>;
     using acc_t = acc_of<T>;
-    const Normalized nz = normalize_inputs<B, T>(in, stream);
+    const Normalized nz = normalize_inputs<B, T>(in, normalize, stream);
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
+    const Bias<acc_t> b = kernel_bias<acc_t>(hbias);
     forward_direction<B, T>(ptr<const T>(nz.qhat), ptr<const T>(nz.khat), ptr<const int64_t>(in.q_labels),
                             ptr<const int64_t>(in.k_labels), m, l, nz.plan, inv_t, self_offset, exclude_positives,
-                            weight_ptr<acc_t>(weight), allow_tf32, ptr<acc_t>(loss), ptr<acc_t>(lse), ptr<int>(npos), q,
-                            stream);
+                            weight_ptr<acc_t>(weight), allow_tf32, sigmoid, b, ptr<acc_t>(loss), ptr<acc_t>(lse),
+                            ptr<int>(npos), q, stream);
     if (two_way) {
       // The keys' plan is the queries' with the sides swapped; the padded copies serve both.
       const CudaPlan swapped = make_cuda_plan(l, m, q.size(1), sizeof(T), sizeof(acc_t), B::sm_count(q));
       forward_direction<B, T>(ptr<const T>(nz.khat), ptr<const T>(nz.qhat), ptr<const int64_t>(in.k_labels),
                               ptr<const int64_t>(in.q_labels), l, m, swapped, inv_t, -1, false, nullptr, allow_tf32,
-                              ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
+                              false, b, ptr<acc_t>(loss) + m, ptr<acc_t>(lse) + m, ptr<int>(npos) + m, q, stream);
     }
   });
   return {loss, lse, npos, probs};
@@ -244,10 +275,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& q_labels_in,
     const at::Tensor& k_labels_in, const at::Tensor& lse_in, const at::Tensor& npos_in, const at::Tensor& temperature,
     int64_t self_offset, bool allow_tf32, const std::optional<at::Tensor>& probs, bool exclude_positives,
-    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask) {
+    const std::optional<at::Tensor>& positive_weight, bool two_way, OutputMask output_mask, bool normalize,
+    bool sigmoid, const std::optional<at::Tensor>& bias) {
   check_backward_args(grad_loss, q_in, k_in, q_labels_in, k_labels_in, lse_in, npos_in, temperature, self_offset,
                       positive_weight, two_way);
   check_two_way(two_way, self_offset, false, exclude_positives, positive_weight);
+  check_sigmoid(sigmoid, self_offset, false, exclude_positives, positive_weight, two_way, bias, q_in);
   if (probs.has_value()) check_probs(*probs, q_in, k_in);  // never kept on CUDA: recomputed below
   B::check_device(q_in);
   const typename B::Guard guard(q_in.device());
@@ -280,6 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor npos = npos_in.contiguous();
   const HostTemperature temp = host_temperature<B>(temperature, q);
+  const HostBias hbias = host_bias<B>(bias, q);
   const at::Tensor weight = positive_weight.has_value() ? positive_weight->contiguous() : at::Tensor();
   // Radial dots <qhat_i, dqhat_i> of the query rows: the temperature's gradient (ntxent.h).
   const at::Tensor radial = B::empty({m}, q.options().dtype(acc));
@@ -288,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
   dispatch_floating(q.scalar_type(), "simclr_ext ntxent (CUDA)", [&](auto tag) {
     using T = cuda_storage_t<decltype(tag)>;
     using acc_t = acc_of<T>;
-    const Normalized nz = normalize_inputs<B, T>(in, stream);
+    const Normalized nz = normalize_inputs<B, T>(in, normalize, stream);
     const CudaPlan& plan = nz.plan;
     // One slice of partial sums per split of the streamed tiles; normalize_backward adds them up.
     const at::Tensor dqhat =
@@ -297,7 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
         passes.dk ? B::empty({plan.splits_dk, plan.rows_k, plan.dim}, q.options().dtype(acc)) : at::Tensor();
     const Temperature<acc_t> inv_t = kernel_temperature<acc_t>(temp);
     // Bound of |dL/dcos| for the float16 operand scale (pow2_scale, ntxent.h), on the stream: no sync.
-    at::Tensor g_bound = g.abs().masked_fill(npos == 0, 0);
+    // Sigmoid mode: every row has a gradient, |dL/dcos| <= |g| / t too.
+    at::Tensor g_bound = sigmoid ? g.abs() : g.abs().masked_fill(npos == 0, 0);
     if (weight.defined()) g_bound = g_bound * weight.abs().clamp_min(1);
     const at::Tensor grad_bound = times_inverse_temperature(g_bound.amax(), temp);
     dispatch_path<T>(allow_tf32, [&](auto tensor_cores) {
@@ -315,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
                   ptr<const T>(other_hat), ptr<const int64_t>(own_labels), ptr<const int64_t>(other_labels), own_n,
                   other_n, plan.dim, ptr<const acc_t>(lse), ptr<const acc_t>(g), ptr<const int>(npos), own_base,
                   other_base, ptr<const acc_t>(grad_bound), inv_t, self_offset, exclude_positives,
-                  weight_ptr<acc_t>(weight), ptr<acc_t>(dhat));
+                  weight_ptr<acc_t>(weight), sigmoid, kernel_bias<acc_t>(hbias), ptr<acc_t>(dhat));
       };
       if (symmetric) {
         pass(std::true_type{}, std::true_type{}, nz.qhat, nz.qhat, in.q_labels, in.q_labels, m, m, plan.grid_q,
@@ -347,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ntxent_backward_cuda(
                              int64_t rows_padded, const at::Tensor& grad, acc_t* radial_out) {
       B::launch(normalize_backward_kernel<T>, dim3(static_cast<unsigned>(grid)), dim3(32 * kCudaNormRowsPerBlock), 0,
                 stream, ptr<const T>(x), ptr<const acc_t>(dxhat), n, d, plan.dim, splits, rows_padded * plan.dim,
-                ptr<T>(grad), radial_out);
+                normalize, ptr<T>(grad), radial_out);
     };
     if (passes.dq) {
       norm_backward(q, dqhat, m, plan.norm_grid_q, plan.splits_dq, plan.rows_q, grad_q_buffer, ptr<acc_t>(radial));

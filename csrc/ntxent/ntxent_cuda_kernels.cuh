@@ -347,7 +347,7 @@ __device__ __forceinline__ acc_of<T> row_sum_squares(const T* __restrict__ x, in
 // xhat[row] = x[row] / max(|x[row]|, eps) into a zero-padded rows_padded x dim buffer; one warp per row.
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
-    normalize_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t rows_padded, int64_t dim,
+    normalize_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t rows_padded, int64_t dim, bool normalize,
                      T* __restrict__ xhat) {
   using acc_t = acc_of<T>;
   const int lane = threadIdx.x % 32;
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
   if (row >= rows_padded) return;
   const bool real = row < n;
   acc_t norm = acc_t(1);
-  if (real) {
+  if (real && normalize) {  // normalize = false: a padded copy of the rows as given (dot products)
     norm = clamped_norm(row_sum_squares(x, row, d, lane));
   }
   for (int64_t c = lane; c < dim; c += 32) {
@@ -373,8 +373,17 @@ struct Temperature {
   __device__ __forceinline__ acc_t inverse() const { return inv_on_device != nullptr ? *inv_on_device : inv_value; }
 };
 
+// The sigmoid mode's bias b for the kernels: a value read on the host, or a pointer to it in device memory.
+template <typename acc_t>
+struct Bias {
+  acc_t value;
+  const acc_t* on_device;  // nullptr: use value
+  __device__ __forceinline__ acc_t get() const { return on_device != nullptr ? *on_device : value; }
+};
+
 // Partial forward results of one split of the key tiles, [splits x M] each: the running log-sum-exp
-// (max, sum of exp(s - max)), the sum and the count of the positive logits.
+// (max, sum of exp(s - max)), the sum and the count of the positive logits. Sigmoid mode: max holds the sum of
+// sigmoid(z), sum the sum of softplus(z), pos_sum the positives' z (ntxent.h).
 template <typename acc_t>
 struct RowPartials {
   acc_t* max;
@@ -388,10 +397,12 @@ template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
     forward_kernel(const T* __restrict__ qhat, const T* __restrict__ khat, const int64_t* __restrict__ q_labels,
                    const int64_t* __restrict__ k_labels, int64_t m, int64_t l, int64_t dim,
-                   Temperature<acc_of<T>> temperature, int64_t self_offset, bool exclude_positives,
-                   RowPartials<acc_of<T>> out) {
+                   Temperature<acc_of<T>> temperature, int64_t self_offset, bool exclude_positives, bool sigmoid,
+                   Bias<acc_of<T>> bias_in, RowPartials<acc_of<T>> out) {
   using acc_t = acc_of<T>;
   const acc_t inv_t = temperature.inverse();
+  const acc_t bias = sigmoid ? bias_in.get() : acc_t(0);
+  acc_t softplus_sum = acc_t(0), sigmoid_sum = acc_t(0);
   SIMCLR_DYNAMIC_SHARED(unsigned char, smem_raw);
   const Smem<T> sm(smem_raw, false);
   const int warp = threadIdx.x / 32;
@@ -424,8 +435,12 @@ __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
       const int col = strip_col(lane, c);
       const int64_t j = col0 + col;
       const bool ok = row_ok && (!masked || (j < l && j != self_key(i, self_offset)));
-      const acc_t s = logit(srow[col], inv_t);
+      const acc_t s = logit(srow[col], inv_t) + bias;  // the bias is 0 but in the sigmoid mode
       const bool positive = ok && sm.lab[col] == label;
+      if (sigmoid && ok) {
+        softplus_sum += softplus(s);
+        sigmoid_sum += ntxent::sigmoid(s);
+      }
       if (positive) {
         pos_sum += s;
         ++pos_count;
@@ -444,10 +459,12 @@ __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
   }
   pos_sum += __shfl_xor_sync(0xffffffffu, pos_sum, 16);
   pos_count += __shfl_xor_sync(0xffffffffu, pos_count, 16);
+  softplus_sum += __shfl_xor_sync(0xffffffffu, softplus_sum, 16);
+  sigmoid_sum += __shfl_xor_sync(0xffffffffu, sigmoid_sum, 16);
   if (lane < 16 && row_ok) {
     const int64_t at = static_cast<int64_t>(blockIdx.y) * m + i;
-    out.max[at] = run.max;
-    out.sum[at] = run.sum;
+    out.max[at] = sigmoid ? sigmoid_sum : run.max;
+    out.sum[at] = sigmoid ? softplus_sum : run.sum;
     out.pos_sum[at] = pos_sum;
     out.pos_count[at] = static_cast<int>(pos_count);
   }
@@ -456,9 +473,24 @@ __global__ void __launch_bounds__(kCudaThreads, fwd_blocks_per_sm(sizeof(T)))
 // Merges the splits of each row in split order (deterministic): loss, lse and npos. One thread per row.
 template <typename acc_t>
 __global__ void merge_rows_kernel(RowPartials<acc_t> part, int64_t m, int64_t splits, const acc_t* __restrict__ weight,
-                                  acc_t* __restrict__ loss, acc_t* __restrict__ lse, int* __restrict__ npos) {
+                                  bool sigmoid, acc_t* __restrict__ loss, acc_t* __restrict__ lse,
+                                  int* __restrict__ npos) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= m) return;
+  if (sigmoid) {  // loss_i = sum softplus(z) - sum over positives of z; lse slot: sum sigmoid(z) (ntxent.h)
+    acc_t sp = acc_t(0), sg = acc_t(0), pz = acc_t(0);
+    int64_t count = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      sg += part.max[s * m + i];
+      sp += part.sum[s * m + i];
+      pz += part.pos_sum[s * m + i];
+      count += part.pos_count[s * m + i];
+    }
+    loss[i] = sp - pz;
+    lse[i] = sg;
+    npos[i] = static_cast<int>(count);
+    return;
+  }
   OnlineLSE<acc_t> run = OnlineLSE<acc_t>::empty();
   acc_t pos_sum = acc_t(0);
   int64_t pos_count = 0;
@@ -488,9 +520,12 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
                 const acc_of<T>* __restrict__ lse, const acc_of<T>* __restrict__ grad, const int* __restrict__ npos,
                 int64_t own_base, int64_t other_base, const acc_of<T>* __restrict__ grad_bound,
                 Temperature<acc_of<T>> temperature, int64_t self_offset, bool exclude_positives,
-                const acc_of<T>* __restrict__ weight, acc_of<T>* __restrict__ dhat) {
+                const acc_of<T>* __restrict__ weight, bool sigmoid, Bias<acc_of<T>> bias_in,
+                acc_of<T>* __restrict__ dhat) {
   using acc_t = acc_of<T>;
   const acc_t inv_t = temperature.inverse();
+  // Sigmoid mode (never with both factors): every row has a gradient, weight 1 on each positive (ntxent.h).
+  const acc_t bias = sigmoid ? bias_in.get() : acc_t(0);
   constexpr int64_t kOut = output_chunk(sizeof(acc_t));
   SIMCLR_DYNAMIC_SHARED(unsigned char, smem_raw);
   const Smem<T> sm(smem_raw, true);
@@ -506,7 +541,7 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
   const int64_t label = own_ok ? own_labels[a] : 0;
   // Per-query factors of the row when own rows are queries: g (0 for rows without positives), lse, 1/npos.
   acc_t own_g = acc_t(0), own_lse = acc_t(0), own_inv_np = acc_t(0);
-  if (kOwnIsQuery && own_ok && npos[a] > 0) {
+  if (kOwnIsQuery && own_ok && (npos[a] > 0 || sigmoid)) {
     own_g = grad[a];
     own_lse = lse[a];
     own_inv_np = (weight != nullptr ? weight[a] : acc_t(1)) / acc_t(npos[a]);  // w / |P|
@@ -555,7 +590,7 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
           meta_inv_np[c] = f.inv_np;
         } else if (!kOwnIsQuery) {
           const int np = b < other_n ? npos[b] : 0;
-          meta_g[c] = np > 0 ? grad[b] : acc_t(0);
+          meta_g[c] = np > 0 || (sigmoid && b < other_n) ? grad[b] : acc_t(0);
           meta_lse[c] = np > 0 ? lse[b] : acc_t(0);
           meta_inv_np[c] = np > 0 ? (weight != nullptr ? weight[b] : acc_t(1)) / acc_t(np) : acc_t(0);
         }
@@ -578,6 +613,8 @@ __global__ void __launch_bounds__(kCudaThreads, bwd_blocks_per_sm(sizeof(T)))
           const RowFactors<acc_t> other_f{meta_g[col], meta_lse[col], meta_inv_np[col]};
           dcos = symmetric_cosine_grad(srow[col], inv_t, own_f, other_f, sm.lab[col] == label, exclude_positives);
         }
+      } else if (sigmoid && own_ok && g != acc_t(0) && (!masked || b < other_n)) {
+        dcos = sigmoid_cosine_grad(srow[col], inv_t, bias, g, sm.lab[col] == label);
       } else if (own_ok && g != acc_t(0) && (!masked || (b < other_n && kj != self_key(qi, self_offset)))) {
         dcos = cosine_grad(srow[col], inv_t, kOwnIsQuery ? own_lse : meta_lse[col], g, sm.lab[col] == label,
                            kOwnIsQuery ? own_inv_np : meta_inv_np[col], exclude_positives);
@@ -606,15 +643,16 @@ __device__ __forceinline__ acc_t split_sum(const acc_t* __restrict__ dxhat, int6
 template <typename T>
 __global__ void __launch_bounds__(32 * kCudaNormRowsPerBlock)
     normalize_backward_kernel(const T* __restrict__ x, const acc_of<T>* __restrict__ dxhat, int64_t n, int64_t d,
-                              int64_t dim, int64_t splits, int64_t slice, T* __restrict__ dx,
+                              int64_t dim, int64_t splits, int64_t slice, bool normalize, T* __restrict__ dx,
                               acc_of<T>* __restrict__ radial) {
   using acc_t = acc_of<T>;
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * kCudaNormRowsPerBlock + threadIdx.x / 32;
   if (row >= n) return;
-  const acc_t ss = row_sum_squares(x, row, d, lane);
-  const acc_t norm = clamped_norm(ss);
-  const bool clamped = norm_clamped(ss);
+  // Unnormalized rows (dot products): norm 1 and no projection, dx = dxhat; the radial dot is <x, dx>.
+  const acc_t ss = normalize ? row_sum_squares(x, row, d, lane) : acc_t(1);
+  const acc_t norm = normalize ? clamped_norm(ss) : acc_t(1);
+  const bool clamped = !normalize || norm_clamped(ss);
   acc_t dot = acc_t(0);  // <xhat, dxhat>
   for (int64_t c = lane; c < d; c += 32) {
     dot = fma(to_acc(x[row * d + c]) / norm, split_sum(dxhat, row * dim + c, splits, slice), dot);

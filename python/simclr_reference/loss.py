@@ -15,7 +15,7 @@ def _reduce(per_row, has_positive, reduction):
 
 
 def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None, reduction="mean",
-                     exclude_positives=False, positive_weight=None):
+                     exclude_positives=False, positive_weight=None, normalize=True):
     """Multi-positive contrastive loss over cosine similarities.
 
     q: (M, D) queries, k: (L, D) keys, q_labels: (M,), k_labels: (L,) integer labels. Key j is a
@@ -24,8 +24,11 @@ def contrastive_loss(q, k, q_labels, k_labels, temperature=0.1, self_offset=None
     loss_i = logsumexp_{j in N(i)} s_ij - w_i mean_{j in P(i)} s_ij with s = cos / temperature, N(i) every key
     but the own one (and but the positives with `exclude_positives`, DCL), w = `positive_weight` (M,) or 1;
     rows without positives have loss 0 and are left out of the mean. `temperature` may be a tensor.
+    normalize=False: s = <q_i, k_j> / temperature on the rows as given (dot products).
     """
-    s = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / temperature
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    s = q @ k.T / temperature
     m, l = s.shape
     rows = torch.arange(m, device=q.device)
     not_self = torch.ones(m, l, dtype=torch.bool, device=q.device)
@@ -67,3 +70,18 @@ def nt_xent_plain(z1, z2, temperature=0.5):
     logits.fill_diagonal_(float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(n, device=z.device)])
     return F.cross_entropy(logits, targets)
+
+
+def siglip_loss(image, text, logit_scale, logit_bias=None, image_labels=None, text_labels=None):
+    """SigLIP's sigmoid loss (Zhai et al. 2023): -sum_ij log sigmoid(y_ij (scale <image_i, text_j> + bias)) / N,
+    y_ij = +1 for a positive pair, -1 otherwise; the positives are the diagonal (pair i), or the pairs with equal
+    labels when labels are given (image_labels for the rows, text_labels for the columns)."""
+    logits = logit_scale * image @ text.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    if image_labels is None:
+        positive = torch.eye(image.shape[0], text.shape[0], dtype=torch.bool, device=image.device)
+    else:
+        positive = image_labels[:, None] == text_labels[None, :]
+    y = positive.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(y * logits).sum() / image.shape[0]

@@ -70,10 +70,10 @@ struct EmuBackend {
     }
     return t;
   }
-  // Every tensor is a "device" tensor here: a float64 temperature (what simclr_ext.ops makes of a number) is
+  // Every tensor is a "device" tensor here: a float64 temperature or bias (what simclr_ext.ops makes of a number) is
   // read on the host and passed by value, any other dtype (a learnable float32 temperature) is read by the
   // kernels from memory, so both of the kernels' temperature paths run.
-  static bool temperature_on_host(const at::Tensor& t) { return t.scalar_type() == at::kDouble; }
+  static bool scalar_on_host(const at::Tensor& t) { return t.scalar_type() == at::kDouble; }
 };
 
 }  // namespace simclr_ext
