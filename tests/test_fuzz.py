@@ -79,6 +79,11 @@ def _restride(layout):
     return apply
 
 
+def _magnitude(temperature):
+    """The size of the scores cos / t and of their gradients' terms: the rounding floor where they cancel."""
+    return max(1.0, 1.0 / temperature)
+
+
 def _randn(gen, shape, dtype):
     """Normal draws in `dtype` (the oracle's float64 copy holds exactly the same values)."""
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -162,7 +167,8 @@ def test_contrastive_loss_matches_the_oracle(case):
         w = None if weight is None else weight.to(a.dtype)
         return ref.contrastive_loss(a, b, q_labels, k_labels, temp[0] if temp else t, positive_weight=w, **kw)
 
-    compare_with_reference(fused, oracle, inputs, dtype, gen, f"{case}", layout=_restride(case["layout"]))
+    compare_with_reference(fused, oracle, inputs, dtype, gen, f"{case}", layout=_restride(case["layout"]),
+                           magnitude=_magnitude(t))
 
 
 @FUZZ
@@ -176,7 +182,8 @@ def test_nt_xent_and_its_module_match_the_oracle(n, d, dtypes, layout, temperatu
     z1, z2 = _randn(gen, (n, d), dtypes[0]), _randn(gen, (n, d), dtypes[1])
     fused = simclr_ext.NTXentLoss(temperature) if module else lambda a, b: simclr_ext.nt_xent(a, b, temperature)
     compare_with_reference(fused, lambda a, b: ref.nt_xent(a.to(common), b.to(common), temperature), [z1, z2],
-                           common, gen, f"N={n} D={d} {dtypes} {layout} t={temperature}", layout=_restride(layout))
+                           common, gen, f"N={n} D={d} {dtypes} {layout} t={temperature}", layout=_restride(layout),
+                           magnitude=_magnitude(temperature))
 
 
 @FUZZ
@@ -195,7 +202,8 @@ def test_clip_loss_matches_the_oracle(n, d, dtype, layout, scale, tensor_scale, 
         return (ref.contrastive_loss(a, b, labels, labels, t) + ref.contrastive_loss(b, a, labels, labels, t)) / 2
 
     compare_with_reference(lambda a, b, *s: simclr_ext.ClipLoss()(a, b, s[0] if s else scale), oracle, inputs, dtype,
-                           gen, f"N={n} D={d} {dtype} scale={scale}", layout=_restride(layout))
+                           gen, f"N={n} D={d} {dtype} scale={scale}", layout=_restride(layout),
+                           magnitude=_magnitude(1 / scale))
 
 
 @FUZZ
@@ -216,7 +224,7 @@ def test_supcon_loss_matches_the_oracle(b, views, d, dtype, labels, classes, tem
 
     module = simclr_ext.SupConLoss(temperature, base_temperature=base)
     compare_with_reference(lambda f: module(f, sample_labels), oracle, [features], dtype, gen,
-                           f"B={b} V={views} D={d} {dtype} {labels} t={temperature}")
+                           f"B={b} V={views} D={d} {dtype} {labels} t={temperature}", magnitude=_magnitude(temperature))
 
 
 def _dclw_weights(a, b, sigma):
@@ -246,7 +254,7 @@ def test_dcl_and_dclw_losses_match_the_oracle(n, d, dtype, layout, temperature, 
                                     positive_weight=w)
 
     compare_with_reference(module, oracle, [out0, out1], dtype, gen, f"N={n} D={d} {dtype} sigma={sigma}",
-                           layout=_restride(layout))
+                           layout=_restride(layout), magnitude=_magnitude(temperature))
 
 
 # ----- non-finite inputs and bad arguments --------------------------------------------------------------

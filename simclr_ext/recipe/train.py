@@ -35,6 +35,7 @@ from .checkpoint import (
     load_pretrained,
     pack_rng,
     read_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint_atomic,
     unpack_rng,
 )
@@ -97,6 +98,15 @@ def _init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
+def _elastic_restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this worker group (0: the first attempt, or
+    not under torchrun)."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 def _to_device(images, device):
     if isinstance(images, (list, tuple)):  # ragged ImageFolder batch: the fused op takes the list
         return [im.to(device, non_blocking=True) for im in images]
@@ -113,6 +123,9 @@ class Trainer:
         check_dependencies(cfg)
         self.out = cfg.out
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
+        self.elastic_restart = _elastic_restart_count()
+        if self.elastic_restart and not cfg.resume:
+            self._continue_after_elastic_restart()
         self._check_run_directory()
         _init_distributed(cfg.device)
         self.rank, self.world = dist_lib.world_info()
@@ -164,6 +177,28 @@ class Trainer:
         self._new_departure: Optional[dict] = None
         if cfg.resume:
             self._load(self.ckpt_path)
+            if self.elastic_restart and self.is_main:
+                print(f"simclr-ext: elastic restart {self.elastic_restart}: resumed from "
+                      f"{os.path.abspath(self.ckpt_path)!r} at global step {self.global_step}", file=sys.stderr,
+                      flush=True)
+
+    def _continue_after_elastic_restart(self) -> None:
+        """torchrun restarted the group after a worker failed (TORCHELASTIC_RESTART_COUNT > 0): continue from
+        the checkpoint this job wrote (its rendezvous id, TORCHELASTIC_RUN_ID, is in the checkpoint), without
+        --resume. No checkpoint yet: start over, dropping the TensorBoard events of the failed attempt
+        (metrics.jsonl is rewritten anyway). A checkpoint of another job is left to the usual rules."""
+        cfg = self.cfg
+        if not os.path.exists(self.ckpt_path):
+            if int(os.environ.get("RANK", "0")) == 0:
+                shutil.rmtree(os.path.join(self.out, "tb"), ignore_errors=True)
+            return
+        job = os.environ.get("TORCHELASTIC_RUN_ID")
+        try:
+            written_by = read_checkpoint(self.ckpt_path).get("elastic_run_id")
+        except CheckpointError:
+            return  # _load or _check_run_directory reports it
+        if job is not None and written_by == job:
+            cfg.resume, cfg.overwrite = True, False
 
     def _check_run_directory(self) -> None:
         """A fresh run never silently replaces a checkpoint: it needs --resume or --overwrite."""
@@ -195,6 +230,7 @@ class Trainer:
             "rng": rng, "config": dataclasses.asdict(self.cfg), "history": self.history,
             "departures": self.departures, "world_size": self.world,
             "nonfinite_steps": self.nonfinite_steps, "nonfinite_streak": self.nonfinite_streak,
+            "elastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
         }
 
     def save(self) -> None:
@@ -360,7 +396,9 @@ class Trainer:
 
     def run(self) -> Dict:
         """Train (from the checkpoint when resuming), then evaluate and write summary.json."""
-        os.makedirs(self.out, exist_ok=True) if self.is_main else None
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            remove_stale_temporaries(self.out)  # left by a write that a kill interrupted
         handler_installed = False
         try:
             previous = signal.signal(signal.SIGINT, self._on_sigint)
