@@ -95,7 +95,18 @@ def _fresh_model(cfg: PretrainConfig, channels: int) -> nn.Module:
 def _init_distributed(device: str) -> None:
     """Join the process group torchrun describes (env://) when WORLD_SIZE > 1 and nobody did yet."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend)
+            return
+        # torchrun's agent keeps one TCP store across restarts of the group (its default, store sharing), so the
+        # keys a failed attempt's process group wrote (gloo's peer addresses, NCCL's unique id) are still there
+        # and a restarted rank can read a dead peer's address ("Connection refused" in gloo's connectFullMesh,
+        # every restart failing the same way). A key prefix per attempt keeps the attempts apart.
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"simclr_ext/attempt_{attempt}", store), rank=rank,
+                                world_size=world)
 
 
 def _elastic_restart_count() -> int:
