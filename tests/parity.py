@@ -3,6 +3,7 @@ at most ~2x the error of the reference itself computed in the same dtype (flash-
 a small absolute floor for entries whose reference error happens to be ~0. Also what every device's contract
 shares: DEVICES, the precision paths per device, the opcheck list and the contrastive op's random inputs."""
 import contextlib
+import math
 
 import pytest
 import torch
@@ -17,12 +18,16 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_matches_reference(ours, ref_same_dtype, ref64, dtype, what):
-    """ours vs the float64 reference, allowed 2x the error the reference makes in `dtype`."""
+def assert_matches_reference(ours, ref_same_dtype, ref64, dtype, what, magnitude=1.0):
+    """ours vs the float64 reference, allowed 2x the error the reference makes in `dtype`. magnitude: the
+    size of the terms the quantity sums (default 1; 1 / temperature for scores cos / t at a tiny t), the
+    scale of the rounding floor when they cancel to ~0 (a D = 1 gradient)."""
     assert ours.shape == ref64.shape, f"{what}: shape {list(ours.shape)} != {list(ref64.shape)}"
     err = max_err(ours, ref64)
     ref_err = max_err(ref_same_dtype, ref64)
-    bound = 2 * ref_err + ATOL[dtype] * max(1.0, ref64.abs().max().item() if ref64.numel() else 1.0)
+    if math.isnan(ref_err):  # the textbook formula breaks down in `dtype` (0 * inf at a 1e-3 temperature in
+        ref_err = 0.0        # float16): no allowance from it, the float64 reference alone judges
+    bound = 2 * ref_err + ATOL[dtype] * max(magnitude, ref64.abs().max().item() if ref64.numel() else 1.0)
     assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (reference's own {dtype} error {ref_err:.3e})"
 
 
@@ -201,3 +206,53 @@ def assert_equal_to_rounding(ours, other, dtype, what):
     err = max_err(ours, other)
     scale = max(1.0, other.abs().max().item() if other.numel() else 1.0)
     assert err <= 2 * ATOL[dtype] * scale, f"{what}: differ by {err:.3e} > {2 * ATOL[dtype] * scale:.3e}"
+
+
+def leaf(x, device="cpu", dtype=None):
+    return x.detach().to(device, dtype).clone().requires_grad_(True)
+
+
+def compare_with_reference(fused_fn, ref_fn, inputs, dtype, gen, what, device="cpu", tf32=False, layout=None,
+                           magnitude=1.0):
+    """Runs both losses on `device` copies of `inputs` (dtype), the reference also in float64 (its matmuls
+    in TF32 when tf32, like the op's path); checks the loss and the gradients of (loss * grad_out).sum()
+    with a random grad_out that is not 1. layout: None, or a function giving the fused side's copy of an
+    input with other strides (a leaf holding the same values: non-contiguous views). magnitude: see
+    assert_matches_reference."""
+    ours_in = [leaf(x, device) if layout is None else layout(leaf(x, device)).detach().requires_grad_(True)
+               for x in inputs]
+    same_in = [leaf(x, device) for x in inputs]
+    ref64_in = [leaf(x.double(), device) for x in inputs]
+    ours = fused_fn(*ours_in)
+    with matmul_tf32(tf32):
+        same = ref_fn(*same_in)
+    ref64 = ref_fn(*ref64_in)
+    grad_out = (torch.rand(ours.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    assert ours.device.type == device
+    assert_matches_reference(ours, same, ref64, dtype, f"{what} loss", magnitude)
+    for name, o, s, r in zip("abcdef", ours_in, same_in, ref64_in):
+        (g_o,) = torch.autograd.grad((ours * grad_out.to(ours.dtype)).sum(), o, retain_graph=True)
+        with matmul_tf32(tf32):
+            (g_s,) = torch.autograd.grad((same * grad_out.to(same.dtype)).sum(), s, retain_graph=True)
+        (g_r,) = torch.autograd.grad((ref64 * grad_out).sum(), r, retain_graph=True)
+        assert g_o.dtype == o.dtype and g_o.shape == o.shape and g_o.device == o.device
+        assert_matches_reference(g_o, g_s, g_r, dtype, f"{what} grad of input {name}", magnitude)
+
+
+# The augmentation op's tolerances (tests/test_augment.py's docstring explains them).
+AUGMENT_F32_MAX = 5e-5
+AUGMENT_F32_MEAN = 2e-6
+
+
+def assert_augment_close_to_reference(out, ref, scale=1.0):
+    """out: the op's view (any dtype); ref: float64 reference; scale: 1 / min(std) when normalized."""
+    assert out.shape == ref.shape
+    assert torch.isfinite(out.float()).all()
+    err = (out.double().cpu() - ref).abs()
+    max_tol, mean_tol = AUGMENT_F32_MAX * scale, AUGMENT_F32_MEAN * scale
+    if out.dtype != torch.float32:
+        plain = (ref.to(out.dtype).double() - ref).abs()
+        max_tol += 2 * plain.max().item()
+        mean_tol += 2 * plain.mean().item()
+    assert err.max().item() <= max_tol, f"max error {err.max().item():.3g} > {max_tol:.3g}"
+    assert err.mean().item() <= mean_tol, f"mean error {err.mean().item():.3g} > {mean_tol:.3g}"

@@ -6,8 +6,9 @@ op computes in float32. Its error comes from float32 rounding of the bilinear we
 relative), the HSV round trip (a few float32 ulps of values in [0, 1], amplified by the division by the
 channel range near gray pixels), the contrast mean (float32 vs float64 sum) and the blur's 2 x k-term
 float32 accumulations. Measured worst cases over 40 random batches with every op on are 1.3e-5 (max) and
-1.9e-7 (mean) on [0, 1] values; normalization divides by std >= 0.2 (x5). F32_MAX = 5e-5 and F32_MEAN = 2e-6
-on [0, 1] values leave a ~4x / ~10x margin and still catch any real mistake (one wrong pixel, tap, weight or
+1.9e-7 (mean) on [0, 1] values; normalization divides by std >= 0.2 (x5). AUGMENT_F32_MAX = 5e-5 and
+AUGMENT_F32_MEAN = 2e-6 (tests/parity.py) on [0, 1] values leave a ~4x / ~10x margin and still catch any real
+mistake (one wrong pixel, tap, weight or
 rounding step is >= 1e-3). For float16 /
 bfloat16 outputs the op may be at most 2x as far from the float64 reference as the reference itself rounded
 to that dtype (the flash-attention criterion), plus the float32 allowance.
@@ -16,14 +17,11 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
-from parity import DEVICES
+from parity import AUGMENT_F32_MAX, DEVICES, assert_augment_close_to_reference
 
 import simclr_reference
 from simclr_ext import AugmentParams, SimCLRAugment, augment
 from simclr_ext.augment import default_blur_kernel
-
-F32_MAX = 5e-5
-F32_MEAN = 2e-6
 
 
 def _images(b, c, h, w, seed, dtype=torch.uint8):
@@ -31,20 +29,6 @@ def _images(b, c, h, w, seed, dtype=torch.uint8):
     x = torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8)
     assert x.float().std() > 10  # never constant
     return x if dtype == torch.uint8 else x.to(dtype) / 255
-
-
-def assert_close_to_reference(out, ref, scale=1.0):
-    """out: the op's view (any dtype); ref: float64 reference; scale: 1 / min(std) when normalized."""
-    assert out.shape == ref.shape
-    assert torch.isfinite(out.float()).all()
-    err = (out.double().cpu() - ref).abs()
-    max_tol, mean_tol = F32_MAX * scale, F32_MEAN * scale
-    if out.dtype != torch.float32:
-        plain = (ref.to(out.dtype).double() - ref).abs()
-        max_tol += 2 * plain.max().item()
-        mean_tol += 2 * plain.mean().item()
-    assert err.max().item() <= max_tol, f"max error {err.max().item():.3g} > {max_tol:.3g}"
-    assert err.mean().item() <= mean_tol, f"mean error {err.mean().item():.3g} > {mean_tol:.3g}"
 
 
 def _check(images, aug, params, device, **kw):
@@ -57,7 +41,7 @@ def _check(images, aug, params, device, **kw):
     ref = simclr_reference.augment(ref_images, params, mean=aug.mean, std=aug.std,
                                    solarize_threshold=aug.solarize_threshold)
     scale = 1.0 if aug.std is None else 1.0 / min(aug.std)
-    assert_close_to_reference(out, ref, scale)
+    assert_augment_close_to_reference(out, ref, scale)
     return out
 
 
@@ -131,7 +115,7 @@ def test_nhwc_and_channels_last_inputs(device):
     sub_params = aug.sample(sub, torch.Generator().manual_seed(4))
     strided = augment(images.to(device)[:, :, ::2, 1::2], sub_params, mean=aug.mean, std=aug.std)
     ref = simclr_reference.augment(sub, sub_params, mean=aug.mean, std=aug.std)
-    assert_close_to_reference(strided, ref, 1 / min(aug.std))
+    assert_augment_close_to_reference(strided, ref, 1 / min(aug.std))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,7 +147,7 @@ def test_float_inputs(dtype, device):
     # The reference sees exactly the float32 values the op reads (float64 input is rounded to float32).
     out = augment(images.to(device), params, mean=aug.mean, std=aug.std)
     ref = simclr_reference.augment(images.float(), params, mean=aug.mean, std=aug.std)
-    assert_close_to_reference(out, ref, 1 / min(aug.std))
+    assert_augment_close_to_reference(out, ref, 1 / min(aug.std))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -207,8 +191,8 @@ def test_same_seed_same_views_on_cpu_and_cuda():
     aug = SimCLRAugment(size=32, rotation_degrees=30.0, solarize_p=0.5, blur_kernel=5)
     c1, c2 = aug(images, generator=torch.Generator().manual_seed(3))
     g1, g2 = aug(images.cuda(), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(g1.cpu(), c1, rtol=0, atol=F32_MAX / min(aug.std))
-    torch.testing.assert_close(g2.cpu(), c2, rtol=0, atol=F32_MAX / min(aug.std))
+    torch.testing.assert_close(g1.cpu(), c1, rtol=0, atol=AUGMENT_F32_MAX / min(aug.std))
+    torch.testing.assert_close(g2.cpu(), c2, rtol=0, atol=AUGMENT_F32_MAX / min(aug.std))
     again, _ = aug(images.cuda(), generator=torch.Generator().manual_seed(3))
     assert torch.equal(again, g1)  # deterministic: no atomics in the contrast mean
 
@@ -268,7 +252,7 @@ def test_bilinear_rows_odd_widths(dtype, layout, device):
         src = images if layout == "NCHW" else images.permute(0, 2, 3, 1).contiguous()
         out = augment(src.to(device), params, mean=aug.mean, std=aug.std, layout=layout)
         ref = simclr_reference.augment(images, params, mean=aug.mean, std=aug.std)
-        assert_close_to_reference(out, ref, 1 / min(aug.std))
+        assert_augment_close_to_reference(out, ref, 1 / min(aug.std))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -15,7 +15,9 @@ from parity import (
     DEVICES,
     assert_equal_to_rounding,
     assert_matches_reference,
+    compare_with_reference,
     contrastive_inputs,
+    leaf,
     matmul_tf32,
     max_err,
     ntxent_op,
@@ -26,35 +28,10 @@ from parity import (
 import simclr_ext
 import simclr_reference as ref
 
+_compare, _leaf = compare_with_reference, leaf  # shared with tests/test_fuzz.py
+
 FLOAT_DTYPES = [torch.float64, torch.float32]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-
-
-def _leaf(x, device="cpu", dtype=None):
-    return x.detach().to(device, dtype).clone().requires_grad_(True)
-
-
-def _compare(fused_fn, ref_fn, inputs, dtype, gen, what, device="cpu", tf32=False):
-    """Runs both losses on `device` copies of `inputs` (dtype), the reference also in float64 (its matmuls
-    in TF32 when tf32, like the op's path); checks the loss and the gradients of (loss * grad_out).sum()
-    with a random grad_out that is not 1."""
-    ours_in = [_leaf(x, device) for x in inputs]
-    same_in = [_leaf(x, device) for x in inputs]
-    ref64_in = [_leaf(x.double(), device) for x in inputs]
-    ours = fused_fn(*ours_in)
-    with matmul_tf32(tf32):
-        same = ref_fn(*same_in)
-    ref64 = ref_fn(*ref64_in)
-    grad_out = (torch.rand(ours.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
-    assert ours.device.type == device
-    assert_matches_reference(ours, same, ref64, dtype, f"{what} loss")
-    for name, o, s, r in zip("abcdef", ours_in, same_in, ref64_in):
-        (g_o,) = torch.autograd.grad((ours * grad_out.to(ours.dtype)).sum(), o, retain_graph=True)
-        with matmul_tf32(tf32):
-            (g_s,) = torch.autograd.grad((same * grad_out.to(same.dtype)).sum(), s, retain_graph=True)
-        (g_r,) = torch.autograd.grad((ref64 * grad_out).sum(), r, retain_graph=True)
-        assert g_o.dtype == o.dtype and g_o.shape == o.shape and g_o.device == o.device
-        assert_matches_reference(g_o, g_s, g_r, dtype, f"{what} grad of input {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -20,7 +20,8 @@ from torch import nn
 
 from .models import build_encoder, build_model
 
-__all__ = ["CheckpointError", "save_checkpoint_atomic", "read_checkpoint", "pack_rng", "unpack_rng",
+__all__ = ["CheckpointError", "save_checkpoint_atomic", "remove_stale_temporaries", "read_checkpoint", "pack_rng",
+           "unpack_rng",
            "load_pretrained", "export_encoder", "load_encoder", "PRETRAIN_FORMAT", "ENCODER_FORMAT"]
 
 PRETRAIN_FORMAT = "simclr_ext.pretrain/1"
@@ -31,20 +32,52 @@ class CheckpointError(ValueError):
     """A checkpoint file is damaged, foreign, or of another kind; the message is one line naming it."""
 
 
+TMP_PREFIX = ".tmp-"  # the temporary files of atomic writes; a process killed mid-write leaves one behind
+
+
 def save_checkpoint_atomic(state: dict, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a reader (or a crash) never
-    sees a half-written checkpoint."""
+    """torch.save to a temporary file in the same folder, fsync, then os.replace and an fsync of the folder:
+    a reader, a crash, a SIGKILL or a power loss never leaves a half-written file under `path` (a kill
+    mid-write leaves a `.tmp-*` file beside it, which `remove_stale_temporaries` clears)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes the rename durable; a no-op where folders cannot be opened for fsync (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Deletes the `.tmp-*` files that writes killed midway left in `folder`; returns how many. Only for a
+    folder no other process is writing to (the run directory, by its rank 0, before training)."""
+    removed = 0
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(TMP_PREFIX):
+            os.remove(os.path.join(folder, name))
+            removed += 1
+    return removed
 
 
 def _one_line(e: BaseException) -> str:

@@ -50,6 +50,8 @@ _HELP = {
     "threads": "torch CPU threads during the run (digits/MNIST recipe: 1, fastest for its small tensors)",
     "eval": "evaluation at the end (linear probe, kNN, few-label probe, random-init baselines)",
     "fewshot_shots": "labelled images per class of the few-label probe",
+    "max_nonfinite_steps": "a step whose loss or gradients are NaN/inf is skipped (no optimizer step); the run "
+                           "stops after this many consecutive ones",
 }
 
 

@@ -126,6 +126,7 @@ class PretrainConfig:
     threads: Optional[int] = None        # torch CPU threads during the run (recipe; None: torch's choice)
     knn_every: int = 20
     checkpoint_every: int = 1
+    max_nonfinite_steps: int = 3         # consecutive skipped (NaN / inf) steps before the run stops
     eval: bool = True
     knn_k: int = 200                     # Wu et al. 2018's kNN monitor: k = 200, T = 0.1
     knn_temperature: float = 0.1
@@ -166,7 +167,7 @@ class PretrainConfig:
             raise ValueError(f"pool must be >= 1, got {c.pool}")
         if c.threads is not None and c.threads < 1:
             raise ValueError(f"threads must be >= 1, got {c.threads}")
-        for name in ("epochs", "batch_size", "accum_steps", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "accum_steps", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
         if c.batch_size % c.accum_steps:

@@ -12,6 +12,7 @@ metrics.py, the probes in evaluate.py; this module drives them.
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from .checkpoint import (
     load_pretrained,
     pack_rng,
     read_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint_atomic,
     unpack_rng,
 )
@@ -57,7 +59,8 @@ RESUME_MAY_CHANGE = ("lr", "temperature", "precision")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without overwriting its last good checkpoint."""
+    """`max_nonfinite_steps` consecutive steps had a NaN/inf loss or gradients (each one skipped), or the
+    parameters became non-finite; the run stopped without overwriting its last good checkpoint."""
 
 
 class MissingDependencyError(ImportError):
@@ -92,7 +95,27 @@ def _fresh_model(cfg: PretrainConfig, channels: int) -> nn.Module:
 def _init_distributed(device: str) -> None:
     """Join the process group torchrun describes (env://) when WORLD_SIZE > 1 and nobody did yet."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend)
+            return
+        # torchrun's agent keeps one TCP store across restarts of the group (its default, store sharing), so the
+        # keys a failed attempt's process group wrote (gloo's peer addresses, NCCL's unique id) are still there
+        # and a restarted rank can read a dead peer's address ("Connection refused" in gloo's connectFullMesh,
+        # every restart failing the same way). A key prefix per attempt keeps the attempts apart.
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"simclr_ext/attempt_{attempt}", store), rank=rank,
+                                world_size=world)
+
+
+def _elastic_restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this worker group (0: the first attempt, or
+    not under torchrun)."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
 
 
 def _to_device(images, device):
@@ -111,6 +134,9 @@ class Trainer:
         check_dependencies(cfg)
         self.out = cfg.out
         self.ckpt_path = os.path.join(self.out, CHECKPOINT)
+        self.elastic_restart = _elastic_restart_count()
+        if self.elastic_restart and not cfg.resume:
+            self._continue_after_elastic_restart()
         self._check_run_directory()
         _init_distributed(cfg.device)
         self.rank, self.world = dist_lib.world_info()
@@ -157,10 +183,33 @@ class Trainer:
         self.history: List[dict] = []      # one row per finished epoch
         self.departures: List[dict] = []   # settings changed on resume: {"step", "changes"}
         self.step_losses: List[float] = []
+        self.nonfinite_steps, self.nonfinite_streak = 0, 0  # skipped steps: in all, and in a row now
         self._stop_requested = False
         self._new_departure: Optional[dict] = None
         if cfg.resume:
             self._load(self.ckpt_path)
+            if self.elastic_restart and self.is_main:
+                print(f"simclr-ext: elastic restart {self.elastic_restart}: resumed from "
+                      f"{os.path.abspath(self.ckpt_path)!r} at global step {self.global_step}", file=sys.stderr,
+                      flush=True)
+
+    def _continue_after_elastic_restart(self) -> None:
+        """torchrun restarted the group after a worker failed (TORCHELASTIC_RESTART_COUNT > 0): continue from
+        the checkpoint this job wrote (its rendezvous id, TORCHELASTIC_RUN_ID, is in the checkpoint), without
+        --resume. No checkpoint yet: start over, dropping the TensorBoard events of the failed attempt
+        (metrics.jsonl is rewritten anyway). A checkpoint of another job is left to the usual rules."""
+        cfg = self.cfg
+        if not os.path.exists(self.ckpt_path):
+            if int(os.environ.get("RANK", "0")) == 0:
+                shutil.rmtree(os.path.join(self.out, "tb"), ignore_errors=True)
+            return
+        job = os.environ.get("TORCHELASTIC_RUN_ID")
+        try:
+            written_by = read_checkpoint(self.ckpt_path).get("elastic_run_id")
+        except CheckpointError:
+            return  # _load or _check_run_directory reports it
+        if job is not None and written_by == job:
+            cfg.resume, cfg.overwrite = True, False
 
     def _check_run_directory(self) -> None:
         """A fresh run never silently replaces a checkpoint: it needs --resume or --overwrite."""
@@ -191,12 +240,31 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "rng": rng, "config": dataclasses.asdict(self.cfg), "history": self.history,
             "departures": self.departures, "world_size": self.world,
+            "nonfinite_steps": self.nonfinite_steps, "nonfinite_streak": self.nonfinite_streak,
+            "elastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
         }
 
     def save(self) -> None:
+        self._check_parameters_finite()
         state = self._state()  # collective under DDP: every rank takes part, rank 0 writes
         if self.is_main:
             save_checkpoint_atomic(state, self.ckpt_path)
+
+    def _last_good(self) -> str:
+        where = os.path.abspath(self.ckpt_path)
+        if os.path.exists(where):
+            return f"The last good checkpoint is {where!r}."
+        return f"No checkpoint was written yet ({where!r})."
+
+    def _check_parameters_finite(self) -> None:
+        """A checkpoint never holds NaN/inf weights: a finite step can still overflow them (a huge lr)."""
+        bad = [name for name, t in self.model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"the parameters became non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) by "
+                f"global step {self.global_step}; stopped without saving. {self._last_good()} "
+                "Try a lower --lr (--resume accepts a change of it).")
 
     def _load(self, path: str) -> None:
         if not os.path.exists(path):
@@ -226,6 +294,8 @@ class Trainer:
         self.order_gen.set_state(self.order_state)
         self.history = list(state["history"])
         self.departures = list(state.get("departures", []))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         changes = {k: [saved.get(k), getattr(self.cfg, k)] for k in RESUME_MAY_CHANGE
                    if saved.get(k) != getattr(self.cfg, k)}
         if changes:
@@ -259,8 +329,10 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _train_step(self, images) -> float:
-        """One optimizer step over `accum_steps` micro-batches; returns the mean loss across ranks."""
+    def _train_step(self, images):
+        """One optimizer step over `accum_steps` micro-batches. Returns (mean loss across ranks, finite):
+        a step whose loss or gradients are not finite on any rank is skipped on every rank (`_skip_step`)."""
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # BatchNorm statistics before the step
         v1, v2 = self.aug(_to_device(images, self.device), generator=self.aug_gen)
         micro = v1.shape[0] // self.cfg.accum_steps
         total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -273,27 +345,60 @@ class Trainer:
                     _, z = self.net(x)
                 z1, z2 = z.float().chunk(2)
                 loss = self.criterion(z1, z2)
-                if not torch.isfinite(loss):
-                    self._non_finite(loss)
                 self.scaler.scale(loss / self.cfg.accum_steps).backward()
             total += loss.detach().double() / self.cfg.accum_steps
+        # 1 when a gradient holds a NaN/inf; under fp16 the grad scaler owns that case (an overflow of the
+        # scaled gradients skips the step and lowers the scale, its normal operation), so only the loss counts
+        bad_grads = torch.zeros((), device=self.device, dtype=torch.float64)
+        if not self.scaler.is_enabled():
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads and not torch.stack([g.isfinite().all() for g in grads]).all():
+                bad_grads.fill_(1)
+        if self.distributed:  # one collective: every rank takes the same decision
+            flags = torch.stack([total, bad_grads, torch.tensor(float(self._stop_requested), device=self.device,
+                                                                dtype=torch.float64)])
+            dist.all_reduce(flags)
+            total, bad_grads, self._stop_requested = flags[0] / self.world, flags[1], bool(flags[2] > 0)
+        loss_value = float(total)
+        if not math.isfinite(loss_value) or bool(bad_grads > 0):
+            self._skip_step(buffers)
+            return loss_value, False
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.distributed:
-            flags = torch.stack([total, torch.tensor(float(self._stop_requested), device=self.device,
-                                                     dtype=torch.float64)])
-            dist.all_reduce(flags)
-            total, self._stop_requested = flags[0] / self.world, bool(flags[1] > 0)
-        return float(total)
+        return loss_value, True
 
-    def _non_finite(self, loss: torch.Tensor) -> None:
-        raise NonFiniteLossError(
-            f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (global step "
-            f"{self.global_step + 1}); stopped without saving. The last good checkpoint is "
-            f"{os.path.abspath(self.ckpt_path)!r}. Try a lower --lr, fp32 precision or a larger --temperature: "
-            f"--resume accepts a change of these three (logged as a departure from the uninterrupted run).")
+    def _skip_step(self, buffers) -> None:
+        """Undo what a non-finite step did: its gradients are dropped and the BatchNorm statistics its forward
+        updated are restored; the optimizer (and the fp16 grad scaler) do not step. The scheduler does: the lr
+        stays a function of the position in the run, so the schedule still ends where it was planned."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        self.scheduler.step()
+
+    def _count_nonfinite(self, loss: float) -> Optional[NonFiniteLossError]:
+        """Counts a skipped step with one warning line; returns the error that stops the run once
+        max_nonfinite_steps consecutive steps were skipped (raised after the step's metrics row is written)."""
+        self.nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        limit = self.cfg.max_nonfinite_steps
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step})"
+        if self.is_main:
+            what = f"loss {loss}" if not math.isfinite(loss) else f"loss {loss:.4f} with non-finite gradients"
+            print(f"simclr-ext: warning: {what} at {where}: step skipped ({self.nonfinite_streak} in a row, "
+                  f"{self.nonfinite_steps} in this run; the run stops at {limit} in a row)", file=sys.stderr,
+                  flush=True)
+        if self.nonfinite_streak < limit:
+            return None
+        steps = f"{limit} consecutive steps" if limit > 1 else "a step"
+        return NonFiniteLossError(
+            f"non-finite loss or gradients in {steps} (--max-nonfinite-steps {limit}), the last at {where} with "
+            f"loss {loss}; stopped without saving. {self._last_good()} Try a lower --lr, fp32 precision or a larger "
+            f"--temperature: --resume accepts a change of these three (logged as a departure from the uninterrupted "
+            f"run).")
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:  # a second Ctrl-C: stop now, no checkpoint
@@ -302,7 +407,9 @@ class Trainer:
 
     def run(self) -> Dict:
         """Train (from the checkpoint when resuming), then evaluate and write summary.json."""
-        os.makedirs(self.out, exist_ok=True) if self.is_main else None
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            remove_stale_temporaries(self.out)  # left by a write that a kill interrupted
         handler_installed = False
         try:
             previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -350,15 +457,22 @@ class Trainer:
                 flat = batches[self.step_in_epoch:].reshape(-1)
                 for images, _ in self.splits.pretrain.batches(flat, batches.shape[1], cfg.num_workers):
                     t = time.time()
-                    loss = self._train_step(images)
+                    loss, finite = self._train_step(images)
                     self.step_in_epoch += 1
                     self.global_step += 1
                     seen += len(images) * self.world
-                    losses.append(loss)
                     self.step_losses.append(loss)
                     lr = self.optimizer.param_groups[0]["lr"]
-                    if metrics:
-                        metrics.write(epoch=self.epoch + 1, step=self.global_step, loss=loss, lr=lr)
+                    if finite:
+                        losses.append(loss)
+                        self.nonfinite_streak = 0
+                    stop = None if finite else self._count_nonfinite(loss)
+                    if metrics:  # a non-finite loss is logged as null (JSON has no NaN)
+                        metrics.write(epoch=self.epoch + 1, step=self.global_step,
+                                      loss=loss if math.isfinite(loss) else None, lr=lr, skipped=not finite,
+                                      nonfinite_steps=self.nonfinite_steps)
+                    if stop is not None:
+                        raise stop
                     progress.step(self.epoch + 1, cfg.epochs, loss, lr,
                                   len(images) * self.world / max(time.time() - t, 1e-9))
                     if self._stop_requested:
