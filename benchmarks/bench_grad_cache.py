@@ -68,11 +68,15 @@ def make_step(provider, model, v1, v2, chunk):
     return step
 
 
+WARMUP_IMAGES = 2  # the probe's warm-up: enough for BatchNorm, too small to pre-grow the heap for the step
+
+
 def probe(provider, batch, chunk):
-    """In this fresh process: (peak resident-set growth in bytes, seconds) of one step, after a warm-up step at
-    one chunk (thread pools, BLAS and oneDNN buffers are not counted)."""
+    """In this fresh process: (peak resident-set growth in bytes, seconds) of one step, after a warm-up step on
+    WARMUP_IMAGES images (thread pools, BLAS and oneDNN buffers are not counted; a warm-up at the chunk's size
+    would leave its activations' memory in the heap and hide the step's own peak)."""
     model = build("cpu")
-    make_step(provider, model, *views(min(chunk, batch), "cpu"), chunk)()
+    make_step(provider, model, *views(WARMUP_IMAGES, "cpu"), chunk)()
     step = make_step(provider, model, *views(batch, "cpu"), chunk)
     t0 = time.perf_counter()
     peak = common.peak_rss_growth(step)
@@ -223,8 +227,8 @@ def main(argv=None):
               f"time: median of {args.reps} interleaved runs (uncached, cached, ...)"
               + (" after one untimed step of each" if args.warmup else " without a full-size warm-up")
               + "; '(probe)': the one step of the fresh memory-probe process (no uncached step to interleave with)",
-              "peak memory: " + ("resident-set growth of one step in a fresh process after a one-chunk warm-up, "
-                                 "inputs excluded" if args.device == "cpu" else
+              "peak memory: " + ("resident-set growth of one step in a fresh process after a "
+                                 f"{WARMUP_IMAGES}-image warm-up, inputs excluded" if args.device == "cpu" else
                                  "torch.cuda.max_memory_allocated() above the inputs during the first step"),
               f"peak / one-chunk peak: the cached step's peak over the uncached step's at batch = chunk "
               f"({args.chunk}); BatchNorm statistics are per chunk in the cached step"]
