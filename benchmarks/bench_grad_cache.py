@@ -163,6 +163,10 @@ def parse_args(argv):
     p.add_argument("--threads", nargs="+", help="CPU thread counts, torch.set_num_threads (default: 1)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="no untimed full-size step before the timed ones (the big batches' minutes)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="glibc's M_MMAP_THRESHOLD for the memory probes (MALLOC_MMAP_THRESHOLD_): fixed, allocations "
+                        "above it are mapped and unmapped on free, so the resident set follows live memory; "
+                        "default: glibc's dynamic threshold, whose heap keeps freed chunk activations resident")
     p.add_argument("--probe", nargs=3, metavar=("PROVIDER", "BATCH", "CHUNK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -183,6 +187,10 @@ def parse_args(argv):
     else:
         args.threads = [torch.get_num_threads()]
     args.reps = common.check_reps(args.reps, 2)
+    if args.malloc_mmap_threshold is not None:
+        if args.malloc_mmap_threshold < 0:
+            raise SystemExit(f"--malloc-mmap-threshold: must be >= 0 bytes, got {args.malloc_mmap_threshold}")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)  # read by the probes' glibc
     return args
 
 
@@ -228,7 +236,10 @@ def main(argv=None):
               + (" after one untimed step of each" if args.warmup else " without a full-size warm-up")
               + "; '(probe)': the one step of the fresh memory-probe process (no uncached step to interleave with)",
               "peak memory: " + ("resident-set growth of one step in a fresh process after a "
-                                 f"{WARMUP_IMAGES}-image warm-up, inputs excluded" if args.device == "cpu" else
+                                 f"{WARMUP_IMAGES}-image warm-up, inputs excluded; glibc malloc with "
+                                 + ("its default dynamic mmap threshold" if args.malloc_mmap_threshold is None else
+                                    f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}")
+                                 if args.device == "cpu" else
                                  "torch.cuda.max_memory_allocated() above the inputs during the first step"),
               f"peak / one-chunk peak: the cached step's peak over the uncached step's at batch = chunk "
               f"({args.chunk}); BatchNorm statistics are per chunk in the cached step"]

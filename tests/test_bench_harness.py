@@ -224,6 +224,7 @@ def test_grad_cache_memory_in_a_fresh_process(tmp_path):
     (["--modes", "forward"], r"--modes: a training step is forward \+ backward: only full"),
     (["--batches", "1"], "--batches must be >= 2"),
     (["--chunk", "0"], "--chunk >= 1"),
+    (["--malloc-mmap-threshold", "-1"], "--malloc-mmap-threshold: must be >= 0 bytes, got -1"),
 ])
 def test_grad_cache_bad_arguments_name_what_they_got(argv, match, tmp_path):
     with pytest.raises(SystemExit, match=match):
