@@ -11,6 +11,7 @@ from ._version import __version__
 from .augment import AugmentParams, SimCLRAugment, augment
 from .clip_loss import ClipLoss, clip_loss
 from .dcl_loss import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
+from .grad_cache import GradCache, cached_contrastive_step
 from .info import info
 from .loss import NTXentLoss, contrastive_loss, nt_xent
 from .ops import set_tf32, tf32_enabled
@@ -64,6 +65,8 @@ __all__ = [
     "DCLWLoss",
     "dcl_loss",
     "dclw_loss",
+    "GradCache",
+    "cached_contrastive_step",
     "set_tf32",
     "tf32_enabled",
     "PretrainConfig",

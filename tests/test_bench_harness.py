@@ -14,11 +14,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import bench_grad_cache  # noqa: E402
 import bench_losses  # noqa: E402
 import bench_ntxent  # noqa: E402
 import common  # noqa: E402
 
-STAMP = re.compile(r"^(?P<op>[a-z]+)_(?P<device>cpu|cuda)_(?P<stamp>\d{8}-\d{4})(-\d+)?\.(md|json)$")
+STAMP = re.compile(r"^(?P<op>[a-z_]+)_(?P<device>cpu|cuda)_(?P<stamp>\d{8}-\d{4})(-\d+)?\.(md|json)$")
 
 
 def _results(out_dir):
@@ -190,6 +191,45 @@ def test_ntxent_bad_arguments_name_what_they_got(argv, match, tmp_path):
 def test_losses_bad_arguments_name_what_they_got(argv, match, tmp_path):
     with pytest.raises(SystemExit, match=match):
         bench_losses.main(argv + ["--out", str(tmp_path)])
+
+
+def test_grad_cache_rows_ratios_and_table(tmp_path):
+    bench_grad_cache.main(["--batches", "4", "6", "--chunk", "2", "--uncached-max", "4", "--reps", "1",
+                           "--metrics", "time", "--no-warmup", "--out", str(tmp_path)])
+    text, data = _results(tmp_path)
+    data["rows"] = [dict(r, mode="full") for r in data["rows"]]  # a training step: the one mode
+    _check_header(text, data, "grad_cache", "cpu")
+    rows = {(r["batch"], r["provider"]): r for r in data["rows"]}
+    assert sorted(rows) == [(4, "cached"), (4, "uncached"), (6, "cached"), (6, "uncached")]
+    assert rows[(4, "cached")]["time_ratio"] == pytest.approx(rows[(4, "cached")]["time_s"] /
+                                                              rows[(4, "uncached")]["time_s"])
+    assert rows[(6, "uncached")]["status"].startswith("not run (batch > --uncached-max 4)")
+    assert rows[(6, "cached")]["time_s"] > 0 and rows[(4, "cached")]["reps"] == 1  # alone: timed, no probe
+    assert "| effective batch | chunk | threads | provider | step s | ms / image |" in text
+
+
+@pytest.mark.slow
+def test_grad_cache_memory_in_a_fresh_process(tmp_path):
+    bench_grad_cache.main(["--batches", "6", "--chunk", "3", "--uncached-max", "3", "--metrics", "memory",
+                           "--out", str(tmp_path)])
+    _, data = _results(tmp_path)
+    rows = {(r["batch"], r["provider"]): r for r in data["rows"]}
+    assert sorted(rows) == [(3, "cached"), (3, "uncached"), (6, "cached"), (6, "uncached")]  # the chunk added
+    one_chunk = rows[(3, "uncached")]["peak_mib"]
+    assert one_chunk > 0 and rows[(6, "cached")]["probe_time_s"] > 0
+    assert rows[(6, "cached")]["peak_over_one_chunk"] == pytest.approx(rows[(6, "cached")]["peak_mib"] / one_chunk)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--modes", "forward"], r"--modes: a training step is forward \+ backward: only full"),
+    (["--batches", "1"], "--batches must be >= 2"),
+    (["--chunk", "0"], "--chunk >= 1"),
+    (["--malloc-mmap-threshold", "-1"], "--malloc-mmap-threshold: must be >= 0 bytes, got -1"),
+])
+def test_grad_cache_bad_arguments_name_what_they_got(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        bench_grad_cache.main(argv + ["--out", str(tmp_path)])
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.cuda

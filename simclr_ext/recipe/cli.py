@@ -41,9 +41,11 @@ _HELP = {
     "warmup_epochs": "linear warmup length in epochs, then cosine decay",
     "precision": "fp32, bf16 (autocast) or fp16 (CUDA, with a grad scaler)",
     "accum_steps": "micro-batches per optimizer step (negatives come from each micro-batch)",
+    "grad_cache_chunk": "gradient caching: encode each micro-batch K images at a time (activations of K images, "
+                        "negatives from the whole batch, one more forward; BatchNorm statistics per chunk)",
     "out": "run directory: last.pt, metrics.jsonl, training_curve.png, summary.json",
-    "resume": "continue from <out>/last.pt exactly where it stopped (--lr, --temperature and --precision may "
-              "change: logged as a departure)",
+    "resume": "continue from <out>/last.pt exactly where it stopped (--lr, --temperature, --precision and "
+              "--grad-cache-chunk may change: logged as a departure)",
     "overwrite": "start over in a run directory that already holds a checkpoint (deletes its outputs)",
     "device": "cpu, cuda or cuda:N (default: cuda when available)",
     "knn_every": "kNN monitor every N epochs (0: off)",

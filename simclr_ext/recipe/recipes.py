@@ -116,6 +116,7 @@ class PretrainConfig:
     temperature: Optional[float] = None
     precision: str = "fp32"
     accum_steps: int = 1
+    grad_cache_chunk: Optional[int] = None  # images per chunk of a gradient-cached step (None: uncached)
     sync_bn: bool = True                 # under DDP on CUDA ([paper] sec. 2.2: global BN)
     seed: int = 0
     out: str = "runs/simclr"
@@ -170,6 +171,8 @@ class PretrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+        if c.grad_cache_chunk is not None and c.grad_cache_chunk < 1:
+            raise ValueError(f"grad_cache_chunk must be >= 1 (images per chunk) or None, got {c.grad_cache_chunk}")
         if c.batch_size % c.accum_steps:
             raise ValueError(f"batch_size ({c.batch_size}) must be divisible by accum_steps ({c.accum_steps})")
         if c.temperature <= 0 or c.lr < 0 or c.warmup_epochs < 0:

@@ -51,11 +51,11 @@ __all__ = ["PretrainConfig", "Trainer", "pretrain", "NonFiniteLossError", "Missi
 
 CHECKPOINT = "last.pt"
 # Fields a resumed run must share with its checkpoint: anything that changes the sequence of losses,
-# except the three a user may change to get past a NaN (RESUME_MAY_CHANGE), which are logged as departures.
+# except those a user may change to get past a NaN or out of memory (RESUME_MAY_CHANGE), logged as departures.
 _RESUME_FIXED = ("dataset", "image_size", "augment", "arch", "width", "pool", "final_relu", "cifar_stem", "head",
                  "proj_dim", "hidden_dim", "epochs", "batch_size", "optimizer", "lr_scaling", "weight_decay",
                  "momentum", "warmup_epochs", "accum_steps", "seed")
-RESUME_MAY_CHANGE = ("lr", "temperature", "precision")
+RESUME_MAY_CHANGE = ("lr", "temperature", "precision", "grad_cache_chunk")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -175,6 +175,7 @@ class Trainer:
                     if self.distributed else self.model)
         from ..loss import NTXentLoss
         self.criterion = NTXentLoss(temperature=cfg.temperature, gather_distributed=self.distributed)
+        self.grad_cache = self._build_grad_cache() if cfg.grad_cache_chunk else None
 
         self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + self.rank)
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
@@ -340,13 +341,8 @@ class Trainer:
             last = i == self.cfg.accum_steps - 1
             sync = nullcontext() if (last or not self.distributed) else self.net.no_sync()
             with sync:
-                x = torch.cat([v1[i * micro:(i + 1) * micro], v2[i * micro:(i + 1) * micro]])
-                with self._autocast():
-                    _, z = self.net(x)
-                z1, z2 = z.float().chunk(2)
-                loss = self.criterion(z1, z2)
-                self.scaler.scale(loss / self.cfg.accum_steps).backward()
-            total += loss.detach().double() / self.cfg.accum_steps
+                loss = self._micro_step(v1[i * micro:(i + 1) * micro], v2[i * micro:(i + 1) * micro])
+            total += loss.double() / self.cfg.accum_steps
         # 1 when a gradient holds a NaN/inf; under fp16 the grad scaler owns that case (an overflow of the
         # scaled gradients skips the step and lowers the scale, its normal operation), so only the loss counts
         bad_grads = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -399,6 +395,32 @@ class Trainer:
             f"loss {loss}; stopped without saving. {self._last_good()} Try a lower --lr, fp32 precision or a larger "
             f"--temperature: --resume accepts a change of these three (logged as a departure from the uninterrupted "
             f"run).")
+
+    def _embed(self, a: torch.Tensor, b: torch.Tensor):
+        """(z1, z2) of two views, both in one forward (BatchNorm sees both); the loss takes them in float32."""
+        with self._autocast():
+            _, z = self.net(torch.cat([a, b]))
+        return z.float().chunk(2)
+
+    def _build_grad_cache(self):
+        """--grad-cache-chunk K: each micro-batch encoded K images (both views) at a time, the loss over the
+        whole micro-batch; DDP synchronizes once per micro-batch (nested in the accumulation's no_sync)."""
+        from ..grad_cache import GradCache
+
+        def micro_batch_share(z1, z2):  # the step's gradient is the mean over its micro-batches
+            return self.criterion(z1, z2) / self.cfg.accum_steps
+        return GradCache(self._embed, micro_batch_share, self.cfg.grad_cache_chunk, modules=self.net,
+                         scaler=self.scaler)
+
+    def _micro_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """One micro-batch (views a, b): its gradients accumulated, its loss returned (detached). Uncached:
+        one forward and backward; with gradient caching: the same gradients (BatchNorm statistics per chunk)
+        at the activation memory of one chunk."""
+        if self.grad_cache is not None:
+            return self.grad_cache.step((a, b)) * self.cfg.accum_steps
+        loss = self.criterion(*self._embed(a, b))
+        self.scaler.scale(loss / self.cfg.accum_steps).backward()
+        return loss.detach()
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:  # a second Ctrl-C: stop now, no checkpoint
