@@ -78,6 +78,12 @@ def on_cuda(device):
     return device == "cuda" or is_emulated(device)
 
 
+def backend(device):
+    """The backend a device's calls run, as the path and pass counters name it: "cuda" for a GPU and for its
+    emulation, else "cpu"."""
+    return "cuda" if on_cuda(device) else "cpu"
+
+
 DEVICE_PATHS = device_paths()
 
 

@@ -6,21 +6,23 @@ import itertools
 
 import pytest
 import torch
+from parity import DEVICES, backend, on_cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import simclr_ext
 
 ops = simclr_ext.ops
-_op = torch.ops.simclr_ext
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                           reason="needs a CUDA GPU")])
-DEVICES = ["cpu", CUDA]
 MASKS = [m for m in itertools.product([False, True], repeat=3) if any(m)]
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def _passes(device):
-    return {k.split("_", 1)[1]: v for k, v in ops.ntxent_pass_counts().items() if k.startswith(device) and v}
+    return {k.split("_", 1)[1]: v for k, v in ops.ntxent_pass_counts().items() if k.startswith(backend(device)) and v}
+
+
+def _op():
+    """torch.ops.simclr_ext as the test sees it (the emulated ops while a cuda-emu test runs)."""
+    return torch.ops.simclr_ext
 
 
 def _case(kind, gen, device, dtype=torch.float64):
@@ -41,7 +43,7 @@ def _case(kind, gen, device, dtype=torch.float64):
 def _backward_args(case, gen, keep):
     q, k, ql, kl, offset, two_way = case
     t = torch.tensor(0.3, dtype=torch.float64)
-    loss, lse, npos, probs = _op.ntxent(q, k, ql, kl, t, offset, False, keep and not two_way, False, None, two_way)
+    loss, lse, npos, probs = _op().ntxent(q, k, ql, kl, t, offset, False, keep and not two_way, False, None, two_way)
     grad = torch.rand(loss.shape, generator=gen, dtype=loss.dtype).to(loss.device)
     kept = probs if probs.numel() else None
     return (grad, q, k, ql, kl, lse, npos, t, offset, False, kept, False, None, two_way)
@@ -54,12 +56,12 @@ def _backward_args(case, gen, keep):
 def test_masked_outputs_are_none_and_the_rest_unchanged(mask, kind, keep, device, gen):
     """Every mask against the full backward: the outputs asked for are bit-identical (the passes are
     independent), the others are None, and only the passes an output needs ran."""
-    if keep and device != "cpu":
+    if keep and on_cuda(device):
         pytest.skip("probabilities are kept on the CPU only")
     args = _backward_args(_case(kind, gen, device), gen, keep)
-    full = _op._ntxent_backward(*args)
+    full = _op()._ntxent_backward(*args)
     ops.reset_ntxent_path_counts()
-    got = _op._ntxent_backward(*args, output_mask=list(mask))
+    got = _op()._ntxent_backward(*args, output_mask=list(mask))
     for wanted, out, ref_out, name in zip(mask, got, full, ("grad_q", "grad_k", "grad_temperature")):
         if wanted:
             torch.testing.assert_close(out, ref_out, rtol=0, atol=0, msg=f"{name} changed under mask {mask}")
@@ -136,7 +138,7 @@ def test_frozen_queries_skip_the_dq_pass_unless_the_temperature_learns(device, g
 def test_opcheck_with_output_mask(kind, mask, gen):
     """Kernel and fake kernel agree on which outputs are None (schema, autograd registration, fake tensors)."""
     args = _backward_args(_case(kind, gen, "cpu"), gen, keep=False)
-    torch.library.opcheck(_op._ntxent_backward.default, args, {"output_mask": list(mask)}, test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(_op()._ntxent_backward.default, args, {"output_mask": list(mask)}, test_utils=OPCHECK_UTILS)
 
 
 def _fake_inputs(mode, m=6, l=9, d=5, **overrides):
@@ -162,7 +164,7 @@ def test_fake_kernel_rejects_bad_arguments_under_fake_tensors(bad, message):
     mode = FakeTensorMode()
     x = _fake_inputs(mode, **bad)
     with mode, pytest.raises(RuntimeError, match=message):
-        _op.ntxent(x["q"], x["k"], x["q_labels"], x["k_labels"], x["temperature"], -1, False)
+        _op().ntxent(x["q"], x["k"], x["q_labels"], x["k_labels"], x["temperature"], -1, False)
 
 
 def test_fake_kernel_rejects_devices_and_backward_shapes():
@@ -171,17 +173,17 @@ def test_fake_kernel_rejects_devices_and_backward_shapes():
     with mode:
         meta_labels = torch.empty(9, dtype=torch.int64, device="meta")
         with pytest.raises(RuntimeError, match=r"k_labels must be on the device of q \(cpu\), got meta"):
-            _op.ntxent(x["q"], x["k"], x["q_labels"], meta_labels, x["temperature"], -1, False)
+            _op().ntxent(x["q"], x["k"], x["q_labels"], meta_labels, x["temperature"], -1, False)
         with pytest.raises(RuntimeError, match="self_offset must be -1 or in"):
-            _op.ntxent(x["q"], x["k"], x["q_labels"], x["k_labels"], x["temperature"], 4, False)
+            _op().ntxent(x["q"], x["k"], x["q_labels"], x["k_labels"], x["temperature"], 4, False)
         lse, npos = torch.empty(6), torch.empty(6, dtype=torch.int32)
         with pytest.raises(RuntimeError, match=r"grad_loss must have shape \[6\], got \[15\]"):
-            _op._ntxent_backward(torch.empty(15), x["q"], x["k"], x["q_labels"], x["k_labels"], lse, npos,
+            _op()._ntxent_backward(torch.empty(15), x["q"], x["k"], x["q_labels"], x["k_labels"], lse, npos,
                                  x["temperature"], -1, False)
         with pytest.raises(RuntimeError, match="npos must be int32"):
-            _op._ntxent_backward(torch.empty(6), x["q"], x["k"], x["q_labels"], x["k_labels"], lse, npos.long(),
+            _op()._ntxent_backward(torch.empty(6), x["q"], x["k"], x["q_labels"], x["k_labels"], lse, npos.long(),
                                  x["temperature"], -1, False)
-        grad_q, grad_k, grad_t = _op._ntxent_backward(torch.empty(6), x["q"], x["k"], x["q_labels"], x["k_labels"],
+        grad_q, grad_k, grad_t = _op()._ntxent_backward(torch.empty(6), x["q"], x["k"], x["q_labels"], x["k_labels"],
                                                       lse, npos, x["temperature"], -1, False,
                                                       output_mask=[True, False, True])
         assert grad_q.shape == (6, 5) and grad_k is None and grad_t.shape == ()
@@ -198,12 +200,13 @@ def test_torch_compile_rejects_bad_labels_at_trace_time(gen):
 
     @torch.compile(backend=backend, fullgraph=True)
     def per_row(q, k, labels):
-        return _op.ntxent(q, k, labels, labels, torch.tensor(0.5), -1, False)[0]
+        return _op().ntxent(q, k, labels, labels, torch.tensor(0.5), -1, False)[0]
 
     q, k = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
     with pytest.raises(Exception, match=r"q_labels must have shape \[4\], got \[3\]"):
         per_row(q, k, torch.arange(3))
     assert not graphs
     labels = torch.arange(4)
-    torch.testing.assert_close(per_row(q, k, labels), _op.ntxent(q, k, labels, labels, torch.tensor(0.5), -1, False)[0])
+    eager = _op().ntxent(q, k, labels, labels, torch.tensor(0.5), -1, False)[0]
+    torch.testing.assert_close(per_row(q, k, labels), eager)
     assert len(graphs) == 1

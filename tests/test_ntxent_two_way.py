@@ -3,16 +3,13 @@ loss over the queries. Against the float64 oracle run once per direction: values
 temperature, in every dtype; the path it takes, opcheck, bad arguments, NaN and zero rows."""
 import pytest
 import torch
-from parity import assert_matches_reference
+from parity import DEVICES, assert_matches_reference, backend
 
 import simclr_ext
 import simclr_reference as ref
 
 ops = simclr_ext.ops
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                           reason="needs a CUDA GPU")])
-DEVICES = ["cpu", CUDA]
 
 
 def _sample(m, l, d, gen, dtype=torch.float64, classes=3):
@@ -85,7 +82,7 @@ def test_takes_the_two_way_paths_and_equals_two_one_way_calls(device, gen):
     loss, _, _ = _two_way(a, b, ql, kl, 0.3)
     loss.sum().backward()
     counts = ops.ntxent_path_counts()
-    assert counts[f"{device}_forward_two_way"] == 1 and counts[f"{device}_backward_two_way"] == 1
+    assert counts[f"{backend(device)}_forward_two_way"] == 1 and counts[f"{backend(device)}_backward_two_way"] == 1
     a2, b2 = q.clone().requires_grad_(), k.clone().requires_grad_()
     rows = simclr_ext.contrastive_loss(a2, b2, ql, kl, 0.3, reduction="none")
     cols = simclr_ext.contrastive_loss(b2, a2, kl, ql, 0.3, reduction="none")

@@ -219,7 +219,9 @@ inline std::string thread_name() {
 }
 
 // Waits on b.cv until b.gen moves past gen. Every 100 ms it checks for a failed launch, and for a deadlock:
-// all threads of the block waiting (in any barrier) while no barrier completes for 3 s.
+// all threads of the block waiting (in any barrier) while no barrier completes for 3 s. A waiter counts in
+// L.blocked from its arrival until the barrier completes: the completing thread (release_waiters) takes the
+// waiters off the count, so a woken thread the OS has not yet scheduled never looks blocked.
 inline void wait_generation(LaunchState& L, BarrierState& b, std::unique_lock<std::mutex>& lock, uint64_t gen,
                             const char* what) {
   L.blocked.fetch_add(1, std::memory_order_relaxed);
@@ -246,7 +248,14 @@ inline void wait_generation(LaunchState& L, BarrierState& b, std::unique_lock<st
                          thread_name() + " waits at " + what + " at " + b.site.str());
     }
   }
-  L.blocked.fetch_sub(1, std::memory_order_relaxed);
+}
+
+// The barrier's `waiters` threads are released: no longer blocked (called under the barrier's mutex).
+inline void release_waiters(LaunchState& L, BarrierState& b, int waiters) {
+  ++b.gen;
+  L.blocked.fetch_sub(waiters, std::memory_order_relaxed);
+  L.progress.fetch_add(1, std::memory_order_relaxed);
+  b.cv.notify_all();
 }
 
 // One arrival at a barrier of `b.expected` threads, all of which must come from the same call site.
@@ -264,9 +273,7 @@ inline void arrive(LaunchState& L, BarrierState& b, Site site, const char* what)
   b.site = site;
   if (++b.arrived == b.expected) {
     b.arrived = 0;
-    ++b.gen;
-    L.progress.fetch_add(1, std::memory_order_relaxed);
-    b.cv.notify_all();
+    release_waiters(L, b, b.expected - 1);
     return;
   }
   wait_generation(L, b, lock, b.gen, what);
@@ -408,9 +415,7 @@ inline void finish_block(LaunchState& L) {
   }
   L.poison_shared();
   L.end.arrived = 0;
-  ++L.end.gen;
-  L.progress.fetch_add(1, std::memory_order_relaxed);
-  L.end.cv.notify_all();
+  release_waiters(L, L.end, L.end.expected - 1);
 }
 
 template <typename Params, typename Kernel>
