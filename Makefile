@@ -9,7 +9,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup deps build test lint demo bench clean gpu-wheels
+.PHONY: setup deps build test fuzz lint demo bench clean gpu-wheels
 
 deps:
 	$(PYTHON) -m pip install $(TORCH_SPEC) -r requirements-dev.txt
@@ -22,6 +22,10 @@ setup: build
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# The long property-based fuzzing session (fresh random examples, many more than `make test`'s CI profile).
+fuzz: setup
+	SIMCLR_EXT_FUZZ=long $(PYTHON) -m pytest -q tests/test_fuzz.py
 
 # ruff (Python, configured in pyproject.toml) and clang-format (C++ / CUDA, .clang-format), both pinned in
 # requirements-dev.txt; .ci/run runs it after the tests.
