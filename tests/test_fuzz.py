@@ -79,11 +79,14 @@ def _restride(layout):
     return apply
 
 
-def _magnitude(temperature, *inputs):
-    """The size of the gradients' terms, the rounding floor where they cancel to ~0 (D = 1, where normalizing
-    leaves no gradient): the scores cos / t scale them by 1 / t, and normalizing a row x by 1 / |x|."""
+def _magnitudes(temperature, *inputs):
+    """The rounding floors (see parity.assert_matches_reference) of the loss and of its gradients. The scores
+    cos / t carry a rounding error of ~eps / t; the softmax turns it into a relative error of its
+    probabilities, which the gradient multiplies by 1 / t again (eps / t^2), and normalizing a row x by
+    1 / |x| (large where a D = 1 gradient cancels to ~0 at a tiny |x|)."""
     norms = [x.double().reshape(-1, x.shape[-1]).norm(dim=1).min().item() for x in inputs]
-    return max(1.0, 1.0 / temperature) * max([1.0] + [1.0 / n for n in norms if n > 0])
+    scale = max(1.0, 1.0 / temperature)
+    return dict(magnitude=scale, grad_magnitude=scale ** 2 * max([1.0] + [1.0 / n for n in norms if n > 0]))
 
 
 def _randn(gen, shape, dtype):
@@ -170,7 +173,7 @@ def test_contrastive_loss_matches_the_oracle(case):
         return ref.contrastive_loss(a, b, q_labels, k_labels, temp[0] if temp else t, positive_weight=w, **kw)
 
     compare_with_reference(fused, oracle, inputs, dtype, gen, f"{case}", layout=_restride(case["layout"]),
-                           magnitude=_magnitude(t, q, k))
+                           **_magnitudes(t, q, k))
 
 
 @FUZZ
@@ -185,7 +188,7 @@ def test_nt_xent_and_its_module_match_the_oracle(n, d, dtypes, layout, temperatu
     fused = simclr_ext.NTXentLoss(temperature) if module else lambda a, b: simclr_ext.nt_xent(a, b, temperature)
     compare_with_reference(fused, lambda a, b: ref.nt_xent(a.to(common), b.to(common), temperature), [z1, z2],
                            common, gen, f"N={n} D={d} {dtypes} {layout} t={temperature}", layout=_restride(layout),
-                           magnitude=_magnitude(temperature, z1, z2))
+                           **_magnitudes(temperature, z1, z2))
 
 
 @FUZZ
@@ -205,7 +208,7 @@ def test_clip_loss_matches_the_oracle(n, d, dtype, layout, scale, tensor_scale, 
 
     compare_with_reference(lambda a, b, *s: simclr_ext.ClipLoss()(a, b, s[0] if s else scale), oracle, inputs, dtype,
                            gen, f"N={n} D={d} {dtype} scale={scale}", layout=_restride(layout),
-                           magnitude=_magnitude(1 / scale, image, text))
+                           **_magnitudes(1 / scale, image, text))
 
 
 @FUZZ
@@ -227,7 +230,7 @@ def test_supcon_loss_matches_the_oracle(b, views, d, dtype, labels, classes, tem
     module = simclr_ext.SupConLoss(temperature, base_temperature=base)
     compare_with_reference(lambda f: module(f, sample_labels), oracle, [features], dtype, gen,
                            f"B={b} V={views} D={d} {dtype} {labels} t={temperature}",
-                           magnitude=_magnitude(temperature, features))
+                           **_magnitudes(temperature, features))
 
 
 def _dclw_weights(a, b, sigma):
@@ -257,7 +260,7 @@ def test_dcl_and_dclw_losses_match_the_oracle(n, d, dtype, layout, temperature, 
                                     positive_weight=w)
 
     compare_with_reference(module, oracle, [out0, out1], dtype, gen, f"N={n} D={d} {dtype} sigma={sigma}",
-                           layout=_restride(layout), magnitude=_magnitude(temperature, out0, out1))
+                           layout=_restride(layout), **_magnitudes(temperature, out0, out1))
 
 
 # ----- non-finite inputs and bad arguments --------------------------------------------------------------
