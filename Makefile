@@ -9,7 +9,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup deps build emu test test-tsan lint demo bench clean gpu-wheels
+.PHONY: setup deps build emu test test-tsan fuzz lint demo bench clean gpu-wheels
 
 deps:
 	$(PYTHON) -m pip install $(TORCH_SPEC) -r requirements-dev.txt
@@ -30,6 +30,10 @@ test: setup emu
 # The emulated CUDA kernels under ThreadSanitizer, and the checks that a missing barrier or mask is caught.
 test-tsan: setup
 	$(PYTHON) -m pytest -q -m tsan
+
+# The long property-based fuzzing session (fresh random examples, many more than `make test`'s CI profile).
+fuzz: setup
+	SIMCLR_EXT_FUZZ=long $(PYTHON) -m pytest -q tests/test_fuzz.py
 
 # ruff (Python, configured in pyproject.toml) and clang-format (C++ / CUDA, .clang-format), both pinned in
 # requirements-dev.txt; .ci/run runs it after the tests.

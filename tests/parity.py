@@ -219,12 +219,13 @@ def leaf(x, device="cpu", dtype=None):
 
 
 def compare_with_reference(fused_fn, ref_fn, inputs, dtype, gen, what, device="cpu", tf32=False, layout=None,
-                           magnitude=1.0):
+                           magnitude=1.0, grad_magnitude=None):
     """Runs both losses on `device` copies of `inputs` (dtype), the reference also in float64 (its matmuls
     in TF32 when tf32, like the op's path); checks the loss and the gradients of (loss * grad_out).sum()
     with a random grad_out that is not 1. layout: None, or a function giving the fused side's copy of an
-    input with other strides (a leaf holding the same values: non-contiguous views). magnitude: see
-    assert_matches_reference."""
+    input with other strides (a leaf holding the same values: non-contiguous views). magnitude,
+    grad_magnitude (default: magnitude): see assert_matches_reference, for the loss and the gradients."""
+    grad_magnitude = magnitude if grad_magnitude is None else grad_magnitude
     ours_in = [leaf(x, device) if layout is None else layout(leaf(x, device)).detach().requires_grad_(True)
                for x in inputs]
     same_in = [leaf(x, device) for x in inputs]
@@ -242,7 +243,7 @@ def compare_with_reference(fused_fn, ref_fn, inputs, dtype, gen, what, device="c
             (g_s,) = torch.autograd.grad((same * grad_out.to(same.dtype)).sum(), s, retain_graph=True)
         (g_r,) = torch.autograd.grad((ref64 * grad_out).sum(), r, retain_graph=True)
         assert g_o.dtype == o.dtype and g_o.shape == o.shape and g_o.device == o.device
-        assert_matches_reference(g_o, g_s, g_r, dtype, f"{what} grad of input {name}", magnitude)
+        assert_matches_reference(g_o, g_s, g_r, dtype, f"{what} grad of input {name}", grad_magnitude)
 
 
 # The augmentation op's tolerances (tests/test_augment.py's docstring explains them).

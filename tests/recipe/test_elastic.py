@@ -161,3 +161,36 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(t
     assert f"simclr-ext: elastic restart 1: resumed from {str(out / 'last.pt')!r} at global step " \
            f"{STEPS_PER_EPOCH}" in text, text[-4000:]
     _assert_same_run(out, uninterrupted, STEPS_PER_EPOCH)
+
+
+# ----- the restart decision, in one process (no torchrun): which checkpoint a restarted worker picks up -----
+TINY = dict(epochs=1, batch_size=256, width=4, proj_dim=16, knn_every=0, eval=False, progress=False, device="cpu",
+            warmup_epochs=1)
+
+
+def test_a_restart_resumes_only_from_its_own_jobs_checkpoint(tmp_path, monkeypatch):
+    from simclr_ext.recipe.train import PretrainConfig, RunDirectoryError, Trainer
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    Trainer(PretrainConfig(out=str(tmp_path), **TINY)).run()  # job a's checkpoint, after its 3 steps
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = Trainer(PretrainConfig(out=str(tmp_path), **TINY))
+    assert restarted.cfg.resume and restarted.global_step == 3
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # another job finds a's checkpoint: the usual rule
+    with pytest.raises(RunDirectoryError, match="--resume"):
+        Trainer(PretrainConfig(out=str(tmp_path), **TINY))
+
+
+def test_a_restart_before_any_checkpoint_starts_over_without_the_old_events(tmp_path, monkeypatch):
+    from simclr_ext.recipe.train import PretrainConfig, Trainer
+
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.1").write_text("the failed attempt's events")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "step": 1, "loss": 1.0, "lr": 0.1}\n')
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    trainer = Trainer(PretrainConfig(out=str(tmp_path), **TINY))
+    assert not trainer.cfg.resume and not (tmp_path / "tb" / "events.out.tfevents.1").exists()
+    trainer.run()
+    assert [r["step"] for r in _rows(tmp_path) if "kind" not in r] == [1, 2, 3]

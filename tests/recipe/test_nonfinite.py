@@ -5,9 +5,12 @@ import copy
 import json
 import math
 import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from simclr_ext.recipe import cli
 from simclr_ext.recipe.train import NonFiniteLossError, PretrainConfig, Trainer
@@ -148,3 +151,43 @@ def test_cli_huge_lr_stops_with_exit_1_and_the_message(tmp_path, capfd):
 def test_max_nonfinite_steps_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 1, got 0"):
         Trainer(PretrainConfig(out=str(tmp_path), max_nonfinite_steps=0, **TINY))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _nan_on_one_rank_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        trainer = Trainer(PretrainConfig(out=out_dir, **{**TINY, "epochs": 1}))
+        if rank == 1:
+            _corrupt(trainer, {2: "loss"})  # only rank 1 sees the NaN
+        finite, real_step = [], trainer._train_step
+
+        def recording(images):
+            result = real_step(images)
+            finite.append(result[1])
+            return result
+
+        trainer._train_step = recording
+        trainer.run()
+        # the parameters (BatchNorm buffers differ by design: each rank updates them with its own last batch)
+        weights = {name: p.detach() for name, p in trainer.model.named_parameters()}
+        torch.save({"finite": finite, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The decision is collective: rank 0's loss is finite, yet it skips the step with rank 1, and both ranks
+    keep the same weights."""
+    mp.spawn(_nan_on_one_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["finite"] == ranks[1]["finite"] == [True, False, True]
+    for name, tensor in ranks[0]["weights"].items():
+        assert torch.equal(tensor, ranks[1]["weights"][name]), name
+    assert [r["skipped"] for r in _rows(tmp_path)] == [False, True, False]
