@@ -19,13 +19,13 @@
 #include <torch/library.h>
 
 #include <cstring>
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include "common/simd.h"
+#ifdef SIMCLR_X86_CLONES
 #include <immintrin.h>
 #endif
 #include <vector>
 
 #include "common/dispatch.h"
-#include "common/simd.h"
 
 // Our kernels (everything below, the shared header included) never rely on floating-point traps; without
 // them GCC if-converts the compares of adjust_hue and the row loops vectorize. Results are unchanged:
@@ -36,8 +36,8 @@
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
 
-// The hot row loops are compiled once per ISA of the SIMD-clone policy (csrc/common/simd.h) and picked at
-// load time: results do not depend on the machine's ISA.
+// Each image's passes run through simd_dispatch, which compiles them (the hot row loops included) once per
+// ISA clone (csrc/common/simd.h): results do not depend on the clone that runs.
 
 namespace simclr_ext {
 namespace augment {
@@ -255,7 +255,7 @@ inline void lerp_x_row_portable(const float* f, const int* i0, const float* w0, 
   for (; x < W; ++x) o[x] = lerp_x(f[i0[x]], f[i0[x] + 1], Tap{i0[x], i0[x] + 1, w0[x], w1[x]});
 }
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#ifdef SIMCLR_X86_CLONES
 __attribute__((target("avx2"))) void lerp_x_row_avx2(const float* f, const int* i0, const float* w0, const float* w1,
                                                      int W, float* o) {
   int x = 0;
@@ -271,8 +271,7 @@ __attribute__((target("avx2"))) void lerp_x_row_avx2(const float* f, const int* 
 }
 
 inline void lerp_x_row(const float* f, const int* i0, const float* w0, const float* w1, int W, float* o) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+  if (cpu_isa() >= CpuIsa::kAvx2) {
     lerp_x_row_avx2(f, i0, w0, w1, W, o);
   } else {
     lerp_x_row_portable(f, i0, w0, w1, 0, W, o);
@@ -493,8 +492,10 @@ void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, c
       s.sx = src_cl ? cfg.channels : 1;
       const View v = load_view(params + b * kNumParams);
       O* o = out_base + b * lay.sb;
-      color_passes<T, O>(s, v, cfg, scratch, o, lay);
-      if (v.blur) vblur_pass<O>(v, cfg, scratch, o, lay);
+      simd_dispatch([&] {
+        color_passes<T, O>(s, v, cfg, scratch, o, lay);
+        if (v.blur) vblur_pass<O>(v, cfg, scratch, o, lay);
+      });
     }
   });
 }
