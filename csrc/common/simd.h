@@ -29,6 +29,19 @@ CpuIsa cpu_isa();
 CpuIsa best_cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
 
+// Floats per vector register of the clone that runs: 16 (AVX-512), 8 (AVX2), 4 (the baseline: SSE2 on x86,
+// NEON on aarch64), for loops written with GCC vectors of an explicit width.
+inline int simd_floats() {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return 16;
+    case CpuIsa::kAvx2:
+      return 8;
+    default:
+      return 4;
+  }
+}
+
 #ifdef SIMCLR_X86_CLONES
 template <typename F>
 __attribute__((target("arch=x86-64-v4"), flatten)) void run_avx512(const F& f) {
