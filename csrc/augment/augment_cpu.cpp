@@ -20,6 +20,7 @@
 
 #include <cstring>
 #include <type_traits>
+
 #include "common/simd.h"
 #ifdef SIMCLR_X86_CLONES
 #include <immintrin.h>

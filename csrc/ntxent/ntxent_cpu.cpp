@@ -49,8 +49,8 @@
 // The BLAS products of the tiles (see gemm_abt below): weak, null where libtorch_cpu exports no such symbol.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
@@ -447,8 +447,8 @@ void forward_kept(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, ac
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = r0 + i;
           RowState<acc_t> st;
-          probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t,
-                    a.rq[row], a.rk, a.exclude_positives, st);
+          probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t, a.rq[row],
+                    a.rk, a.exclude_positives, st);
           finish_row(st, row, out.loss, out.lse, out.npos, out.weight);
         }
       });
