@@ -41,6 +41,12 @@ def _check_header(text, data, op, device):
     assert re.fullmatch(r"[0-9a-f]{12}", data["git"]["sha"]) and data["git"]["dirty"] in (True, False)
     assert data["machine"]["cpu"] and data["machine"]["versions"]["torch"] == torch.__version__
     assert data["command"].startswith(f"python benchmarks/bench_{op}.py")
+    import simclr_ext
+
+    isa = data["machine"]["isa"]  # the clone that ran, named in the header
+    assert isa["simclr_ext"] == simclr_ext.info()["cpu_isa"]
+    assert isa["simclr_ext_best"] in ("avx512", "avx2", "baseline")
+    assert f"- CPU ISA: simclr_ext clone {isa['simclr_ext']}" in text
     for line in (f"- op: {op}; device: {device}", f"- date: {data['date_utc']}", f"- git: {data['git']['sha']}",
                  f"- machine: {data['machine']['cpu']}", f"before / after: {data['load_before']} / ",
                  f"- command: `{data['command']}`"):
@@ -204,3 +210,13 @@ def test_ntxent_on_cuda_times_and_measures_every_mode(tmp_path):
                                                                for m in ("forward", "backward", "full")}
     assert all(r["time_s"] > 0 and r["peak_mib"] >= 0 for r in data["rows"] if r["provider"] != "lightly")
     assert "fused TFLOP/s" in text
+
+
+def test_isa_env_caps_simclr_ext_and_torch_or_names_the_bad_value():
+    assert common.isa_env("native") == {}
+    env = common.isa_env("avx2")
+    assert env == {"SIMCLR_EXT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert common.isa_env("baseline")["ATEN_CPU_CAPABILITY"] == "default"
+    with pytest.raises(SystemExit, match="--isa: must be one of native, avx512, avx2, baseline, got 'avx3'"):
+        common.isa_env("avx3")
