@@ -172,8 +172,8 @@ def main(argv=None):
             got = bench(case, workers, names, images, args.reps, args.batch)
             load = common.loadavg()
             for name, r in got.items():
-                rows.append({"case": case, "workers": workers, "provider": name, "images": args.images,
-                             "loadavg": load, **r})
+                rows.append({"case": case, "workers": workers, "mode": "forward", "provider": name,
+                             "images": args.images, "loadavg": load, **r})
             print(f"{case} workers={workers}: " + ", ".join(f"{n} {r['images_per_s']:.1f} images/s"
                                                           for n, r in got.items()) + f" (load {load})", flush=True)
     method = [f"{SIZE}x{SIZE}, two views per image, lightly's SimCLRTransform defaults for both (crop scale "

@@ -16,9 +16,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_losses  # noqa: E402
 import bench_ntxent  # noqa: E402
+import bench_transform_workers  # noqa: E402
 import common  # noqa: E402
 
-STAMP = re.compile(r"^(?P<op>[a-z]+)_(?P<device>cpu|cuda)_(?P<stamp>\d{8}-\d{4})(-\d+)?\.(md|json)$")
+STAMP = re.compile(r"^(?P<op>[a-z_]+)_(?P<device>cpu|cuda)_(?P<stamp>\d{8}-\d{4})(-\d+)?\.(md|json)$")
 
 
 def _results(out_dir):
@@ -220,3 +221,24 @@ def test_isa_env_caps_simclr_ext_and_torch_or_names_the_bad_value():
     assert common.isa_env("baseline")["ATEN_CPU_CAPABILITY"] == "default"
     with pytest.raises(SystemExit, match="--isa: must be one of native, avx512, avx2, baseline, got 'avx3'"):
         common.isa_env("avx3")
+
+
+@pytest.mark.slow
+def test_transform_workers_rows_and_table(tmp_path):
+    bench_transform_workers.main(["--images", "4", "--batch", "2", "--workers", "1", "--reps", "1", "--out",
+                                  str(tmp_path)])
+    text, data = _results(tmp_path)
+    _check_header(text, data, "transform_workers", "cpu")
+    names = data["providers"]
+    assert names[0] == "fused" and set(names) <= {"fused", "lightly"}
+    assert [(r["case"], r["workers"], r["provider"]) for r in data["rows"]] == [
+        (c, 1, p) for c in ("decoded", "jpeg") for p in names]
+    assert all(r["images_per_s"] > 0 and r["images"] == 4 for r in data["rows"])
+    assert "| case | workers | images | reps | fused images/s" in text
+
+
+def test_transform_workers_arguments_name_what_they_got():
+    with pytest.raises(SystemExit, match="--workers: every value must be >= 1, got"):
+        bench_transform_workers.parse_args(["--workers", "0"])
+    with pytest.raises(SystemExit, match="--cases: unknown"):
+        bench_transform_workers.parse_args(["--cases", "png"])
