@@ -32,10 +32,18 @@ CpuIsa requested_or(CpuIsa best) {
 }  // namespace
 
 CpuIsa best_cpu_isa() {
-#ifdef SIMCLR_X86_CLONES
-  // The x86-64-v4 / v3 levels the clones are compiled for (GCC knows them as CPU features since GCC 12).
+#if defined(SIMCLR_X86_CLONES) && __GNUC__ >= 12
+  // The x86-64-v4 / v3 levels the clones are compiled for (CPU features of __builtin_cpu_supports since GCC 12).
   if (__builtin_cpu_supports("x86-64-v4")) return CpuIsa::kAvx512;
   if (__builtin_cpu_supports("x86-64-v3")) return CpuIsa::kAvx2;
+#elif defined(SIMCLR_X86_CLONES)
+  // GCC 11 (the first with the x86-64-v3 / v4 targets): the levels' vector and bit-manipulation features.
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+    const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512vl");
+    return v4 ? CpuIsa::kAvx512 : CpuIsa::kAvx2;
+  }
 #endif
   return CpuIsa::kBaseline;
 }

@@ -4,14 +4,16 @@
 // (`flatten`) into three copies compiled for AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) and the baseline
 // ISA, and the copy of the clone cpu_isa() names runs: the best the CPU supports, or the one that
 // SIMCLR_EXT_CPU_ISA (avx512 | avx2 | baseline, read once) asks for, so that an AVX2 machine's code can be
-// run and profiled on an AVX-512 one. Elsewhere (aarch64, clang, SIMCLR_EXT_PORTABLE_ONLY) there is one
+// run and profiled on an AVX-512 one. Elsewhere (aarch64, clang, GCC < 11, SIMCLR_EXT_PORTABLE_ONLY) there is one
 // copy, the baseline, which is what cpu_isa() then reports.
 // The build passes -ffp-contract=off and no -ffast-math, so no clone fuses a multiply-add or reorders a
 // sum of its own accord: element-wise results are identical in every clone (sums reordered on purpose,
 // `omp simd reduction`, follow the vector width).
 #pragma once
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SIMCLR_EXT_PORTABLE_ONLY)
+// GCC 11 is the first to know the x86-64-v3 / v4 targets; older ones build the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    !defined(SIMCLR_EXT_PORTABLE_ONLY)
 #define SIMCLR_X86_CLONES 1
 #endif
 
