@@ -224,6 +224,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.apply_isa(args.isa)  # re-executes with the --isa environment, unless it holds already
     if args.probe:
         common.enter_probe_process()
         print(probe(*args.probe))

@@ -396,6 +396,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.probe:
+        common.apply_isa(args.isa)  # re-executes with the --isa environment, unless it holds already
     if args.probe:
         common.enter_probe_process()
         probe(args)

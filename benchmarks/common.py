@@ -69,11 +69,60 @@ def _versions():
     return out
 
 
+# --isa: the environment that makes simclr_ext's kernels (csrc/common/simd.h) and torch's own CPU code (ATen's
+# vectorized kernels, MKL's and oneDNN's GEMMs) run as on a machine whose best ISA is the one named, so that
+# an AVX2-only machine's figures, peers included, can be measured on an AVX-512 one. All read it at load.
+ISAS = ("native", "avx512", "avx2", "baseline")
+_ISA_ENV = {"SIMCLR_EXT_CPU_ISA": {"avx512": "avx512", "avx2": "avx2", "baseline": "baseline"},
+            "ATEN_CPU_CAPABILITY": {"avx512": "avx512", "avx2": "avx2", "baseline": "default"},
+            "MKL_ENABLE_INSTRUCTIONS": {"avx512": "AVX512", "avx2": "AVX2", "baseline": "SSE4_2"},
+            "ONEDNN_MAX_CPU_ISA": {"avx512": "AVX512_CORE", "avx2": "AVX2", "baseline": "SSE41"}}
+
+
+def isa_env(isa):
+    """The variables --isa sets ({} for native: each library picks the best the CPU runs)."""
+    if isa not in ISAS:
+        raise SystemExit(f"--isa: must be one of {', '.join(ISAS)}, got {isa!r}")
+    return {} if isa == "native" else {var: names[isa] for var, names in _ISA_ENV.items()}
+
+
+def apply_isa(isa):
+    """--isa: re-executes the script with isa_env(isa) unless the environment already holds it (torch and
+    MKL are loaded by now and read their variables only at load)."""
+    env = isa_env(isa)
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **env))
+
+
+def isa_info():
+    """Which ISA ran: simclr_ext's clone (and the best this CPU runs), ATen's CPU capability and the MKL /
+    oneDNN caps in the environment."""
+    import simclr_ext
+
+    info = simclr_ext.info()
+    out = {"simclr_ext": info["cpu_isa"], "simclr_ext_best": info["cpu_isa_best"]}
+    get_capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)  # torch >= 2.0
+    out["aten"] = get_capability() if get_capability is not None else "unknown"
+    for var in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"):
+        out[var] = os.environ.get(var, "unset")
+    return out
+
+
+def describe_isa(isa):
+    forced = " (forced)" if isa["simclr_ext"] != isa["simclr_ext_best"] else ""
+    return (f"simclr_ext clone {isa['simclr_ext']}{forced}, the CPU runs up to {isa['simclr_ext_best']}; torch: "
+            f"ATen {isa['aten']}, MKL_ENABLE_INSTRUCTIONS={isa['MKL_ENABLE_INSTRUCTIONS']}, "
+            f"ONEDNN_MAX_CPU_ISA={isa['ONEDNN_MAX_CPU_ISA']}")
+
+
 def machine_info(device):
-    """What the numbers depend on: CPU model, logical CPUs and torch threads, the GPU and its driver (CUDA),
-    library versions. Call it after the providers' modules are imported (their versions are listed)."""
+    """What the numbers depend on: CPU model, logical CPUs and torch threads, the ISA the CPU code ran, the GPU
+    and its driver (CUDA), library versions. Call it after the providers' modules are imported (their
+    versions are listed)."""
     info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "versions": _versions()}
+            "isa": isa_info(), "versions": _versions()}
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -275,6 +324,9 @@ def add_harness_args(parser, providers, modes_help, metrics_help, reps_help):
                              "benchmarks/results)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only, write no file")
     parser.add_argument("--note", default="", help="a line for the results (e.g. what else ran on the machine)")
+    parser.add_argument("--isa", default="native", choices=ISAS,
+                        help="CPU: run simclr_ext's kernels and torch's (ATen, MKL, oneDNN) as on a CPU whose best "
+                             "ISA is this one (default: native, the best this CPU runs); the tables name it")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget: the first case always runs; once spent, stop repeating and skip the "
                              "cases not started (listed in the results); results are written either way")
@@ -357,6 +409,7 @@ class Run:
                  f"- date: {data['date_utc']} to {data['end_utc'][-5:]} UTC",
                  f"- git: {describe_git(data['git'])}",
                  f"- machine: {describe_machine(data['machine'])}",
+                 f"- CPU ISA: {describe_isa(data['machine']['isa'])}",
                  f"- load average (1, 5, 15 min) before / after: {data['load_before']} / {data['load_after']}",
                  f"- command: `{data['command']}`"]
         if data["note"]:

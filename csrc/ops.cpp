@@ -28,6 +28,7 @@
 
 #include <string>
 
+#include "common/simd.h"
 #include "ntxent/ntxent_paths.h"
 
 // setup.py passes the CUDA targets unquoted (e.g. sm_80+sm_90): it travels through a shell.
@@ -64,6 +65,13 @@ std::string build_info() {
   const char* openmp = "0";
 #endif
   return std::string("cuda=") + cuda + ";archs=" + SIMCLR_EXT_ARCHS_STR + ";openmp=" + openmp;
+}
+
+// The SIMD clone the CPU kernels run and the best this CPU and build could (csrc/common/simd.h), for
+// simclr_ext.info(): "active=<name>;best=<name>". Raises for a SIMCLR_EXT_CPU_ISA that cannot run.
+std::string cpu_isa_info() {
+  return std::string("active=") + simclr_ext::cpu_isa_name(simclr_ext::cpu_isa()) +
+         ";best=" + simclr_ext::cpu_isa_name(simclr_ext::best_cpu_isa());
 }
 
 }  // namespace
@@ -105,6 +113,8 @@ TORCH_LIBRARY(simclr_ext, m) {
       "-> (Tensor, Tensor, Tensor)");
   // How the extension was built, for simclr_ext.info().
   m.def("_build_info() -> str", &build_info);
+  // Which SIMD clone the CPU kernels run, for simclr_ext.info().
+  m.def("_cpu_isa_info() -> str", &cpu_isa_info);
   // Debug counters of the kernels' code paths and backward passes (csrc/ntxent/ntxent_paths.h):
   // "name=count;..."; the reset clears both.
   m.def("_ntxent_path_counts() -> str", &simclr_ext::ntxent::path_counts);

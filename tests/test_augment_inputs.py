@@ -84,3 +84,18 @@ def test_wrong_channel_count_names_the_dimension_it_read(gen):
     # dropping alpha as the message says works
     v1, v2 = aug(rgba[:, :3], generator=gen)
     assert v1.shape == v2.shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_one_image_listed_twice_reads_one_copy_with_the_same_result(dtype, gen):
+    """[x, x] (SimCLRTransform's two views of one image) packs x once, every offset 0: the views equal those
+    of two separate copies, also for a (C, H, W) view of (H, W, C) memory (pil_to_tensor's)."""
+    hwc = torch.randint(0, 256, (37, 29, 3), generator=gen, dtype=torch.uint8)
+    hwc = hwc if dtype == torch.uint8 else hwc.float() / 255
+    x = hwc.permute(2, 0, 1)  # not contiguous
+    aug = SimCLRAugment(size=21, jitter_p=1.0, blur_p=1.0, grayscale_p=0.5)
+    params = aug.sample([x, x], generator=gen)
+    shared = augment([x, x], params, mean=aug.mean, std=aug.std)
+    copies = augment([x.contiguous(), x.clone()], params, mean=aug.mean, std=aug.std)
+    assert torch.equal(shared, copies)
+    assert not torch.equal(shared[0], shared[1])  # two different views

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_grad_cache  # noqa: E402
 import bench_losses  # noqa: E402
 import bench_ntxent  # noqa: E402
+import bench_transform_workers  # noqa: E402
 import common  # noqa: E402
 
 STAMP = re.compile(r"^(?P<op>[a-z_]+)_(?P<device>cpu|cuda)_(?P<stamp>\d{8}-\d{4})(-\d+)?\.(md|json)$")
@@ -42,6 +43,12 @@ def _check_header(text, data, op, device):
     assert re.fullmatch(r"[0-9a-f]{12}", data["git"]["sha"]) and data["git"]["dirty"] in (True, False)
     assert data["machine"]["cpu"] and data["machine"]["versions"]["torch"] == torch.__version__
     assert data["command"].startswith(f"python benchmarks/bench_{op}.py")
+    import simclr_ext
+
+    isa = data["machine"]["isa"]  # the clone that ran, named in the header
+    assert isa["simclr_ext"] == simclr_ext.info()["cpu_isa"]
+    assert isa["simclr_ext_best"] in ("avx512", "avx2", "baseline")
+    assert f"- CPU ISA: simclr_ext clone {isa['simclr_ext']}" in text
     for line in (f"- op: {op}; device: {device}", f"- date: {data['date_utc']}", f"- git: {data['git']['sha']}",
                  f"- machine: {data['machine']['cpu']}", f"before / after: {data['load_before']} / ",
                  f"- command: `{data['command']}`"):
@@ -244,3 +251,34 @@ def test_ntxent_on_cuda_times_and_measures_every_mode(tmp_path):
                                                                for m in ("forward", "backward", "full")}
     assert all(r["time_s"] > 0 and r["peak_mib"] >= 0 for r in data["rows"] if r["provider"] != "lightly")
     assert "fused TFLOP/s" in text
+
+
+def test_isa_env_caps_simclr_ext_and_torch_or_names_the_bad_value():
+    assert common.isa_env("native") == {}
+    env = common.isa_env("avx2")
+    assert env == {"SIMCLR_EXT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert common.isa_env("baseline")["ATEN_CPU_CAPABILITY"] == "default"
+    with pytest.raises(SystemExit, match="--isa: must be one of native, avx512, avx2, baseline, got 'avx3'"):
+        common.isa_env("avx3")
+
+
+@pytest.mark.slow
+def test_transform_workers_rows_and_table(tmp_path):
+    bench_transform_workers.main(["--images", "4", "--batch", "2", "--workers", "1", "--reps", "1", "--out",
+                                  str(tmp_path)])
+    text, data = _results(tmp_path)
+    _check_header(text, data, "transform_workers", "cpu")
+    names = data["providers"]
+    assert names[0] == "fused" and set(names) <= {"fused", "lightly"}
+    assert [(r["case"], r["workers"], r["provider"]) for r in data["rows"]] == [
+        (c, 1, p) for c in ("decoded", "jpeg") for p in names]
+    assert all(r["images_per_s"] > 0 and r["images"] == 4 for r in data["rows"])
+    assert "| case | workers | images | reps | fused images/s" in text
+
+
+def test_transform_workers_arguments_name_what_they_got():
+    with pytest.raises(SystemExit, match="--workers: every value must be >= 1, got"):
+        bench_transform_workers.parse_args(["--workers", "0"])
+    with pytest.raises(SystemExit, match="--cases: unknown"):
+        bench_transform_workers.parse_args(["--cases", "png"])

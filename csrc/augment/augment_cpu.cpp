@@ -19,13 +19,15 @@
 #include <torch/library.h>
 
 #include <cstring>
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <type_traits>
+
+#include "common/simd.h"
+#ifdef SIMCLR_X86_CLONES
 #include <immintrin.h>
 #endif
 #include <vector>
 
 #include "common/dispatch.h"
-#include "common/simd.h"
 
 // Our kernels (everything below, the shared header included) never rely on floating-point traps; without
 // them GCC if-converts the compares of adjust_hue and the row loops vectorize. Results are unchanged:
@@ -36,8 +38,8 @@
 #include "augment/augment.h"
 #include "augment/augment_checks.h"
 
-// The hot row loops are compiled once per ISA of the SIMD-clone policy (csrc/common/simd.h) and picked at
-// load time: results do not depend on the machine's ISA.
+// Each image's passes run through simd_dispatch, which compiles them (the hot row loops included) once per
+// ISA clone (csrc/common/simd.h): results do not depend on the clone that runs.
 
 namespace simclr_ext {
 namespace augment {
@@ -190,34 +192,74 @@ SIMCLR_SIMD_CLONES void gray_row(const Row& row, int C) {
   for (int i = 0; i < row.n; ++i) r[i] = g[i] = b[i] = kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
 }
 
-// 16 floats as one GCC vector (one 512-bit register in the AVX-512 clone, two or four narrower ones in
-// the others), loadable from any float address.
-typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));
+// V floats as one GCC vector, loadable from any float address. V follows the clone that runs
+// (simd_floats(): 16 is one AVX-512 register, 8 one AVX2 register, 4 one SSE / NEON register): a vector wider
+// than the clone's registers is lowered through the stack, several times slower (the AVX2 clone's blur was
+// 7x the AVX-512 one's with 16). The loops below compute each output element the same way whatever V.
+template <int V>
+struct FloatVec {
+  typedef float type __attribute__((vector_size(4 * V), aligned(4), may_alias));
+};
+template <int V>
+using Lanes = typename FloatVec<V>::type;
 
-// Sum of the row's luma (the contrast mean's numerator) in 16 fixed lanes, element i in lane i % 16, then
-// the lanes and the tail in a fixed order: a serial float sum would be one dependent add per pixel, and
-// this order does not depend on the ISA or the thread count.
+// The vector of V floats at p (a macro: a function returning a vector wider than the baseline's registers
+// would have an ISA-dependent ABI).
+#define SIMCLR_LOAD(V, p) (*reinterpret_cast<const Lanes<V>*>(p))
+
+// Calls f(std::integral_constant<int, V>{}) with the vector width of the clone that runs.
+template <typename F>
+inline void with_simd_floats(F&& f) {
+  switch (simd_floats()) {
+    case 16:
+      f(std::integral_constant<int, 16>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    default:
+      f(std::integral_constant<int, 4>{});
+      break;
+  }
+}
+
+// Sum of the row's luma (the contrast mean's numerator) in 16 fixed lanes, element i in lane i % 16 (16 / V
+// vectors of V), then the lanes and the tail in a fixed order: a serial float sum would be one dependent add
+// per pixel, and this order does not depend on the ISA or the thread count.
+template <int V>
 SIMCLR_SIMD_CLONES double luma_row_sum(const Row& row, int C) {
-  constexpr int L = 16;
+  constexpr int L = 16, P = L / V;
   const int n = row.n;
   const float* r = row.ch[0];
   const float* g = row.ch[C == 3 ? 1 : 0];
   const float* b = row.ch[C == 3 ? 2 : 0];
-  Lanes acc = {};
+  Lanes<V> acc[P] = {};
   float tail = 0.f;
   int i = 0;
   if (C == 3) {
     for (; i + L <= n; i += L) {
-      acc += kGrayR * *reinterpret_cast<const Lanes*>(r + i) + kGrayG * *reinterpret_cast<const Lanes*>(g + i) +
-             kGrayB * *reinterpret_cast<const Lanes*>(b + i);
+      for (int j = 0; j < P; ++j) {
+        const int o = i + j * V;
+        acc[j] += kGrayR * SIMCLR_LOAD(V, r + o) + kGrayG * SIMCLR_LOAD(V, g + o) + kGrayB * SIMCLR_LOAD(V, b + o);
+      }
     }
     for (; i < n; ++i) tail += kGrayR * r[i] + kGrayG * g[i] + kGrayB * b[i];
   } else {
-    for (; i + L <= n; i += L) acc += *reinterpret_cast<const Lanes*>(r + i);
+    for (; i + L <= n; i += L) {
+      for (int j = 0; j < P; ++j) acc[j] += SIMCLR_LOAD(V, r + i + j * V);
+    }
     for (; i < n; ++i) tail += r[i];
   }
   double sum = tail;
-  for (int j = 0; j < L; ++j) sum += acc[j];
+  for (int j = 0; j < P; ++j) {
+    for (int l = 0; l < V; ++l) sum += acc[j][l];
+  }
+  return sum;
+}
+
+inline double luma_row_sum(const Row& row, int C) {
+  double sum = 0.0;
+  with_simd_floats([&](auto v) { sum = luma_row_sum<decltype(v)::value>(row, C); });
   return sum;
 }
 
@@ -255,7 +297,7 @@ inline void lerp_x_row_portable(const float* f, const int* i0, const float* w0, 
   for (; x < W; ++x) o[x] = lerp_x(f[i0[x]], f[i0[x] + 1], Tap{i0[x], i0[x] + 1, w0[x], w1[x]});
 }
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#ifdef SIMCLR_X86_CLONES
 __attribute__((target("avx2"))) void lerp_x_row_avx2(const float* f, const int* i0, const float* w0, const float* w1,
                                                      int W, float* o) {
   int x = 0;
@@ -271,8 +313,7 @@ __attribute__((target("avx2"))) void lerp_x_row_avx2(const float* f, const int* 
 }
 
 inline void lerp_x_row(const float* f, const int* i0, const float* w0, const float* w1, int W, float* o) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
+  if (cpu_isa() >= CpuIsa::kAvx2) {
     lerp_x_row_avx2(f, i0, w0, w1, W, o);
   } else {
     lerp_x_row_portable(f, i0, w0, w1, 0, W, o);
@@ -346,29 +387,33 @@ inline int blur_weights(const View& v, const Config& cfg, Scratch& s) {
 // chunks whose accumulators stay in vector registers across all taps: one load per tap and
 // input, one store per output, instead of a load and a store of the output per tap.
 
-// NV vectors of outputs starting at x: NV independent accumulators hide the add latency.
-template <int NV>
+// NV vectors of V outputs starting at x: NV independent accumulators hide the add latency.
+template <int V, int NV>
 inline void sym_taps_chunk(const float* const* p, const float* w, int r, int x, float* o) {
-  Lanes a[NV];
-  for (int j = 0; j < NV; ++j) a[j] = w[r] * reinterpret_cast<const Lanes*>(p[r] + x)[j];
+  Lanes<V> a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = w[r] * SIMCLR_LOAD(V, p[r] + x + j * V);
   for (int t = 0; t < r; ++t) {
-    const Lanes* lo = reinterpret_cast<const Lanes*>(p[t] + x);
-    const Lanes* hi = reinterpret_cast<const Lanes*>(p[2 * r - t] + x);
-    for (int j = 0; j < NV; ++j) a[j] += w[t] * (lo[j] + hi[j]);
+    const float* lo = p[t] + x;
+    const float* hi = p[2 * r - t] + x;
+    for (int j = 0; j < NV; ++j) a[j] += w[t] * (SIMCLR_LOAD(V, lo + j * V) + SIMCLR_LOAD(V, hi + j * V));
   }
-  for (int j = 0; j < NV; ++j) reinterpret_cast<Lanes*>(o + x)[j] = a[j];
+  for (int j = 0; j < NV; ++j) *reinterpret_cast<Lanes<V>*>(o + x + j * V) = a[j];
 }
 
+template <int V>
 SIMCLR_SIMD_CLONES void sym_taps_row(const float* const* p, const float* w, int r, int n, float* o) {
-  constexpr int V = 16;  // floats per Lanes
   int x = 0;
-  for (; x + 4 * V <= n; x += 4 * V) sym_taps_chunk<4>(p, w, r, x, o);
-  for (; x + V <= n; x += V) sym_taps_chunk<1>(p, w, r, x, o);
-  for (; x < n; ++x) {  // the last n % 16 outputs, same order of operations
+  for (; x + 4 * V <= n; x += 4 * V) sym_taps_chunk<V, 4>(p, w, r, x, o);
+  for (; x + V <= n; x += V) sym_taps_chunk<V, 1>(p, w, r, x, o);
+  for (; x < n; ++x) {  // the last n % V outputs, same order of operations
     float a = w[r] * p[r][x];
     for (int t = 0; t < r; ++t) a += w[t] * (p[t][x] + p[2 * r - t][x]);
     o[x] = a;
   }
+}
+
+inline void sym_taps_row(const float* const* p, const float* w, int r, int n, float* o) {
+  with_simd_floats([&](auto v) { sym_taps_row<decltype(v)::value>(p, w, r, n, o); });
 }
 
 // Horizontal blur of a finished color row (still in L1) into row y of s.b, with reflect padding, over the
@@ -493,8 +538,10 @@ void run(const at::Tensor& src, const int64_t* offsets, const int64_t* shapes, c
       s.sx = src_cl ? cfg.channels : 1;
       const View v = load_view(params + b * kNumParams);
       O* o = out_base + b * lay.sb;
-      color_passes<T, O>(s, v, cfg, scratch, o, lay);
-      if (v.blur) vblur_pass<O>(v, cfg, scratch, o, lay);
+      simd_dispatch([&] {
+        color_passes<T, O>(s, v, cfg, scratch, o, lay);
+        if (v.blur) vblur_pass<O>(v, cfg, scratch, o, lay);
+      });
     }
   });
 }

@@ -33,9 +33,11 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/acc_type.h"
@@ -44,6 +46,16 @@
 #include "ntxent/ntxent.h"
 #include "ntxent/ntxent_checks.h"
 #include "ntxent/ntxent_paths.h"
+
+// The BLAS products of the tiles (see gemm_abt below): weak, null where libtorch_cpu exports no such symbol.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace simclr_ext {
 namespace ntxent {
@@ -121,13 +133,44 @@ at::Tensor normalization_backward(const Side<acc_t>& side, const at::Tensor& a_i
   return dz;
 }
 
-// Row-major products of raw buffers through at::mm_out on borrowed views (at::from_blob: no allocation,
-// no copy). The kernels hold plain pointers so that the per-element loops stay free of tensor
-// indexing; only the products go through ATen (and BLAS).
+// Row-major tile products. They call the BLAS that torch itself calls for at::mm on the CPU (the sgemm_ /
+// dgemm_ that libtorch_cpu exports: MKL on x86 wheels) directly: at::mm_out on borrowed views costs a tensor
+// construction, a dispatch and argument checks per call, a large share of a 64 x 256 tile's product. The
+// symbols (declared at the top of the file) are weak references, bound at load time where libtorch_cpu
+// exports them; elsewhere (and for
+// shapes past int32 leading dimensions) the products go through at::mm_out on views (at::from_blob: no
+// allocation, no copy). Both are the same BLAS routine on the same operands.
+
 template <typename acc_t>
 at::Tensor view(const acc_t* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, {ld, 1},
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+bool blas_ints(std::initializer_list<int64_t> values) {
+  for (const int64_t v : values) {
+    if (v < 1 || v > std::numeric_limits<int>::max()) return false;
+  }
+  return true;
+}
+
+// Column-major BLAS C (m x n, ldc) = op(A) op(B) (+ C), op = transpose where the flag is 'T'. False when
+// no BLAS symbol is bound or a size is out of BLAS's range (the caller then uses at::mm_out).
+template <typename acc_t>
+bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b,
+               int64_t ldb, bool accumulate, acc_t* c, int64_t ldc) {
+  if (!blas_ints({m, n, k, lda, ldb, ldc})) return false;
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  const acc_t one = 1, beta = accumulate ? acc_t(1) : acc_t(0);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (sgemm_ == nullptr) return false;
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+  } else {
+    if (dgemm_ == nullptr) return false;
+    dgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+  }
+  return true;
 }
 
 // Accumulates into c (beta = 1) or overwrites it (beta = 0).
@@ -140,22 +183,28 @@ void product(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumu
   }
 }
 
+// A row-major (r x c, ld) matrix is the column-major (c x r, ld) one: each product below is its transpose
+// in BLAS's terms (C^T = B^T A^T), operands swapped.
+
 // C (rows x cols, ldc) = A (rows x d, lda) B^T (B: cols x d, ldb).
 template <typename acc_t>
 void gemm_abt(int64_t rows, int64_t cols, int64_t d, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* c,
               int64_t ldc) {
+  if (blas_gemm('T', 'N', cols, rows, d, b, ldb, a, lda, false, c, ldc)) return;
   product<acc_t>(view(c, rows, cols, ldc), view(a, rows, d, lda), view(b, cols, d, ldb).t(), false);
 }
 // C (rows x d, ldc) (+)= A (rows x k, lda) B (k x d, ldb).
 template <typename acc_t>
 void gemm_ab(int64_t rows, int64_t d, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
              bool accumulate, acc_t* c, int64_t ldc) {
+  if (blas_gemm('N', 'N', d, rows, k, b, ldb, a, lda, accumulate, c, ldc)) return;
   product<acc_t>(view(c, rows, d, ldc), view(a, rows, k, lda), view(b, k, d, ldb), accumulate);
 }
 // C (rows x d, ldc) (+)= A^T (A: k x rows, lda) B (k x d, ldb).
 template <typename acc_t>
 void gemm_atb(int64_t rows, int64_t d, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
               bool accumulate, acc_t* c, int64_t ldc) {
+  if (blas_gemm('N', 'T', d, rows, k, b, ldb, a, lda, accumulate, c, ldc)) return;
   product<acc_t>(view(c, rows, d, ldc), view(a, k, rows, lda).t(), view(b, k, d, ldb), accumulate);
 }
 
@@ -293,8 +342,8 @@ void finish_sigmoid_row(const RowState<acc_t>& st, int64_t row, acc_t* loss, acc
 
 // The hot loops below are written as plain passes over contiguous arrays (no per-element branches,
 // labels or indices) so that the compiler vectorizes them; the few positives and the single self
-// entry of a row are handled by scalar fix-ups afterwards. They are compiled once per ISA of the SIMD-clone
-// policy (csrc/common/simd.h) and the loader picks the version the CPU supports.
+// entry of a row are handled by scalar fix-ups afterwards. Their callers reach them through simd_dispatch,
+// which compiles them once per ISA clone (csrc/common/simd.h) and runs the clone cpu_isa() names.
 
 // Whether any of labels[0, n) equals `label`: a vectorized pre-check, since most tiles hold no
 // positive of a given row and the scalar loop that handles positives is then skipped.
@@ -505,17 +554,19 @@ void forward_blocks(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, 
       const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
       // The backward recomputes this tile with exactly this call (same operands, shape and order).
       gemm_abt(rows, keys, a.d, a.q + r0 * a.d, a.d, a.k + k0 * a.d, a.d, buffer.data(), keys);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = r0 + i;
-        if (a.sigmoid) {
-          scan_tile_row_sigmoid(buffer.data() + i * keys, keys, a.q_labels[row], a.k_labels + k0, a.inv_t, a.bias,
-                                a.rq[row], a.rk + k0, states[i]);
-          continue;
+      simd_dispatch([&] {
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = r0 + i;
+          if (a.sigmoid) {
+            scan_tile_row_sigmoid(buffer.data() + i * keys, keys, a.q_labels[row], a.k_labels + k0, a.inv_t, a.bias,
+                                  a.rq[row], a.rk + k0, states[i]);
+            continue;
+          }
+          scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
+                        a.k_labels + k0, a.inv_t, a.rq[row], a.rk + k0, a.exclude_positives, states[i], cols);
         }
-        scan_tile_row(buffer.data() + i * keys, keys, k0, self_key(row, a.self_offset), a.q_labels[row],
-                      a.k_labels + k0, a.inv_t, a.rq[row], a.rk + k0, a.exclude_positives, states[i], cols);
-      }
-      if (cols != nullptr) scan_tile_columns(buffer.data(), rows, keys, k0, col_max.data(), col_sum.data(), *cols);
+        if (cols != nullptr) scan_tile_columns(buffer.data(), rows, keys, k0, col_max.data(), col_sum.data(), *cols);
+      });
     }
     for (int64_t i = 0; i < rows; ++i) {
       if (a.sigmoid) {
@@ -554,13 +605,15 @@ void forward_kept(const Operands<acc_t>& a, const ForwardOutputs<acc_t>& out, ac
       const int64_t r0 = rb * kCpuRowBlock, rows = std::min(kCpuRowBlock, a.m - r0);
       acc_t* block = probs + r0 * a.l;
       gemm_abt(rows, a.l, a.d, a.q + r0 * a.d, a.d, a.k, a.d, block, a.l);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = r0 + i;
-        RowState<acc_t> st;
-        probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t, a.rq[row],
-                  a.rk, a.exclude_positives, st);
-        finish_row(st, row, out.loss, out.lse, out.npos, out.weight);
-      }
+      simd_dispatch([&] {
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = r0 + i;
+          RowState<acc_t> st;
+          probs_row(block + i * a.l, a.l, self_key(row, a.self_offset), a.q_labels[row], a.k_labels, a.inv_t, a.rq[row],
+                    a.rk, a.exclude_positives, st);
+          finish_row(st, row, out.loss, out.lse, out.npos, out.weight);
+        }
+      });
     }
   });
 }
@@ -755,14 +808,14 @@ void symmetric_pass(const BackwardArgs<acc_t>& a, acc_t* dz) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t r0 = b * kCpuRowBlock, rows = std::min(kCpuRowBlock, n - r0);
       if (a.probs) {
-        symmetric_kept_rows(buffer.data(), r0, rows, a);
+        simd_dispatch([&] { symmetric_kept_rows(buffer.data(), r0, rows, a); });
         gemm_ab(rows, d, n, buffer.data(), n, a.k, d, false, dz + r0 * d, d);
         continue;
       }
       for (int64_t c0 = 0; c0 < n; c0 += kCpuKeyBlock) {
         const int64_t cols = std::min(kCpuKeyBlock, n - c0);
         gemm_abt(rows, cols, d, a.q + r0 * d, d, a.k + c0 * d, d, buffer.data(), cols);  // = the forward's
-        both_factors_tile_grad(buffer.data(), r0, rows, c0, cols, a);
+        simd_dispatch([&] { both_factors_tile_grad(buffer.data(), r0, rows, c0, cols, a); });
         gemm_ab(rows, d, cols, buffer.data(), cols, a.k + c0 * d, d, c0 != 0, dz + r0 * d, d);
       }
     }
@@ -783,11 +836,13 @@ void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
       const int64_t o0 = b * kCpuRowBlock, n_o = std::min(kCpuRowBlock, n_own - o0);
       acc_t* out = grad + o0 * d;
       if (a.probs) {
-        if (for_keys) {
-          kept_key_rows(buffer.data(), o0, n_o, a);
-        } else {
-          kept_query_rows(buffer.data(), o0, n_o, a);
-        }
+        simd_dispatch([&] {
+          if (for_keys) {
+            kept_key_rows(buffer.data(), o0, n_o, a);
+          } else {
+            kept_query_rows(buffer.data(), o0, n_o, a);
+          }
+        });
         gemm_ab(n_o, d, n_other, buffer.data(), n_other, other, d, false, out, d);
         continue;
       }
@@ -796,11 +851,11 @@ void general_pass(const BackwardArgs<acc_t>& a, bool for_keys, acc_t* grad) {
         const bool accumulate = t0 != 0;
         if (for_keys) {
           gemm_abt(n_t, n_o, d, a.q + t0 * d, d, a.k + o0 * d, d, buffer.data(), n_o);
-          tile_grad(buffer.data(), t0, n_t, o0, n_o, a);
+          simd_dispatch([&] { tile_grad(buffer.data(), t0, n_t, o0, n_o, a); });
           gemm_atb(n_o, d, n_t, buffer.data(), n_o, a.q + t0 * d, d, accumulate, out, d);
         } else {
           gemm_abt(n_o, n_t, d, a.q + o0 * d, d, a.k + t0 * d, d, buffer.data(), n_t);
-          tile_grad(buffer.data(), o0, n_o, t0, n_t, a);
+          simd_dispatch([&] { tile_grad(buffer.data(), o0, n_o, t0, n_t, a); });
           gemm_ab(n_o, d, n_t, buffer.data(), n_t, a.k + t0 * d, d, accumulate, out, d);
         }
       }
@@ -829,7 +884,7 @@ void two_way_pass(const BackwardArgs<acc_t>& a, acc_t* dq, at::Tensor& dk_out) {
       for (int64_t k0 = 0; k0 < a.l; k0 += kCpuKeyBlock) {
         const int64_t keys = std::min(kCpuKeyBlock, a.l - k0);
         gemm_abt(rows, keys, d, a.q + r0 * d, d, a.k + k0 * d, d, buffer.data(), keys);  // = the forward's
-        both_factors_tile_grad(buffer.data(), r0, rows, k0, keys, a);
+        simd_dispatch([&] { both_factors_tile_grad(buffer.data(), r0, rows, k0, keys, a); });
         if (dq) gemm_ab(rows, d, keys, buffer.data(), keys, a.k + k0 * d, d, k0 != 0, dq + r0 * d, d);
         if (dk) gemm_atb(keys, d, rows, buffer.data(), keys, a.q + r0 * d, d, true, dk + k0 * d, d);
       }
