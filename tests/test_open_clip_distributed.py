@@ -1,7 +1,7 @@
 """SigLipLoss (every dist_impl) and ClipLoss (every local_loss / gather_with_grad flag) across 2 and 3 gloo ranks
 against open_clip's own losses run in the same processes: each rank's loss and its gradients (features,
-logit_scale, logit_bias) equal open_clip's, in float64; with labels, SigLipLoss's cross-rank positives equal
-the float64 oracle of the global batch."""
+logit_scale, logit_bias) equal open_clip's, in float64; with labels, SigLipLoss's and ClipLoss's cross-rank
+positives equal the float64 oracle of the global batch."""
 import itertools
 import os
 import socket
@@ -57,6 +57,7 @@ def _worker(rank, world, port, seed, out_dir):
             args = dict(local_loss=local, gather_with_grad=with_grad, rank=rank, world_size=world)
             results[f"clip_{local}_{with_grad}"] = (_run(simclr_ext.ClipLoss(**args), *mine),
                                                    _run(open_clip_loss.ClipLoss(**args), *mine))
+            results[f"clip_labels_{local}"] = _run(simclr_ext.ClipLoss(**args), *mine, labels=labels[rows])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,7 +78,7 @@ def test_siglip_and_clip_equal_open_clip_across_ranks(world, tmp_path):
     names = ("image", "text", "logit_scale", "logit_bias")
     for rank, results in enumerate(ranks):
         for key, value in results.items():
-            if key.startswith("siglip_labels"):
+            if key.startswith(("siglip_labels", "clip_labels")):
                 continue
             (loss, grads), (their_loss, their_grads) = value
             _close(loss, their_loss, f"rank {rank} {key} loss")
@@ -90,3 +91,14 @@ def test_siglip_and_clip_equal_open_clip_across_ranks(world, tmp_path):
     for impl in ("bidir", "shift", "reduce", "gather"):
         for r in range(world):
             _close(ranks[r][f"siglip_labels_{impl}"][0], rows[r], f"rank {r} labels {impl}")
+
+    # ClipLoss with labels: local_loss, each rank's rows against every rank's other side; else the global batch.
+    t = 1 / scale
+    for r in range(world):
+        img, txt, lab = image[r * N:(r + 1) * N], text[r * N:(r + 1) * N], labels[r * N:(r + 1) * N]
+        local = (ref.contrastive_loss(img, text, lab, labels, t, normalize=False)
+                 + ref.contrastive_loss(txt, image, lab, labels, t, normalize=False)) / 2
+        whole = (ref.contrastive_loss(image, text, labels, labels, t, normalize=False)
+                 + ref.contrastive_loss(text, image, labels, labels, t, normalize=False)) / 2
+        _close(ranks[r]["clip_labels_True"][0], local, f"rank {r} clip labels, local_loss")
+        _close(ranks[r]["clip_labels_False"][0], whole, f"rank {r} clip labels, global")
