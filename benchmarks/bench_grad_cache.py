@@ -229,12 +229,13 @@ def main(argv=None):
                                            f"{common.fmt_mib(r.get('peak_mib'))} MiB" for n, r in got.items()),
                   flush=True)
     add_ratios(rows, args.chunk)
+    timing = (f"time: median of {args.reps} interleaved runs (uncached, cached, ...)"
+              + (" after one untimed step of each" if args.warmup else " without a full-size warm-up")
+              if "time" in args.metrics else "time: not measured (--metrics memory)")
     method = ["model: simclr_ext.recipe.models.build_model('resnet18', cifar_stem=True), training mode; inputs: "
               "two random 3x32x32 views per image, made before the step; loss NTXentLoss(0.5); a step ends with "
               "zero_grad(set_to_none=True)",
-              f"time: median of {args.reps} interleaved runs (uncached, cached, ...)"
-              + (" after one untimed step of each" if args.warmup else " without a full-size warm-up")
-              + "; '(probe)': the one step of the fresh memory-probe process (no uncached step to interleave with)",
+              timing + "; '(probe)': the one step of the fresh memory-probe process, not interleaved",
               "peak memory: " + ("resident-set growth of one step in a fresh process after a "
                                  f"{WARMUP_IMAGES}-image warm-up, inputs excluded; glibc malloc with "
                                  + ("its default dynamic mmap threshold" if args.malloc_mmap_threshold is None else
