@@ -193,10 +193,11 @@ def test_nt_xent_and_its_module_match_the_oracle(n, d, dtypes, layout, temperatu
 
 @FUZZ
 @given(n=ROWS, d=DIMS, dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
-       scale=st.floats(-2.0, 3.0).map(lambda e: 10.0 ** e), tensor_scale=st.booleans(),
+       scale=st.floats(-2.0, 3.0).map(lambda e: 10.0 ** e), tensor_scale=st.booleans(), normalize=st.booleans(),
        seed=st.integers(0, 2 ** 31 - 1))
-def test_clip_loss_matches_the_oracle(n, d, dtype, layout, scale, tensor_scale, seed):
-    """logit_scale from 0.01 to 1000 (CLIP clamps its learned scale at 100), a number or a tensor."""
+def test_clip_loss_matches_the_oracle(n, d, dtype, layout, scale, tensor_scale, normalize, seed):
+    """logit_scale from 0.01 to 1000 (CLIP clamps its learned scale at 100), a number or a tensor; dot products
+    of the features as given (open_clip's, the default) or cosines (normalize=True)."""
     gen = torch.Generator().manual_seed(seed)
     image, text = _randn(gen, (n, d), dtype), _randn(gen, (n, d), dtype)
     labels = torch.arange(n)
@@ -204,11 +205,14 @@ def test_clip_loss_matches_the_oracle(n, d, dtype, layout, scale, tensor_scale, 
 
     def oracle(a, b, *s):
         t = 1 / (s[0] if s else scale)
-        return (ref.contrastive_loss(a, b, labels, labels, t) + ref.contrastive_loss(b, a, labels, labels, t)) / 2
+        return (ref.contrastive_loss(a, b, labels, labels, t, normalize=normalize)
+                + ref.contrastive_loss(b, a, labels, labels, t, normalize=normalize)) / 2
 
-    compare_with_reference(lambda a, b, *s: simclr_ext.ClipLoss()(a, b, s[0] if s else scale), oracle, inputs, dtype,
-                           gen, f"N={n} D={d} {dtype} scale={scale}", layout=_restride(layout),
-                           **_magnitudes(1 / scale, image, text))
+    # Dot products scale the logits by the rows' norms: the rounding floor of an effective temperature.
+    norm = 1.0 if normalize else max(x.double().norm(dim=1).max().item() for x in (image, text)) ** 2
+    compare_with_reference(lambda a, b, *s: simclr_ext.ClipLoss(normalize=normalize)(a, b, s[0] if s else scale),
+                           oracle, inputs, dtype, gen, f"N={n} D={d} {dtype} scale={scale} normalize={normalize}",
+                           layout=_restride(layout), **_magnitudes(1 / (scale * max(norm, 1.0)), image, text))
 
 
 @FUZZ
@@ -225,7 +229,9 @@ def test_supcon_loss_matches_the_oracle(b, views, d, dtype, labels, classes, tem
 
     def oracle(f):
         rows = f.transpose(0, 1).reshape(views * b, d)
-        return ref.contrastive_loss(rows, rows, row_labels, row_labels, temperature, self_offset=0) * factor
+        loss = ref.contrastive_loss(rows, rows, row_labels, row_labels, temperature, self_offset=0) * factor
+        # No negative pair in the batch (one label for every row): pytorch-metric-learning's 0, which ours returns.
+        return loss if (row_labels != row_labels[0]).any() else loss * 0
 
     module = simclr_ext.SupConLoss(temperature, base_temperature=base)
     compare_with_reference(lambda f: module(f, sample_labels), oracle, [features], dtype, gen,

@@ -6,6 +6,7 @@ The inputs are small (fast) but not tiny: every loss call concatenates or saves 
 graph or its inputs would grow RSS by more than 31 MiB over 2000 calls (the control test at the end checks
 that the probe catches such a leak). A leak of a few bytes per call (a counter, a small Python
 object) is below what this bound can see."""
+import ctypes
 import gc
 import os
 import sys
@@ -36,15 +37,26 @@ def _rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap():
+    """Hands glibc's free heap pages back to the system, so that RSS counts live memory: otherwise a leak can
+    fill the holes that earlier tests of the same process freed and never show in RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then also holds free heap, as before
+        pass
+
+
 def _growth(step):
     """RSS after CALLS calls of step(i) minus RSS after WARMUP calls (allocator pools and caches are warm)."""
     for i in range(WARMUP):
         step(i)
     gc.collect()
+    _release_free_heap()
     before = _rss()
     for i in range(CALLS):
         step(i)
     gc.collect()
+    _release_free_heap()
     return _rss() - before
 
 
