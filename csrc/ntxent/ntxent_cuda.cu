@@ -122,10 +122,9 @@ Normalized normalize_inputs(const ContiguousInputs& in, bool normalize, typename
   const CudaPlan plan =
       make_cuda_plan(in.q.size(0), in.k.size(0), in.q.size(1), sizeof(T), sizeof(acc_of<T>), B::sm_count(in.q));
   const at::Tensor qhat = normalized_copy<B, T>(in.q, plan.rows_q, plan.dim, plan.norm_grid_q, normalize, stream);
-  const at::Tensor khat =
-      same_tensor(in.k, in.q)
-          ? qhat
-          : normalized_copy<B, T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, normalize, stream);
+  const at::Tensor khat = same_tensor(in.k, in.q)
+                              ? qhat
+                              : normalized_copy<B, T>(in.k, plan.rows_k, plan.dim, plan.norm_grid_k, normalize, stream);
   return {plan, qhat, khat};
 }
 
