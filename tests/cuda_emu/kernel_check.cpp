@@ -111,9 +111,10 @@ bool check_ntxent(const char* what, int64_t n, int64_t d, double tol, std::mt199
   const nt::CudaPlan plan = nt::make_cuda_plan(rows, rows, d, sizeof(T), sizeof(acc_t), kEmulatedSms);
   std::vector<T> zhat(plan.rows_q * plan.dim);
   launch(nt::normalize_kernel<T>, dim3(plan.norm_grid_q), dim3(32 * nt::kCudaNormRowsPerBlock), 0, z.data(), rows, d,
-         plan.rows_q, plan.dim, zhat.data());
+         plan.rows_q, plan.dim, /*normalize=*/true, zhat.data());
 
   const nt::Temperature<acc_t> inv_t{static_cast<acc_t>(1.0 / t), nullptr};
+  const nt::Bias<acc_t> no_bias{acc_t(0), nullptr};  // NT-Xent: the softmax mode, no sigmoid bias
   const int64_t splits = plan.splits_fwd;
   std::vector<acc_t> part(3 * splits * rows, NAN);
   std::vector<int> part_count(splits * rows, -1);
@@ -121,11 +122,12 @@ bool check_ntxent(const char* what, int64_t n, int64_t d, double tol, std::mt199
                                      part_count.data()};
   simclr_ext::simt::func_set_max_dynamic_shared(nt::forward_kernel<T, kTC>, plan.smem_fwd);
   launch(nt::forward_kernel<T, kTC>, dim3(plan.grid_q, splits), dim3(nt::kCudaThreads), plan.smem_fwd, zhat.data(),
-         zhat.data(), labels.data(), labels.data(), rows, rows, plan.dim, inv_t, int64_t{0}, false, parts);
+         zhat.data(), labels.data(), labels.data(), rows, rows, plan.dim, inv_t, int64_t{0}, false, /*sigmoid=*/false,
+         no_bias, parts);
   std::vector<acc_t> loss(rows, NAN), lse(rows, NAN);
   std::vector<int> npos(rows, -1);
   launch(nt::merge_rows_kernel<acc_t>, dim3(static_cast<unsigned>((rows + 255) / 256)), dim3(256), 0, parts, rows,
-         splits, static_cast<const acc_t*>(nullptr), loss.data(), lse.data(), npos.data());
+         splits, static_cast<const acc_t*>(nullptr), /*sigmoid=*/false, loss.data(), lse.data(), npos.data());
 
   const std::vector<acc_t> g(rows, acc_t(1));
   const acc_t grad_bound = static_cast<acc_t>(1.0 / t);
@@ -134,11 +136,13 @@ bool check_ntxent(const char* what, int64_t n, int64_t d, double tol, std::mt199
   simclr_ext::simt::func_set_max_dynamic_shared(grad, plan.smem_bwd);
   launch(grad, dim3(plan.grid_q, plan.out_chunks, plan.splits_dq), dim3(nt::kCudaThreads), plan.smem_bwd, zhat.data(),
          zhat.data(), labels.data(), labels.data(), rows, rows, plan.dim, lse.data(), g.data(), npos.data(), int64_t{0},
-         int64_t{0}, &grad_bound, inv_t, int64_t{0}, false, static_cast<const acc_t*>(nullptr), dhat.data());
+         int64_t{0}, &grad_bound, inv_t, int64_t{0}, false, static_cast<const acc_t*>(nullptr), /*sigmoid=*/false,
+         no_bias, dhat.data());
   std::vector<T> dz(rows * d);
   std::vector<acc_t> radial(rows, NAN);
   launch(nt::normalize_backward_kernel<T>, dim3(plan.norm_grid_q), dim3(32 * nt::kCudaNormRowsPerBlock), 0, z.data(),
-         dhat.data(), rows, d, plan.dim, plan.splits_dq, plan.rows_q * plan.dim, dz.data(), radial.data());
+         dhat.data(), rows, d, plan.dim, plan.splits_dq, plan.rows_q * plan.dim, /*normalize=*/true, dz.data(),
+         radial.data());
 
   std::vector<double> loss_ref, grad_ref;
   reference(z64, rows, d, t, loss_ref, grad_ref);
