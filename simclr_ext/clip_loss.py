@@ -176,12 +176,7 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise ValueError("use_horovod=True is not supported by simclr_ext's ClipLoss: gather through "
                              "torch.distributed (use_horovod=False, rank and world_size of the process group)")
-        for name, value in (("rank", rank), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"world_size must be >= 1 and rank in [0, world_size), got rank={rank}, "
-                             f"world_size={world_size}")
+        distributed.check_rank_arguments(rank, world_size)
         self.local_loss = bool(local_loss)
         self.gather_with_grad = bool(gather_with_grad)
         self.cache_labels = bool(cache_labels)

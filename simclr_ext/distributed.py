@@ -12,12 +12,22 @@ from typing import Dict, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_info", "check_gather_available", "all_gather_with_grad", "all_gather_no_grad",
-           "gather_pairs"]
+__all__ = ["is_distributed", "world_info", "check_gather_available", "check_rank_arguments", "all_gather_with_grad",
+           "all_gather_no_grad", "gather_pairs"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_rank_arguments(rank, world_size) -> None:
+    """open_clip's explicit rank / world_size constructor arguments (ClipLoss, SigLipLoss), checked once."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"world_size must be >= 1 and rank in [0, world_size), got rank={rank}, "
+                         f"world_size={world_size}")
 
 
 def check_gather_available(gather_distributed: bool) -> None:

@@ -180,12 +180,7 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None, *, normalize=False,
                  allow_tf32=None):
         super().__init__()
-        for name, value in (("rank", rank), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"world_size must be >= 1 and rank in [0, world_size), got rank={rank}, "
-                             f"world_size={world_size}")
+        distributed.check_rank_arguments(rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be None or one of {_DIST_IMPLS}, got {dist_impl!r}")

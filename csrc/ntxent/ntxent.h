@@ -92,6 +92,20 @@ struct OnlineLSE {
   }
 };
 
+// exp(r) for |r| <= ln2/2 by its Taylor series to degree 7, given x = n*ln2 + r; the CPU's scaled exponential
+// (ntxent_cpu.cpp) shares it, so both round alike.
+SIMCLR_HD float exp_reduced(float x, float n) {
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for an exact product
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
 // exp written so that compilers vectorize loops over it (a libm call per element does not): the
 // argument is split as n*ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series to degree 7 (relative
 // error < 1.2e-7, i.e. about 1 ulp in float), and 2^n assembled in the exponent bits. Underflows to 0
@@ -101,15 +115,7 @@ SIMCLR_HD float vec_expf(float x) {
   const float xc = x > 88.7f ? 88.7f : (tiny ? -87.3f : x);
   // Round to nearest by adding and removing 1.5 * 2^23 (vectorizes where nearbyintf does not).
   const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for an exact product
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const float p = exp_reduced(xc, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
 #if defined(__CUDA_ARCH__)
   const float scale = __int_as_float(bits);

@@ -231,15 +231,7 @@ struct RowLse {
 // inline, not cloned: it must inline into its (cloned) caller's vectorized loop.
 inline float scaled_exp(float x, float ref) {
   const float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const float p = exp_reduced(x, k);
   const float e = k - ref < -126.f ? -126.f : k - ref;
   const int32_t bits = (static_cast<int32_t>(e) + 127) << 23;
   return p * __builtin_bit_cast(float, bits);
