@@ -119,6 +119,16 @@ def test_seed(request):
     return seed
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): many tiny calls run fastest so, and OpenMP workers
+    spinning on a busy machine only slow them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _route_emulated_cuda(request):
     """A cuda-emu test calls the emulated CUDA kernels wherever it calls simclr_ext's ops."""

@@ -46,12 +46,7 @@ DIMS = st.one_of(st.sampled_from([1, 2, 3, 127, 509, 1021, 1024]), st.integers(1
 TEMPERATURES = st.floats(-3.0, 3.0).map(lambda e: 10.0 ** e)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _restride(layout):

@@ -27,6 +27,14 @@ def _grads(params):
     return out
 
 
+def _float64_grads(views, loss_fn, seed):
+    """The uncached step's parameter gradients of the float64 model `_mlp(seed=seed)`: the oracle of the
+    tolerance-rule tests."""
+    model64 = _mlp(torch.float64, seed=seed)
+    _uncached(model64, views, loss_fn)
+    return _grads(list(model64.parameters()))
+
+
 def _uncached(encoders, inputs, loss_fn, **loss_kwargs):
     """The plain step: each input through its encoder at once, the loss, backward."""
     encoders = encoders if isinstance(encoders, list) else [encoders] * len(inputs)
@@ -72,9 +80,7 @@ def test_float32_within_the_tolerance_rule(gen):
     """float32 cached vs the float64 step: at most 2x the float32 uncached step's own error."""
     x1, x2 = _views(gen, 37)
     loss_fn = simclr_ext.NTXentLoss(0.2)
-    model64 = _mlp(torch.float64, seed=3)
-    _uncached(model64, (x1, x2), loss_fn)
-    ref64 = _grads(list(model64.parameters()))
+    ref64 = _float64_grads((x1, x2), loss_fn, seed=3)
     model32 = _mlp(torch.float32, seed=3)
     _uncached(model32, (x1.float(), x2.float()), loss_fn)
     ref32 = _grads(list(model32.parameters()))
@@ -310,9 +316,7 @@ def test_bfloat16_autocast_within_the_tolerance_rule(gen):
     the float64 step is at most 2x the uncached autocast step's own."""
     x1, x2 = _views(gen, 24)
     loss_fn = simclr_ext.NTXentLoss(0.5)
-    model64 = _mlp(torch.float64, seed=5)
-    _uncached(model64, (x1, x2), loss_fn)
-    ref64 = _grads(list(model64.parameters()))
+    ref64 = _float64_grads((x1, x2), loss_fn, seed=5)
     model = _mlp(torch.float32, seed=5)
     a, b = x1.float(), x2.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):

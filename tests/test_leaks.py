@@ -16,20 +16,12 @@ import torch
 
 import simclr_ext
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm (Linux)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 CALLS, WARMUP = 2000, 200
 LIMIT = 16 * 2 ** 20
 N, D = 32, 64  # 8 KiB per (N, D) float32 view
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the calls are small, and OpenMP workers spinning on a busy machine only slow them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rss():
